@@ -1,0 +1,158 @@
+"""Backbone factory: ``build_backbone(id, weights=..., device=...)``.
+
+torch, segment-anything and sam2 are imported only when a backbone is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InvalidInputError, WeightsLoadError, WeightsUnavailableError
+from ..models import BackboneCatalog, BackboneSpec
+from .base import Backbone, DecoderOutput, ImageFeatures
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Backbone", "DecoderOutput", "ImageFeatures", "build_backbone", "load_state_dict_file",
+           "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` explicitly.
+
+    Raises:
+        InvalidInputError: CUDA asked for but not available, or an unknown device string.
+    """
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' was requested but no CUDA GPU is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _amp_dtype(device: torch.device):
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_state_dict_file(path: str | os.PathLike, key: str | None = None) -> dict:
+    """Load a state dict safely on the CPU: safetensors, or torch files with ``weights_only=True``.
+
+    Args:
+        path: ``.safetensors``, ``.pt`` or ``.pth`` file.
+        key: a sub-dict holding the state dict (``"model"`` in SAM 2 checkpoints), if any.
+    """
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsUnavailableError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p), device="cpu")
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refusals, truncated zip archives, bad headers
+        raise WeightsLoadError(f"cannot load weights from {p}: {exc}") from None
+    if key is not None:
+        if not isinstance(state, dict) or key not in state:
+            raise WeightsLoadError(f"{p} has no '{key}' entry; is it a checkpoint of the right model family?")
+        state = state[key]
+    if not isinstance(state, dict):
+        raise WeightsLoadError(f"{p} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def load_weights_strict(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Load ``state`` into ``model`` with a strict key check and a message naming the keys."""
+    model_keys, file_keys = set(model.state_dict()), set(state)
+    missing, unexpected = sorted(model_keys - file_keys), sorted(file_keys - model_keys)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        raise WeightsLoadError(
+            f"weights in {source} do not fit the model: missing keys [{show(missing)}]; "
+            f"unexpected keys [{show(unexpected)}]. Is the file for another backbone?"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsLoadError(f"weights in {source} do not fit the model: {exc}") from None
+
+
+def _random_init(build, seed: int):
+    """Build with a fixed seed without touching the caller's global RNG state, so random
+    weights are reproducible (a bundle trained on a random tiny backbone finds it again)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLike | None = None,
+                   device: str = "auto", seed: int = 0, catalog: BackboneCatalog | None = None) -> Backbone:
+    """Build a frozen backbone.
+
+    Args:
+        backbone_id: a catalog id (``sam_vit_b``, ``medsam_vit_b``, ``sam2.1_hiera_t``, ...,
+            ``tiny-sam``, ``tiny-sam2``) or a spec.
+        weights: ``None`` -> the verified file in the weights cache; ``"random"`` -> random
+            weights from ``seed`` (the only choice for test-only backbones); or a path to a
+            ``.pt``/``.pth``/``.safetensors`` file.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        WeightsUnavailableError: weights not in the cache (says how to download or import them).
+        WeightsLoadError: the file does not fit the model (names missing/unexpected keys).
+        InvalidInputError: unknown id or device.
+    """
+    catalog = catalog or BackboneCatalog.load()
+    spec = backbone_id if isinstance(backbone_id, BackboneSpec) else catalog.get(backbone_id)
+    dev = resolve_device(device)
+    if spec.test_only and weights not in (None, "random"):
+        raise InvalidInputError(f"{spec.id} is a test-only backbone and always has random weights")
+    random = spec.test_only or weights == "random"
+    source = None
+    if not random:
+        source = Path(weights) if weights is not None else catalog.cached_path(spec)
+        if source is None:
+            raise WeightsUnavailableError(
+                f"weights for {spec.id} are not in the cache (expected {catalog.expected_path(spec)}). "
+                f"Run `automedsam models download {spec.id}` (or `models import {spec.id} FILE` offline)."
+            )
+    if spec.family == "sam":
+        from .sam import SamBackbone, build_sam_model
+
+        cls, build = SamBackbone, (lambda: build_sam_model(spec.arch))
+    elif spec.family == "sam2":
+        from .sam2 import Sam2Backbone, build_sam2_model
+
+        cls, build = Sam2Backbone, (lambda: build_sam2_model(spec.arch))
+    else:  # the schema only admits the two families
+        raise InvalidInputError(f"unknown backbone family {spec.family!r}")
+    model = _random_init(build, seed)
+    if source is not None:
+        load_weights_strict(model, load_state_dict_file(source, spec.checkpoint_key), str(source))
+    log.info("built backbone %s (%s weights) on %s", spec.id, "random" if random else source, dev)
+    return cls(spec, model, dev, _amp_dtype(dev))

@@ -1,0 +1,199 @@
+"""One interface over SAM-family backbones.
+
+A :class:`Backbone` wraps a frozen ``segment_anything`` ``Sam`` or a ``sam2`` ``SAM2Base`` model and
+exposes exactly what the prompt generators and the engine need:
+
+- :meth:`Backbone.encode`: model-input images ``(B, S, S, 3)`` float in [0, 1] ->
+  :class:`ImageFeatures` (``(B, 256, E, E)`` embeddings, plus SAM 2's high-resolution maps).
+- :meth:`Backbone.embed_prompts`: manual prompts in *model pixel coordinates* (x, y) -> sparse
+  ``(B, n, 256)`` and dense ``(B, 256, E, E)`` embeddings from the backbone's own prompt encoder.
+- :meth:`Backbone.decode`: features + sparse/dense embeddings -> :class:`DecoderOutput` with mask
+  logits ``(B, M, L, L)`` (``L = 4 E``, covering the padded S x S input), predicted IoU ``(B, M)``
+  and, for SAM 2, an object-score logit ``(B, 1)``.
+
+Image preprocessing into model space and the way back is :mod:`automedsam.preprocess`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..models import BackboneSpec
+
+if TYPE_CHECKING:  # torch is imported lazily at run time
+    import torch
+
+_PIXEL_NORMALIZATION = {
+    # mean, std applied to 0..1 intensities
+    "sam": ((123.675 / 255, 116.28 / 255, 103.53 / 255), (58.395 / 255, 57.12 / 255, 57.375 / 255)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+@dataclass
+class ImageFeatures:
+    """Encoder output for a batch of B model-input images.
+
+    Attributes:
+        embeddings: ``(B, 256, E, E)`` float tensor (E = S / 16 for the stock models).
+        high_res: SAM 2 only: ``((B, 32, 4E, 4E), (B, 64, 2E, 2E))``; empty for SAM.
+    """
+
+    embeddings: torch.Tensor
+    high_res: tuple[torch.Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def select(self, index) -> ImageFeatures:
+        """Features of a subset of the batch (an int keeps the batch axis)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return ImageFeatures(self.embeddings[index], tuple(h[index] for h in self.high_res))
+
+    def to(self, device=None, dtype=None) -> ImageFeatures:
+        return ImageFeatures(self.embeddings.to(device=device, dtype=dtype),
+                             tuple(h.to(device=device, dtype=dtype) for h in self.high_res))
+
+
+@dataclass
+class DecoderOutput:
+    """Mask decoder output for B prompt sets.
+
+    Attributes:
+        mask_logits: ``(B, M, L, L)`` float logits over the padded model input (M = 1, or 3 with
+            multimask output).
+        iou: ``(B, M)`` predicted IoU of each mask.
+        object_logits: ``(B, 1)`` SAM 2's object-presence logit (> 0: present); None for SAM.
+    """
+
+    mask_logits: torch.Tensor
+    iou: torch.Tensor
+    object_logits: torch.Tensor | None = None
+
+
+class Backbone(ABC):
+    """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface."""
+
+    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, device: torch.device,
+                 amp_dtype: torch.dtype | None):
+        import torch
+
+        self.spec = spec
+        self.model = model.eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = device
+        self.amp_dtype = amp_dtype
+        mean, std = _PIXEL_NORMALIZATION[spec.pixel_normalization]
+        self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    # ------------------------------------------------------------------------------ facts
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def input_size(self) -> int:
+        """S: side of the square model input in pixels."""
+        return self.spec.input_size
+
+    @property
+    @abstractmethod
+    def embedding_size(self) -> int:
+        """E: side of the image embedding grid."""
+
+    @property
+    def mask_size(self) -> int:
+        """L: side of the low-resolution mask logits and of mask prompts (4 E)."""
+        return 4 * self.embedding_size
+
+    prompt_dim: int = 256
+
+    @property
+    @abstractmethod
+    def prompt_encoder(self) -> torch.nn.Module:
+        """The backbone's own prompt encoder (frozen)."""
+
+    @property
+    @abstractmethod
+    def mask_decoder(self) -> torch.nn.Module:
+        """The mask decoder (frozen by default; training may unfreeze it)."""
+
+    def autocast(self):
+        """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU."""
+        import torch
+
+        if self.device.type == "cuda" and self.amp_dtype is not None:
+            return torch.autocast("cuda", dtype=self.amp_dtype)
+        return contextlib.nullcontext()
+
+    # --------------------------------------------------------------------------- encoding
+    def normalize(self, images) -> torch.Tensor:
+        """``(B, S, S, 3)`` float in [0, 1] (numpy or tensor) -> ``(B, 3, S, S)`` normalised tensor."""
+        import numpy as np
+        import torch
+
+        t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if t.ndim != 4 or t.shape[-1] != 3 or t.shape[1] != self.input_size or t.shape[2] != self.input_size:
+            raise ValueError(
+                f"{self.id} expects images of shape (B, {self.input_size}, {self.input_size}, 3), got {tuple(t.shape)}"
+            )
+        t = t.to(self.device, torch.float32).permute(0, 3, 1, 2)
+        return (t - self._mean) / self._std
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor) -> ImageFeatures:
+        """Run the image encoder on normalised ``(B, 3, S, S)`` input."""
+
+    def encode(self, images) -> ImageFeatures:
+        """Encode model-input images ``(B, S, S, 3)`` in [0, 1]; returns float32 features on the
+        backbone's device. No gradients (the image encoder is frozen)."""
+        import torch
+
+        with torch.inference_mode(), self.autocast():
+            feats = self._encode(self.normalize(images))
+        return feats.to(dtype=torch.float32)
+
+    # ---------------------------------------------------------------------------- prompts
+    def dense_pe(self) -> torch.Tensor:
+        """``(1, 256, E, E)`` positional encoding of the embedding grid."""
+        return self.prompt_encoder.get_dense_pe()
+
+    @abstractmethod
+    def embed_prompts(self, points=None, labels=None, boxes=None, masks=None,
+                      batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed manual prompts with the backbone's own prompt encoder.
+
+        Args:
+            points: ``(B, N, 2)`` float (x, y) in model pixels; ``labels``: ``(B, N)`` int with
+                1 = foreground, 0 = background, -1 = padding.
+            boxes: ``(B, 4)`` float ``(x0, y0, x1, y1)`` in model pixels.
+            masks: ``(B, 1, L, L)`` mask-prompt logits.
+            batch_size: B when no prompt is given at all.
+
+        Returns:
+            sparse ``(B, n, 256)`` and dense ``(B, 256, E, E)`` embeddings.
+        """
+
+    # ---------------------------------------------------------------------------- decoding
+    @abstractmethod
+    def decode(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
+               multimask: bool = False) -> DecoderOutput:
+        """Decode masks for B prompt sets. ``features`` holds B images (one per prompt set) or
+        one image shared by all B prompt sets. Gradients flow if enabled by the caller."""
+
+    def _as_tensor(self, value, dtype):
+        import numpy as np
+        import torch
+
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, dtype)
+        return torch.as_tensor(np.asarray(value), dtype=dtype, device=self.device)

@@ -1,0 +1,122 @@
+"""Organ and lesion classes: display names, colours and SNOMED CT codes as Slicer's terminology
+uses them (category, type, type modifier such as left/right, optional anatomic region)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .catalog import load_validated
+from .errors import InvalidInputError
+
+Code = tuple[str, str, str]  # (coding scheme designator, code value, code meaning)
+
+_SLICER_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One organ/lesion class.
+
+    Attributes:
+        name: identifier used on the command line and in bundles (``left_kidney``).
+        display_name: human name shown in Slicer ("Left kidney").
+        color: RGB 0..255.
+        category, type: SNOMED CT codes, e.g. ``("SCT", "123037004", "Anatomical Structure")``.
+        type_modifier: e.g. ``("SCT", "7771000", "Left")``.
+        anatomic_region, anatomic_region_modifier: where a lesion sits (brain tumour -> Brain).
+        aliases: other accepted names (``kidney_left`` as TotalSegmentator calls it).
+    """
+
+    name: str
+    display_name: str
+    color: tuple[int, int, int]
+    category: Code
+    type: Code
+    type_modifier: Code | None = None
+    anatomic_region: Code | None = None
+    anatomic_region_modifier: Code | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def color_float(self) -> tuple[float, float, float]:
+        """RGB in 0..1, as segmentations store it."""
+        return (self.color[0] / 255.0, self.color[1] / 255.0, self.color[2] / 255.0)
+
+    def terminology_entry(self) -> str:
+        """Slicer's terminology entry string for this class (a segment's ``TerminologyEntry`` tag)."""
+
+        def fmt(code: Code | None) -> str:
+            return "^".join(code) if code else "^^"
+
+        return "~".join([
+            _SLICER_CONTEXT, fmt(self.category), fmt(self.type), fmt(self.type_modifier),
+            _ANATOMIC_CONTEXT, fmt(self.anatomic_region), fmt(self.anatomic_region_modifier),
+        ])
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "display_name": self.display_name, "color": list(self.color),
+             "category": list(self.category), "type": list(self.type)}
+        for key in ("type_modifier", "anatomic_region", "anatomic_region_modifier"):
+            if getattr(self, key):
+                d[key] = list(getattr(self, key))
+        if self.aliases:
+            d["aliases"] = list(self.aliases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassInfo:
+        def code(key: str) -> Code | None:
+            return tuple(d[key]) if d.get(key) else None  # type: ignore[return-value]
+
+        return cls(d["name"], d["display_name"], tuple(d["color"]), tuple(d["category"]),  # type: ignore[arg-type]
+                   tuple(d["type"]), code("type_modifier"), code("anatomic_region"),  # type: ignore[arg-type]
+                   code("anatomic_region_modifier"), tuple(d.get("aliases", ())))
+
+
+def custom_class(name: str, display_name: str | None = None,
+                 color: tuple[int, int, int] = (128, 174, 128)) -> ClassInfo:
+    """A user-defined class without a specific SNOMED type (coded as generic 'Tissue')."""
+    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+        raise InvalidInputError(f"class name {name!r} must be lower-case letters, digits and underscores")
+    tissue = ("SCT", "85756007", "Tissue")
+    return ClassInfo(name, display_name or name.replace("_", " ").capitalize(), color, tissue, tissue)
+
+
+class ClassCatalog:
+    """The known classes, looked up by name or alias (case-insensitive)."""
+
+    def __init__(self, classes: list[ClassInfo]):
+        self.classes = list(classes)
+        self._index: dict[str, ClassInfo] = {}
+        for info in self.classes:
+            for key in (info.name, *info.aliases):
+                self._index[key.lower()] = info
+
+    @classmethod
+    def load(cls, source: str | os.PathLike | dict = "classes.json") -> ClassCatalog:
+        data = load_validated(source, "classes.schema.json")
+        return cls([ClassInfo.from_dict(d) for d in data["classes"]])
+
+    def get(self, name: str) -> ClassInfo:
+        try:
+            return self._index[name.strip().lower().replace(" ", "_")]
+        except KeyError:
+            raise InvalidInputError(
+                f"unknown class {name!r}; known classes: {', '.join(c.name for c in self.classes)}. "
+                "User-defined classes are created with custom_class()."
+            ) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name.strip().lower().replace(" ", "_") in self._index
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+
+@lru_cache(maxsize=1)
+def default_class_catalog() -> ClassCatalog:
+    """The shipped class catalog (parsed and validated once)."""
+    return ClassCatalog.load()

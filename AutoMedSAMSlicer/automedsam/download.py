@@ -1,0 +1,184 @@
+"""Downloading and importing model weights: streamed, resumable, sha256-verified, atomic.
+
+A download writes ``<filename>.part`` next to its destination in the weights cache, resumes it
+with an HTTP ``Range`` request after an interruption, verifies the sha256 of the complete file and
+only then renames it into place (``os.replace``, atomic on one file system). A file that fails
+verification is deleted; a model is never loaded from a ``.part`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ChecksumMismatchError, DownloadError, InvalidInputError, WeightsUnavailableError
+from .models import BackboneCatalog, BackboneSpec
+
+log = logging.getLogger(__name__)
+
+#: ``progress(bytes_done, bytes_total_or_None)``
+ProgressCallback = Callable[[int, "int | None"], None]
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_sha256(value: str | None, what: str) -> str:
+    if value is None or len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise InvalidInputError(f"{what} must be a 64-character hex sha256, got {value!r}")
+    return value.lower()
+
+
+def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: ProgressCallback | None = None,
+                  timeout: float | tuple[float, float] = (10.0, 60.0), max_retries: int = 3,
+                  retry_wait_s: float = 0.5, session=None) -> Path:
+    """Download ``url`` to ``dest`` and verify its sha256 before moving it into place.
+
+    Args:
+        url: http(s) URL.
+        dest: final path; ``dest + ".part"`` holds the bytes received so far.
+        sha256: expected hex digest of the complete file.
+        progress: called with (bytes received, total bytes or None) after every chunk.
+        timeout: requests (connect, read) timeout in seconds.
+        max_retries: resume attempts after a dropped connection or timeout.
+        session: a ``requests.Session`` (tests, proxies); a new one by default.
+
+    Returns:
+        ``dest`` as a Path.
+
+    Raises:
+        DownloadError: HTTP error status, or the network failed more than ``max_retries`` times
+            (the ``.part`` file is kept so the next call resumes).
+        ChecksumMismatchError: the complete file has another sha256 (it is deleted).
+    """
+    import requests
+
+    sha256 = _check_sha256(sha256, "expected sha256")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file():
+        if sha256_file(dest) == sha256:
+            log.info("%s is already in the cache and verified", dest)
+            return dest
+        log.warning("%s exists but its sha256 differs; downloading it again", dest)
+        dest.unlink()
+    part = dest.with_name(dest.name + ".part")
+    session = session or requests.Session()
+    failures = 0
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        try:
+            with session.get(url, stream=True, timeout=timeout, headers=headers) as response:
+                if response.status_code == 416 and offset:
+                    break  # the server has nothing past our offset: the part file is complete
+                if response.status_code not in (200, 206):
+                    raise DownloadError(
+                        f"HTTP {response.status_code} {response.reason or ''} for {url}. Expected file: {dest} "
+                        f"(sha256 {sha256}). Get the file by other means and run `automedsam models import`."
+                    )
+                resumed = response.status_code == 206 and response.headers.get(
+                    "Content-Range", "").startswith(f"bytes {offset}-")
+                if not resumed:
+                    offset = 0  # the server ignored the range: start over
+                length = response.headers.get("Content-Length")
+                total = offset + int(length) if length and length.isdigit() else None
+                done = offset
+                with open(part, "ab" if resumed else "wb") as f:
+                    for block in response.iter_content(_CHUNK):
+                        f.write(block)
+                        done += len(block)
+                        if progress:
+                            progress(done, total)
+                if total is not None and done < total:
+                    raise requests.ConnectionError(f"connection closed after {done} of {total} bytes")
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+            failures += 1
+            if part.exists() and part.stat().st_size == 0:
+                part.unlink()
+            if failures > max_retries:
+                kept = f" {part.stat().st_size} bytes are kept in {part} and the next try resumes." \
+                    if part.exists() else ""
+                raise DownloadError(
+                    f"could not download {url} ({type(exc).__name__}: {exc}) after {failures} attempts.{kept} "
+                    f"Expected file: {dest} (sha256 {sha256}). Without network, copy the file here by other "
+                    "means and run `automedsam models import ID FILE`."
+                ) from None
+            log.warning("download of %s interrupted (%s); resuming (%d/%d)", url, exc, failures, max_retries)
+            time.sleep(retry_wait_s * failures)
+    actual = sha256_file(part)
+    if actual != sha256:
+        part.unlink()
+        raise ChecksumMismatchError(
+            f"sha256 mismatch for {url}: expected {sha256}, got {actual}. The file was deleted; nothing was "
+            f"stored at {dest}. The server may serve another version: check the catalog entry."
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _pinned_sha256(spec: BackboneSpec, sha256: str | None) -> str:
+    if sha256:
+        sha256 = _check_sha256(sha256, "--sha256")
+        if spec.sha256 and sha256 != spec.sha256:
+            raise InvalidInputError(f"--sha256 {sha256} contradicts the catalog's pinned {spec.sha256} for {spec.id}")
+        return sha256
+    if not spec.sha256:
+        raise WeightsUnavailableError(
+            f"the catalog pins no sha256 for {spec.id} ({spec.url}); pass the publisher's sha256 "
+            f"(--sha256 / sha256=) or verify the file yourself and run `automedsam models import {spec.id} FILE`. "
+            f"It will be stored at {BackboneCatalog.expected_path(spec)}."
+        )
+    return spec.sha256
+
+
+def download_backbone(backbone_id: str, *, url: str | None = None, sha256: str | None = None,
+                      progress: ProgressCallback | None = None, catalog: BackboneCatalog | None = None,
+                      **kwargs) -> Path:
+    """Download a catalog backbone's weights into the cache (``url`` overrides the catalog's,
+    e.g. a site mirror; the sha256 is still enforced). Returns the verified path."""
+    catalog = catalog or BackboneCatalog.load()
+    spec = catalog.get(backbone_id)
+    dest = catalog.expected_path(spec)
+    expected = _pinned_sha256(spec, sha256)
+    source = url or spec.url
+    if not source:
+        raise WeightsUnavailableError(f"backbone {spec.id} has no download URL; use `automedsam models import`")
+    return download_file(source, dest, expected, progress=progress, **kwargs)
+
+
+def import_backbone(backbone_id: str, file: str | os.PathLike, *, sha256: str | None = None,
+                    catalog: BackboneCatalog | None = None) -> Path:
+    """Copy a weights file obtained by other means into the cache after verifying its sha256."""
+    catalog = catalog or BackboneCatalog.load()
+    spec = catalog.get(backbone_id)
+    src = Path(file).expanduser()
+    if not src.is_file():
+        raise InvalidInputError(f"weights file to import not found: {src}")
+    expected = _pinned_sha256(spec, sha256)
+    actual = sha256_file(src)
+    if actual != expected:
+        raise ChecksumMismatchError(
+            f"{src} has sha256 {actual}, but {spec.id} needs {expected}; it was not imported. "
+            f"Check that the file is {spec.filename} from {spec.url}."
+        )
+    dest = catalog.expected_path(spec)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".importing")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,42 @@
+"""Named exceptions. Everything the package raises on purpose derives from :class:`AutoMedSAMError`.
+
+The CLI maps them to exit codes: :class:`InvalidInputError` -> 2, :class:`WeightsUnavailableError`
+-> 3, any other :class:`AutoMedSAMError` -> 1.
+"""
+
+from __future__ import annotations
+
+
+class AutoMedSAMError(Exception):
+    """Base class of every error AutoMedSAM raises on purpose."""
+
+
+class InvalidInputError(AutoMedSAMError, ValueError):
+    """Bad input from the user: a missing or unreadable file, an array of the wrong shape, etc.
+
+    The message says what is wrong, where (file or argument) and how to fix it.
+    """
+
+
+class GeometryError(InvalidInputError):
+    """Two images (e.g. an image and its label map) do not describe overlapping physical space."""
+
+
+class CatalogError(AutoMedSAMError):
+    """A model or class catalog file is malformed or does not match its JSON schema."""
+
+
+class WeightsUnavailableError(AutoMedSAMError):
+    """Model weights are missing and cannot be obtained (no network, unknown id, no file)."""
+
+
+class DownloadError(WeightsUnavailableError):
+    """A download failed (network error, HTTP error status, timeout)."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """A downloaded or imported file does not have the sha256 the catalog pins."""
+
+
+class WeightsLoadError(AutoMedSAMError):
+    """A weights file exists but does not fit the model (missing/unexpected keys, wrong shapes)."""

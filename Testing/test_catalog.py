@@ -1,0 +1,101 @@
+"""Model and class catalogs: schema validation, required entries, SNOMED terminology."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+
+from automedsam.catalog import load_json_resource, load_validated
+from automedsam.classes import ClassCatalog, custom_class, default_class_catalog
+from automedsam.errors import CatalogError, InvalidInputError
+from automedsam.models import BackboneCatalog
+
+REQUIRED_IDS = {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam2.1_hiera_t", "sam2.1_hiera_s",
+                "sam2.1_hiera_b+", "sam2.1_hiera_l", "tiny-sam", "tiny-sam2"}
+
+
+def test_shipped_backbone_catalog_has_every_required_id():
+    catalog = BackboneCatalog.load()
+    specs = {s.id: s for s in catalog.all()}
+    assert set(specs) == REQUIRED_IDS
+    for spec in specs.values():
+        if spec.test_only:
+            assert spec.id.startswith("tiny-") and spec.url is None
+        else:
+            assert spec.url.startswith("https://") and spec.filename and spec.license
+            assert spec.input_size == 1024
+    assert specs["medsam_vit_b"].pixel_normalization == "unit"
+    assert specs["sam2.1_hiera_t"].checkpoint_key == "model"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda d: d["backbones"][0].pop("license"), "backbones/0"),
+        (lambda d: d["backbones"][0].update(sha256="xyz"), "backbones/0/sha256"),
+        (lambda d: d["backbones"][0].update(family="unet"), "backbones/0/family"),
+        (lambda d: d["backbones"][0].update(url=None), "backbones/0"),
+        (lambda d: d.update(extra=1), "(top level)"),
+    ],
+)
+def test_schema_rejects_broken_entries_with_their_location(mutate, where):
+    data = copy.deepcopy(load_json_resource("backbones.json"))
+    mutate(data)
+    with pytest.raises(CatalogError, match=f"at {re.escape(where)}"):
+        load_validated(data, "backbones.schema.json")
+
+
+def test_extra_catalog_from_env_adds_and_overrides(tmp_path, monkeypatch):
+    entry = dict(load_json_resource("backbones.json")["backbones"][0], id="sam_vit_b", url="https://mirror.invalid/b.pth")
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps({"catalog_version": 1, "backbones": [entry]}))
+    monkeypatch.setenv("AUTOMEDSAM_CATALOG", str(path))
+    assert BackboneCatalog.load().get("sam_vit_b").url == "https://mirror.invalid/b.pth"
+    path.write_text("{not json")
+    with pytest.raises(CatalogError, match="cannot read catalog"):
+        BackboneCatalog.load()
+
+
+def test_unknown_backbone_lists_the_known_ids():
+    with pytest.raises(InvalidInputError, match="known ids: sam_vit_b"):
+        BackboneCatalog.load().get("sam_vit_x")
+
+
+def test_class_catalog_has_the_required_classes_with_snomed_codes():
+    cat = default_class_catalog()
+    for name in ("liver", "spleen", "pancreas", "left_kidney", "right_kidney", "gallbladder", "stomach",
+                 "aorta", "lungs", "brain_tumor", "polyp"):
+        info = cat.get(name)
+        assert info.category[0] == "SCT" and info.type[0] == "SCT" and info.type[1].isdigit()
+    assert cat.get("liver").type == ("SCT", "10200004", "Liver")
+    assert cat.get("left_kidney").type_modifier == ("SCT", "7771000", "Left")
+    assert cat.get("kidney_right").name == "right_kidney"  # TotalSegmentator's name is an alias
+    assert cat.get("Left Kidney").name == "left_kidney"
+    with pytest.raises(InvalidInputError, match="known classes: liver"):
+        cat.get("hearts")
+
+
+def test_terminology_entry_is_what_slicer_and_slicerio_parse():
+    from slicerio.segmentation import terminology_entry_from_string, terminology_entry_to_string
+
+    entry = default_class_catalog().get("left_kidney").terminology_entry()
+    parsed = terminology_entry_from_string(entry)
+    assert parsed["category"] == ["SCT", "123037004", "Anatomical Structure"]
+    assert parsed["type"] == ["SCT", "64033007", "Kidney"]
+    assert parsed["typeModifier"] == ["SCT", "7771000", "Left"]
+    assert terminology_entry_to_string(parsed) == entry
+    tumor = terminology_entry_from_string(default_class_catalog().get("brain_tumor").terminology_entry())
+    assert tumor["anatomicRegion"] == ["SCT", "12738006", "Brain"]
+
+
+def test_user_defined_classes():
+    c = custom_class("hepatic_lesion", color=(10, 20, 30))
+    assert c.display_name == "Hepatic lesion" and c.color_float[0] == pytest.approx(10 / 255)
+    cat = ClassCatalog([*default_class_catalog().classes, c])
+    assert cat.get("hepatic_lesion") is c
+    assert ClassCatalog.load({"catalog_version": 1, "classes": [c.to_dict()]}).get("hepatic_lesion") == c
+    with pytest.raises(InvalidInputError, match="lower-case"):
+        custom_class("Bad Name")
