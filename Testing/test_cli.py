@@ -52,7 +52,8 @@ def _bad_inputs(tmp_path, ct_dir):
     arr = np.zeros((3, 4, 5), np.float32)
     arr[0, 0, 0] = np.nan
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "nan.nrrd"))
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False), str(tmp_path / "t4.nii.gz"))
+    four_d = sitk.GetImageFromArray(np.zeros((2, 3, 4, 5), np.int16), isVector=False)
+    sitk.WriteImage(four_d, str(tmp_path / "t4.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(np.full((3, 4, 5), 0.3, np.float32)), str(tmp_path / "float.nrrd"))
     far = sitk.GetImageFromArray(np.ones((3, 4, 5), np.uint8))
     far.SetOrigin((9000.0, 0.0, 0.0))
