@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..download import sha256_file
 from ..errors import InvalidInputError, WeightsLoadError, WeightsUnavailableError
 from ..models import BackboneCatalog, BackboneSpec
 from .base import Backbone, DecoderOutput, ImageFeatures
@@ -152,7 +153,12 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
     else:  # the schema only admits the two families
         raise InvalidInputError(f"unknown backbone family {spec.family!r}")
     model = _random_init(build, seed)
+    fingerprint = f"random:seed={seed}"
     if source is not None:
         load_weights_strict(model, load_state_dict_file(source, spec.checkpoint_key), str(source))
-    log.info("built backbone %s (%s weights) on %s", spec.id, "random" if random else source, dev)
-    return cls(spec, model, dev, _amp_dtype(dev))
+        # A file from the cache was verified against the catalog's sha256 when it was stored.
+        cached = catalog.cached_path(spec)
+        verified = spec.sha256 if cached is not None and Path(source) == cached and spec.sha256 else None
+        fingerprint = f"sha256:{verified or sha256_file(source)}"
+    log.info("built backbone %s (%s weights) on %s", spec.id, fingerprint, dev)
+    return cls(spec, model, dev, _amp_dtype(dev), fingerprint)

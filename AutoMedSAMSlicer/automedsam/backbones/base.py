@@ -80,10 +80,13 @@ class Backbone(ABC):
     """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface."""
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, device: torch.device,
-                 amp_dtype: torch.dtype | None):
+                 amp_dtype: torch.dtype | None, weights_fingerprint: str = "random:seed=0"):
         import torch
 
         self.spec = spec
+        #: Which weights the model holds: ``"random:seed=N"`` or ``"sha256:<hex of the file>"``.
+        #: Model bundles record it so a bundle never runs on a backbone it was not trained with.
+        self.weights_fingerprint = weights_fingerprint
         self.model = model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -92,6 +95,18 @@ class Backbone(ABC):
         mean, std = _PIXEL_NORMALIZATION[spec.pixel_normalization]
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+
+    def to(self, device) -> Backbone:
+        """Move the model to another device (e.g. CPU after a CUDA out-of-memory error)."""
+        import torch
+
+        device = torch.device(device)
+        self.model.to(device)
+        self._mean, self._std = self._mean.to(device), self._std.to(device)
+        self.device = device
+        if device.type != "cuda":
+            self.amp_dtype = None
+        return self
 
     # ------------------------------------------------------------------------------ facts
     @property

@@ -1,0 +1,581 @@
+"""The inference engine: one expensive encoder pass per slice, cheap segment / refine / propagate.
+
+Coordinates in every public call are voxel indices of the volume set with :meth:`Engine.set_volume`:
+``slice_index`` is ``k`` (``volume.array[k]``), points are ``(i, j)`` (column, row) on that slice,
+boxes are ``(i0, j0, i1, j1)`` indices of their extreme voxels (inclusive). Masks are boolean
+arrays ``(J, I)`` per slice or ``(K, J, I)`` per volume, on the volume's own grid, so they carry the
+volume's geometry (any direction, flipped or oblique) unchanged. The engine maps to and from model
+pixels with :class:`~automedsam.preprocess.SliceTransform`.
+
+Long work (``segment``, ``propagate``) is a generator of :class:`ProgressEvent`; the last event of a
+completed run carries the result. Results are stored only when a run completes, so a cancelled run
+(consumer stops iterating, or ``cancel`` is set) changes nothing. Every change to a class's masks
+can be undone with :meth:`Engine.undo`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .classes import ClassCatalog, ClassInfo, custom_class
+from .errors import AutoMedSAMError, InvalidInputError
+from .preprocess import IntensityConfig, SliceTransform, normalize_intensity
+from .segmentation import Segmentation, SegmentInfo
+from .volume import Volume
+
+if TYPE_CHECKING:
+    import threading
+
+    from .backbones import Backbone, ImageFeatures
+    from .bundle import ModelBundle
+    from .generators import GeneratedPrompts
+
+log = logging.getLogger(__name__)
+
+MASK_PROMPT_LOGIT = 8.0  # magnitude of the logits a binary mask becomes when used as a mask prompt
+
+
+class CancelledError(AutoMedSAMError):
+    """A run was cancelled before it finished; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings.
+
+    Attributes:
+        batch_size: slices per encoder batch (halved automatically on CUDA out-of-memory).
+        cache_dir: folder for the on-disk embedding cache (None: memory only).
+        objectness_threshold: a class is predicted on a slice only if its objectness logit is above.
+        mask_threshold: logit threshold of the final masks.
+        cleanup: ``"largest_component"`` keeps each class's largest 3-D connected component
+            after ``segment``; ``"none"`` keeps everything.
+        intensity: override the bundle's intensity preprocessing.
+        prompt_cache_size: (class, slice) learned prompts kept for fast repeated refines.
+        stop_fraction: propagation stops where a slice's mask shrinks below this fraction of the
+            previous slice's (the object ends).
+    """
+
+    batch_size: int = 4
+    cache_dir: str | None = None
+    objectness_threshold: float = 0.0
+    mask_threshold: float = 0.0
+    cleanup: str = "largest_component"
+    intensity: IntensityConfig | None = None
+    prompt_cache_size: int = 64
+    stop_fraction: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.cleanup not in ("largest_component", "none"):
+            raise InvalidInputError(f"cleanup must be 'largest_component' or 'none', got {self.cleanup!r}")
+
+
+@dataclass
+class SegmentationResult:
+    """Masks of one ``segment`` run.
+
+    Attributes:
+        masks: class name -> ``(K, J, I)`` bool mask on the volume's grid.
+        classes: the classes, in the order asked for.
+        slices: the slice indices k that were segmented.
+        present_slices: class name -> slice indices where the class was predicted present.
+        seconds: wall time of the run.
+    """
+
+    volume: Volume
+    masks: dict[str, np.ndarray]
+    classes: list[ClassInfo]
+    slices: list[int]
+    present_slices: dict[str, list[int]]
+    seconds: float
+
+    def to_segmentation(self) -> Segmentation:
+        """Named, coloured, terminology-coded segments (label value = position + 1) on the volume's
+        grid; overlapping classes go to extra layers, as Slicer stores them."""
+        layers: list[np.ndarray] = []
+        segments = []
+        shape = self.volume.array.shape[:3]
+        for value, info in enumerate(self.classes, start=1):
+            mask = self.masks[info.name]
+            layer = next((n for n, arr in enumerate(layers) if not arr[mask].any()), None)
+            if layer is None:
+                layers.append(np.zeros(shape, np.uint8 if len(self.classes) < 255 else np.uint16))
+                layer = len(layers) - 1
+            layers[layer][mask] = value
+            segments.append(SegmentInfo(info.display_name, value, info.color_float, info.terminology_entry(),
+                                        segment_id=info.name, layer=layer))
+        if not layers:
+            layers.append(np.zeros(shape, np.uint8))
+        return Segmentation(tuple(self.volume.with_array(arr) for arr in layers), tuple(segments))
+
+    def summary(self) -> dict:
+        """Per class: voxels, number of slices with mask; plus wall time."""
+        spacing = float(np.prod(self.volume.spacing))
+        return {
+            "seconds": round(self.seconds, 3),
+            "slices": len(self.slices),
+            "classes": {
+                info.name: {
+                    "voxels": int(self.masks[info.name].sum()),
+                    "volume_ml": round(float(self.masks[info.name].sum()) * spacing / 1000.0, 3),
+                    "slices_with_mask": int(self.masks[info.name].any(axis=(1, 2)).sum()),
+                }
+                for info in self.classes
+            },
+        }
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of a long run.
+
+    Attributes:
+        stage: ``"start"``, ``"segment"``, ``"propagate"``, ``"cleanup"``, ``"done"`` or ``"cancelled"``.
+        done, total: progress in slices.
+        message: human-readable status (e.g. a CPU fall-back after CUDA out-of-memory).
+        partial: class name -> voxels so far (``segment``) or the slice just written (``propagate``).
+        result: on the ``"done"`` event of ``segment``, the :class:`SegmentationResult`.
+    """
+
+    stage: str
+    done: int
+    total: int
+    message: str = ""
+    partial: dict = field(default_factory=dict)
+    result: SegmentationResult | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else 1.0
+
+
+class Engine:
+    """Segment a volume with a backbone and (optionally) a model bundle's prompt generator.
+
+    ``bundle`` None allows manual prompting only (plain SAM behaviour). The backbone must be the
+    one the bundle was trained with (see :func:`automedsam.bundle.backbone_for_bundle`).
+    """
+
+    def __init__(self, backbone: Backbone, bundle: ModelBundle | None = None, config: EngineConfig | None = None):
+        self.backbone = backbone
+        self.bundle = bundle
+        self.config = config or EngineConfig()
+        self.generator = None
+        self.class_catalog = ClassCatalog([])
+        if bundle is not None:
+            bundle.check_backbone(backbone)
+            self.generator = bundle.build_generator(backbone.device)
+            self.class_catalog = ClassCatalog(bundle.classes)
+        self.volume: Volume | None = None
+        self.masks: dict[str, np.ndarray] = {}
+        self._undo: dict[str, list[list[tuple[int | None, np.ndarray | None]]]] = {}
+        self._features: dict[int, ImageFeatures] = {}
+        self._prompts: OrderedDict[tuple[str, int], GeneratedPrompts] = OrderedDict()
+        self._extra_classes: dict[str, ClassInfo] = {}
+        self.messages: list[str] = []
+
+    # ------------------------------------------------------------------------------ volume
+    def set_volume(self, volume: Volume) -> None:
+        """Take a new volume (KJI array, any geometry). Cheap: slices are encoded lazily, on first
+        use, and reused by every class; previous masks and undo history are dropped."""
+        if not isinstance(volume, Volume):
+            raise InvalidInputError(f"set_volume needs a Volume, got {type(volume).__name__}")
+        intensity = self.config.intensity or (self.bundle.intensity if self.bundle else IntensityConfig.ct())
+        if volume.is_rgb and intensity.mode != "rgb":
+            intensity = IntensityConfig.rgb()
+        self.volume = volume
+        self.intensity = intensity
+        self.value_range = intensity.value_range(volume.array)
+        _, j, i = volume.array.shape[:3]
+        self.transform = SliceTransform(j, i, self.backbone.input_size)
+        self.masks, self._undo, self._features, self._prompts = {}, {}, {}, OrderedDict()
+        key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
+                        json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
+        self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _require_volume(self) -> Volume:
+        if self.volume is None:
+            raise InvalidInputError("no volume set: call set_volume(volume) first")
+        return self.volume
+
+    def _check_slice(self, k: int) -> int:
+        n = self._require_volume().num_slices
+        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
+            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
+        return int(k)
+
+    def model_input(self, k: int) -> np.ndarray:
+        """Slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
+        volume = self._require_volume()
+        return self.transform.image_to_model(normalize_intensity(volume.array[k], self.value_range))
+
+    # ---------------------------------------------------------------------------- encoding
+    def _disk_path(self, k: int) -> Path | None:
+        if not self.config.cache_dir:
+            return None
+        return Path(self.config.cache_dir) / self.cache_key / f"slice_{k:05d}.safetensors"
+
+    def _load_cached(self, k: int) -> ImageFeatures | None:
+        path = self._disk_path(k)
+        if path is None or not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        from .backbones import ImageFeatures
+
+        try:
+            t = load_file(str(path))
+        except Exception:  # a damaged cache file is re-encoded, never trusted
+            log.warning("ignoring unreadable embedding cache file %s", path)
+            return None
+        n_high = len([key for key in t if key.startswith("high_res_")])
+        return ImageFeatures(t["embeddings"], tuple(t[f"high_res_{n}"] for n in range(n_high)))
+
+    def _store_cached(self, k: int, feats: ImageFeatures) -> None:
+        path = self._disk_path(k)
+        if path is None:
+            return
+        import os
+
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"embeddings": feats.embeddings.contiguous()}
+        tensors.update({f"high_res_{n}": h.contiguous() for n, h in enumerate(feats.high_res)})
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+
+    def encode(self, slices: Sequence[int]) -> int:
+        """Make sure ``slices`` are encoded (memory, then disk cache, then the encoder in batches).
+        Embeddings are kept as float16 on the CPU. Returns how many slices ran through the encoder."""
+        import torch
+
+        todo = []
+        for k in slices:
+            k = self._check_slice(k)
+            if k in self._features:
+                continue
+            cached = self._load_cached(k)
+            if cached is not None:
+                self._features[k] = cached
+            else:
+                todo.append(k)
+        batch = self.config.batch_size
+        n = 0
+        while n < len(todo):
+            ks = todo[n:n + batch]
+            try:
+                feats = self.backbone.encode(np.stack([self.model_input(k) for k in ks]))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch > 1:
+                    batch = max(1, batch // 2)
+                    self._note(f"CUDA out of memory: retrying with encoder batch {batch}")
+                    continue
+                self._note("CUDA out of memory with batch 1: falling back to the CPU (slower)")
+                self._to_device("cpu")
+                continue
+            for idx, k in enumerate(ks):
+                one = feats.select(idx).to("cpu", torch.float16)
+                self._features[k] = one
+                self._store_cached(k, one)
+            n += len(ks)
+        return len(todo)
+
+    def _note(self, message: str) -> None:
+        log.warning(message)
+        self.messages.append(message)
+
+    def _to_device(self, device: str) -> None:
+        self.backbone.to(device)
+        if self.generator is not None:
+            self.generator.to(device)
+        self._prompts.clear()
+
+    def features(self, k: int) -> ImageFeatures:
+        """Float32 features of slice k on the backbone's device (batch of 1)."""
+        self.encode([k])
+        import torch
+
+        return self._features[k].to(self.backbone.device, torch.float32)
+
+    # ---------------------------------------------------------------------------- classes
+    def class_info(self, name: str) -> ClassInfo:
+        """The bundle's class for a name or alias (manual mode also accepts new names)."""
+        if name in self.class_catalog:
+            return self.class_catalog.get(name)
+        if self.bundle is not None and self.generator is not None and name not in self._extra_classes:
+            self.bundle.class_index(name)  # raises with the list of the bundle's classes
+        if name not in self._extra_classes:
+            self._extra_classes[name] = custom_class(name)
+        return self._extra_classes[name]
+
+    def _generated(self, names: Sequence[str], feats: ImageFeatures) -> GeneratedPrompts:
+        import torch
+
+        idx = torch.tensor([self.bundle.class_index(n) for n in names], device=self.backbone.device)
+        emb = feats.embeddings.expand(len(names), -1, -1, -1)
+        return self.generator(emb, self.backbone.dense_pe(), idx)
+
+    def _generated_cached(self, name: str, k: int, feats: ImageFeatures) -> GeneratedPrompts:
+        """Learned prompts of (class, slice); they do not depend on clicks, so repeated refines
+        on a slice cost only the prompt encoder and the decoder."""
+        key = (name, k)
+        if key in self._prompts:
+            self._prompts.move_to_end(key)
+            return self._prompts[key]
+        gen = self._generated([name], feats)
+        self._prompts[key] = gen
+        if len(self._prompts) > self.config.prompt_cache_size:
+            self._prompts.popitem(last=False)
+        return gen
+
+    # ---------------------------------------------------------------------------- segment
+    def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
+                cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        """Automatic masks for ``classes`` on ``slices`` (default: all), as a generator of events.
+
+        One encoder pass per slice serves every class; per-slice objectness gating; optional 3-D
+        cleanup. The final ``"done"`` event carries the :class:`SegmentationResult`; the masks are
+        then stored (undoable). Stopping early (or ``cancel.set()``) stores nothing.
+        """
+        import torch
+
+        from .generators import decoder_prompts
+
+        volume = self._require_volume()
+        if self.generator is None:
+            raise InvalidInputError("automatic segmentation needs a model bundle; without one use refine() with "
+                                    "points or a box (manual mode)")
+        if not classes:
+            raise InvalidInputError(f"no classes given; the bundle has: {', '.join(self.class_catalog.names())}")
+        infos = [self.class_info(c) for c in classes]
+        names = [c.name for c in infos]
+        ks = list(range(volume.num_slices)) if slices is None else [self._check_slice(k) for k in slices]
+        if not ks:
+            raise InvalidInputError("no slices to segment (empty slice range)")
+        cleanup = cleanup or self.config.cleanup
+        shape = volume.array.shape[:3]
+        masks = {n: np.zeros(shape, bool) for n in names}
+        present: dict[str, list[int]] = {n: [] for n in names}
+        t0 = time.perf_counter()
+        yield ProgressEvent("start", 0, len(ks), f"segmenting {len(names)} class(es) on {len(ks)} slice(s)")
+        batch = self.config.batch_size
+        for start in range(0, len(ks), batch):
+            if cancel is not None and cancel.is_set():
+                yield ProgressEvent("cancelled", start, len(ks), "cancelled; nothing was changed")
+                return
+            chunk = ks[start:start + batch]
+            self.encode(chunk)
+            with torch.inference_mode():
+                for k in chunk:
+                    feats = self.features(k)
+                    gen = self._generated(names, feats)
+                    sparse, dense = decoder_prompts(self.backbone, gen)
+                    out = self.backbone.decode(feats, sparse, dense)
+                    keep = (gen.object_logit > self.config.objectness_threshold).nonzero().flatten().tolist()
+                    if not keep:
+                        continue
+                    slice_logits = self.transform.logits_to_slice(out.mask_logits[keep, 0].float().cpu())
+                    for row, c in enumerate(keep):
+                        m = (slice_logits[row] > self.config.mask_threshold).numpy()
+                        if m.any():
+                            masks[names[c]][k] = m
+                            present[names[c]].append(k)
+            done = min(start + batch, len(ks))
+            yield ProgressEvent("segment", done, len(ks), partial={n: int(masks[n].sum()) for n in names})
+        if cleanup == "largest_component":
+            yield ProgressEvent("cleanup", len(ks), len(ks), "keeping the largest 3-D component per class")
+            for n in names:
+                masks[n] = largest_component(masks[n])
+                present[n] = [k for k in present[n] if masks[n][k].any()]
+        for n in names:
+            self._push_undo(n, [(None, self.masks.get(n))])
+            self.masks[n] = masks[n]
+        result = SegmentationResult(volume, masks, infos, ks, present, time.perf_counter() - t0)
+        yield ProgressEvent("done", len(ks), len(ks), "done", result=result)
+
+    def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None,
+                       **kwargs) -> SegmentationResult:
+        """Run :meth:`segment` to the end and return its result."""
+        for event in self.segment(classes, slices, **kwargs):
+            if event.stage == "cancelled":
+                raise CancelledError(event.message)
+            if event.result is not None:
+                return event.result
+        raise CancelledError("segmentation ended without a result")
+
+    # ----------------------------------------------------------------------------- refine
+    def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
+               mode: str = "semi") -> np.ndarray:
+        """Correct one slice's mask with manual prompts; returns the new ``(J, I)`` bool mask.
+
+        Args:
+            class_name: a bundle class (any name in manual mode).
+            slice_index: k.
+            points: ``(N, 2)`` voxel coordinates (i, j) on slice k; ``point_labels`` ``(N,)``:
+                1 = include (+), 0 = exclude (-).
+            box: ``(i0, j0, i1, j1)`` extreme voxel indices of the object on slice k.
+            mode: ``"semi"`` (learned prompts of the bundle + the manual ones; Sam2Rad's
+                semi-autonomous mode) or ``"manual"`` (manual prompts only, like plain SAM).
+
+        Decoder-only on the cached embedding. The previous slice mask goes on the undo stack.
+        """
+        import torch
+
+        from .generators import decoder_prompts
+
+        k = self._check_slice(slice_index)
+        if mode not in ("semi", "manual"):
+            raise InvalidInputError(f"mode must be 'semi' or 'manual', got {mode!r}")
+        if mode == "semi" and self.generator is None:
+            raise InvalidInputError("semi-automatic refine needs a model bundle; use mode='manual'")
+        name = self.class_info(class_name).name
+        pts, lbl, bx = self._manual_prompts(points, point_labels, box)
+        if mode == "manual" and pts is None and bx is None:
+            raise InvalidInputError("manual refine needs at least one point or a box")
+        with torch.inference_mode():
+            feats = self.features(k)
+            gen = self._generated_cached(name, k, feats) if mode == "semi" else None
+            sparse, dense = decoder_prompts(self.backbone, gen, pts, lbl, bx)
+            # A single click is ambiguous (SAM's advice): decode 3 candidates and keep the best.
+            multimask = gen is None and bx is None and pts is not None and pts.shape[1] == 1
+            out = self.backbone.decode(feats, sparse, dense, multimask=multimask)
+            pick = int(out.iou[0].argmax()) if multimask else 0
+            logits = out.mask_logits[0, pick].float().cpu()
+        mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
+        self._set_slices(name, {k: mask})
+        return mask
+
+    def _manual_prompts(self, points, point_labels, box):
+        t = self.transform
+        pts = lbl = bx = None
+        if points is not None and len(points):
+            p = np.asarray(points, dtype=float).reshape(-1, 2)
+            labels = np.ones(len(p), int) if point_labels is None else np.asarray(point_labels).reshape(-1)
+            if labels.shape != (len(p),) or not np.isin(labels, (0, 1)).all():
+                raise InvalidInputError(f"point_labels must be {len(p)} values of 1 (include) or 0 (exclude)")
+            t.check_points(p, "point")
+            pts, lbl = t.points_to_model(p)[None], labels[None]
+        if box is not None:
+            b = np.asarray(box, dtype=float).reshape(-1)
+            if b.shape != (4,) or b[0] > b[2] or b[1] > b[3]:
+                raise InvalidInputError(f"box must be (i0, j0, i1, j1) with i0 <= i1 and j0 <= j1, got {box}")
+            t.check_points(b.reshape(2, 2), "box corner")
+            bx = t.box_to_model(b)[None]
+        return pts, lbl, bx
+
+    # ------------------------------------------------------------------------------- undo
+    def _push_undo(self, name: str, group: list[tuple[int | None, np.ndarray | None]]) -> None:
+        self._undo.setdefault(name, []).append(group)
+
+    def _set_slices(self, name: str, new: dict[int, np.ndarray]) -> None:
+        """Write slice masks for a class as one undoable step."""
+        volume = self._require_volume()
+        current = self.masks.get(name)
+        if current is None:
+            current = self.masks[name] = np.zeros(volume.array.shape[:3], bool)
+        self._push_undo(name, [(k, current[k].copy()) for k in new])
+        for k, m in new.items():
+            current[k] = m
+
+    def undo(self, class_name: str) -> list[int] | None:
+        """Undo the last change to a class (a refine, a propagation or a whole segmentation).
+
+        Returns the slice indices that changed (all slices for a segmentation), or None when there
+        is nothing to undo.
+        """
+        name = self.class_info(class_name).name
+        stack = self._undo.get(name)
+        if not stack:
+            return None
+        group = stack.pop()
+        changed: list[int] = []
+        for k, old in reversed(group):
+            if k is None:  # a whole-volume result replaced `old`
+                if old is None:
+                    self.masks.pop(name, None)
+                else:
+                    self.masks[name] = old
+                changed = list(range(self._require_volume().num_slices))
+            else:
+                self.masks[name][k] = old
+                changed.append(k)
+        return sorted(set(changed))
+
+    def can_undo(self, class_name: str) -> bool:
+        return bool(self._undo.get(self.class_info(class_name).name))
+
+    # -------------------------------------------------------------------------- propagate
+    def propagate(self, class_name: str, from_slice: int, direction: str = "both",
+                  max_slices: int | None = None, cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        """Carry the mask of ``from_slice`` to its neighbours until the object ends.
+
+        SAM 2 backbones use their memory (the video predictor over slices); SAM backbones seed
+        each next slice with the previous mask (box + mask prompt, plus the learned tokens when a
+        bundle is loaded). ``direction``: ``"forward"`` (increasing k), ``"backward"`` or
+        ``"both"``. All slices written form one undo step. Events carry the slice just written.
+        """
+        from .propagation import propagate_slices
+
+        k0 = self._check_slice(from_slice)
+        if direction not in ("forward", "backward", "both"):
+            raise InvalidInputError(f"direction must be forward, backward or both, got {direction!r}")
+        name = self.class_info(class_name).name
+        seed = self.masks.get(name)
+        if seed is None or not seed[k0].any():
+            raise InvalidInputError(f"slice {k0} has no mask for {name!r} to propagate; segment or refine it first")
+        n = self._require_volume().num_slices
+        limit = max_slices if max_slices is not None else n
+        steps = [+1, -1] if direction == "both" else ([+1] if direction == "forward" else [-1])
+        total = sum(min(limit, (n - 1 - k0) if s > 0 else k0) for s in steps)
+        written: dict[int, np.ndarray] = {}
+        yield ProgressEvent("start", 0, total, f"propagating {name} from slice {k0}")
+        for k, mask in propagate_slices(self, name, k0, steps, limit):
+            if cancel is not None and cancel.is_set():
+                yield ProgressEvent("cancelled", len(written), total, "cancelled; nothing was changed")
+                return
+            written[k] = mask
+            yield ProgressEvent("propagate", len(written), total, partial={"slice": k, "voxels": int(mask.sum())})
+        if written:
+            self._set_slices(name, written)
+        yield ProgressEvent("done", len(written), max(total, len(written)),
+                            f"propagated to {len(written)} slice(s)", partial={"slices": sorted(written)})
+
+    # ---------------------------------------------------------------------------- results
+    def current_result(self, classes: Sequence[str] | None = None) -> SegmentationResult:
+        """The engine's current masks (after segment, refine, propagate and undo) as a result."""
+        volume = self._require_volume()
+        names = list(classes) if classes is not None else list(self.masks)
+        infos = [self.class_info(n) for n in names]
+        empty = np.zeros(volume.array.shape[:3], bool)
+        masks = {i.name: self.masks.get(i.name, empty) for i in infos}
+        present = {n: [int(k) for k in np.nonzero(m.any(axis=(1, 2)))[0]] for n, m in masks.items()}
+        return SegmentationResult(volume, masks, infos, list(range(volume.num_slices)), present, 0.0)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 6-connected 3-D component of a ``(K, J, I)`` bool mask."""
+    if not mask.any():
+        return mask
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.reshape(-1))
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
