@@ -50,3 +50,46 @@ def tiny_sam2():
 @pytest.fixture(scope="session", params=["tiny-sam", "tiny-sam2"])
 def tiny_backbone(request):
     return request.getfixturevalue(request.param.replace("-", "_"))
+
+
+BUNDLE_CLASSES = ("liver", "spleen", "left_kidney", "right_kidney", "pancreas")
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory):
+    """``make_bundle(backbone_id, kind)`` -> path of a saved random-weight test bundle (cached)."""
+    made = {}
+
+    def make(backbone_id: str = "tiny-sam2", kind: str = "ppn", decoder_finetuned: bool = False):
+        key = (backbone_id, kind, decoder_finetuned)
+        if key not in made:
+            from automedsam.backbones import build_backbone
+            from automedsam.bundle import create_bundle
+            from automedsam.classes import default_class_catalog
+            from automedsam.generators import build_generator, default_config
+            from automedsam.preprocess import IntensityConfig
+
+            backbone = build_backbone(backbone_id, weights="random", device="cpu")
+            classes = [default_class_catalog().get(c) for c in BUNDLE_CLASSES]
+            gen = build_generator(kind, default_config(kind, backbone, len(classes)))
+            bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"test-{backbone_id}-{kind}",
+                                   decoder_finetuned=decoder_finetuned)
+            path = tmp_path_factory.mktemp("bundles") / f"{backbone_id}-{kind}-{int(decoder_finetuned)}.zip"
+            made[key] = bundle.save(path)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture()
+def make_engine(make_bundle):
+    """``make_engine(backbone_id, kind, **config)`` -> an Engine on a fresh backbone with a test bundle."""
+
+    def make(backbone_id: str = "tiny-sam2", kind: str = "ppn", **config):
+        from automedsam.bundle import backbone_for_bundle, load_bundle
+        from automedsam.engine import Engine, EngineConfig
+
+        bundle = load_bundle(make_bundle(backbone_id, kind))
+        return Engine(backbone_for_bundle(bundle, "cpu"), bundle, EngineConfig(**config))
+
+    return make

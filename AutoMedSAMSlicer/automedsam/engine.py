@@ -420,7 +420,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- refine
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str = "semi") -> np.ndarray:
+               mode: str | None = None) -> np.ndarray:
         """Correct one slice's mask with manual prompts; returns the new ``(J, I)`` bool mask.
 
         Args:
@@ -430,7 +430,8 @@ class Engine:
                 1 = include (+), 0 = exclude (-).
             box: ``(i0, j0, i1, j1)`` extreme voxel indices of the object on slice k.
             mode: ``"semi"`` (learned prompts of the bundle + the manual ones; Sam2Rad's
-                semi-autonomous mode) or ``"manual"`` (manual prompts only, like plain SAM).
+                semi-autonomous mode) or ``"manual"`` (manual prompts only, like plain SAM);
+                default: semi with a bundle, manual without.
 
         Decoder-only on the cached embedding. The previous slice mask goes on the undo stack.
         """
@@ -439,6 +440,7 @@ class Engine:
         from .generators import decoder_prompts
 
         k = self._check_slice(slice_index)
+        mode = mode or ("semi" if self.generator is not None else "manual")
         if mode not in ("semi", "manual"):
             raise InvalidInputError(f"mode must be 'semi' or 'manual', got {mode!r}")
         if mode == "semi" and self.generator is None:

@@ -171,7 +171,8 @@ class Backbone(ABC):
         backbone's device. No gradients (the image encoder is frozen)."""
         import torch
 
-        with torch.inference_mode(), self.autocast():
+        # no_grad, not inference_mode: training feeds these features into autograd graphs.
+        with torch.no_grad(), self.autocast():
             feats = self._encode(self.normalize(images))
         return feats.to(dtype=torch.float32)
 

@@ -20,7 +20,7 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backbones_cmd, inspect_cmd, models_cmd
+    from . import backbones_cmd, bench_cmd, inspect_cmd, models_cmd, segment_cmd
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_cmd.register(sub)
     models_cmd.register(sub)
     backbones_cmd.register(sub)
+    segment_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 

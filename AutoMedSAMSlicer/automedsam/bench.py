@@ -1,0 +1,188 @@
+"""Speed and memory benchmark behind ``automedsam bench`` (JSON out; targets live here, not in tests).
+
+For each backbone (random weights unless ``weights`` names cached ones) and a volume of N slices:
+
+- ``encoder_ms_per_slice``: image encoder time per slice (batched as the engine batches).
+- ``refine_ms_p50/p95``: click-to-mask, :meth:`Engine.refine` on a cached slice with learned + manual
+  prompts (semi-automatic), repeated ``repeats`` times after one warm-up click.
+- ``stock_predict_ms_p50``: the stock ``SamPredictor`` / ``SAM2ImagePredictor`` ``predict()`` with
+  the same points on the same already-set image.
+- ``volume_s_1_class`` / ``volume_s_5_classes``: whole-volume ``segment`` from a cold engine.
+- ``naive_s_5_classes``: the naive way: stock predictor ``set_image`` + ``predict`` per slice per class.
+- ``cached_resegment_s``: ``segment`` of the 5 classes again on the cached embeddings.
+- ``peak_rss_mb``: the process's peak resident memory so far.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from . import __version__
+from .volume import Volume
+
+BENCH_CLASSES = ("liver", "spleen", "left_kidney", "right_kidney", "pancreas")
+
+
+def phantom_volume(num_slices: int, size: int = 512) -> Volume:
+    """A CT-like phantom (HU): body ellipse with organ-like blobs, ``num_slices`` x size x size."""
+    rng = np.random.default_rng(0)
+    jj, ii = np.mgrid[0:size, 0:size] / size
+    body = ((ii - 0.5) / 0.42) ** 2 + ((jj - 0.5) / 0.33) ** 2 < 1
+    slices = []
+    for k in range(num_slices):
+        img = np.full((size, size), -1000.0)
+        img[body] = 20.0
+        for cx, cy, r, hu in ((0.35, 0.45, 0.12, 60.0), (0.68, 0.42, 0.06, 45.0), (0.62, 0.6, 0.04, 150.0)):
+            r_k = r * (1.0 - 0.3 * abs(k - num_slices / 2) / max(num_slices, 1))
+            img[((ii - cx) ** 2 + (jj - cy) ** 2) < r_k ** 2] = hu
+        slices.append(img + rng.normal(0, 10, img.shape))
+    return Volume(np.stack(slices).astype(np.int16), (0.8, 0.8, 2.5), (-200.0, -200.0, 0.0), name="phantom")
+
+
+def _time_ms(fn: Callable[[], object], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000.0)
+    return out
+
+
+def _p(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 2)
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def _stock_predictor(backbone):
+    """The library's own predictor around the same model."""
+    if backbone.spec.family == "sam":
+        from segment_anything import SamPredictor
+
+        return SamPredictor(backbone.model)
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    predictor = SAM2ImagePredictor(backbone.model)
+    s = backbone.input_size  # the stock predictor assumes 1024-px models; set the real feature sizes
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor
+
+
+def _uint8_rgb(engine, k: int) -> np.ndarray:
+    from .preprocess import normalize_intensity
+
+    grey = normalize_intensity(engine.volume.array[k], engine.value_range)
+    return np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, device: str = "cpu",
+                   weights: str | None = "random", generator: str = "ppn",
+                   extra: Callable[[object, Volume], dict] | None = None) -> dict:
+    """Measure one backbone (see the module docstring); ``extra(engine, volume)`` may add keys."""
+    import torch
+
+    from .backbones import build_backbone
+    from .bundle import create_bundle
+    from .classes import default_class_catalog
+    from .engine import Engine
+    from .generators import build_generator, default_config
+    from .preprocess import IntensityConfig
+
+    backbone = build_backbone(backbone_id, weights=weights, device=device)
+    classes = [default_class_catalog().get(c) for c in BENCH_CLASSES]
+    gen = build_generator(generator, default_config(generator, backbone, len(classes)))
+    bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"bench-{backbone_id}")
+    n, k_mid = volume.num_slices, volume.num_slices // 2
+    height, width = volume.array.shape[1:3]
+    points = np.array([[width * 0.4, height * 0.45], [width * 0.8, height * 0.2]])
+    labels = np.array([1, 0])
+
+    def cold_engine() -> Engine:
+        e = Engine(backbone, bundle)
+        e.set_volume(volume)
+        return e
+
+    # Whole-volume runs from a cold engine (encoding included).
+    e1 = cold_engine()
+    t = time.perf_counter()
+    e1.segment_volume([BENCH_CLASSES[0]])
+    volume_1 = time.perf_counter() - t
+    e5 = cold_engine()
+    t = time.perf_counter()
+    e5.encode(range(n))
+    encode_s = time.perf_counter() - t
+    e5.segment_volume(list(BENCH_CLASSES))
+    volume_5 = time.perf_counter() - t
+    t = time.perf_counter()
+    e5.segment_volume(list(BENCH_CLASSES))
+    resegment = time.perf_counter() - t
+
+    # Click-to-mask on a cached slice vs the stock predictor on the same set image.
+    e5.refine(BENCH_CLASSES[0], k_mid, points=points, point_labels=labels)  # warm-up (learned prompts cached)
+    refine = _time_ms(lambda: e5.refine(BENCH_CLASSES[0], k_mid, points=points, point_labels=labels), repeats)
+    predictor = _stock_predictor(backbone)
+    with torch.inference_mode():
+        predictor.set_image(_uint8_rgb(e5, k_mid))
+        stock = _time_ms(lambda: predictor.predict(point_coords=points, point_labels=labels,
+                                                   multimask_output=False), repeats)
+
+    # The naive way: one stock set_image + predict per slice per class.
+    box = np.array([width * 0.2, height * 0.2, width * 0.6, height * 0.7])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for k in range(n):
+            image = _uint8_rgb(e5, k)
+            for _ in BENCH_CLASSES:
+                predictor.set_image(image)
+                predictor.predict(box=box, multimask_output=False)
+    naive_5 = time.perf_counter() - t
+
+    result = {
+        "backbone": backbone_id,
+        "weights": backbone.weights_fingerprint,
+        "generator": generator,
+        "slices": n,
+        "slice_shape_ji": [int(height), int(width)],
+        "encoder_ms_per_slice": round(encode_s * 1000.0 / n, 2),
+        "refine_ms_p50": _p(refine, 50),
+        "refine_ms_p95": _p(refine, 95),
+        "stock_predict_ms_p50": _p(stock, 50),
+        "refine_vs_stock_p50": round(statistics.median(refine) / statistics.median(stock), 3),
+        "volume_s_1_class": round(volume_1, 3),
+        "volume_s_5_classes": round(volume_5, 3),
+        "five_vs_one_class": round(volume_5 / volume_1, 3),
+        "naive_s_5_classes": round(naive_5, 3),
+        "speedup_vs_naive_5_classes": round(naive_5 / volume_5, 2),
+        "cached_resegment_s": round(resegment, 3),
+        "resegment_speedup": round(volume_5 / resegment, 2),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    if extra is not None:
+        result.update(extra(e5, volume))
+    return result
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    versions = {"automedsam": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for module in ("segment_anything", "sam2", "numpy", "SimpleITK"):
+        try:
+            mod = __import__(module)
+            versions[module] = getattr(mod, "__version__", "installed")
+        except ImportError:
+            versions[module] = None
+    return {
+        "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+        "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+    }

@@ -1,0 +1,62 @@
+"""``automedsam bench``: speed and memory of the engine against the stock predictors (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .main import emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure encoder, click-to-mask and whole-volume speed (JSON)",
+        description="Benchmarks each backbone (random weights by default, so nothing is downloaded) on a phantom "
+                    "or given volume: encoder ms/slice, refine latency p50/p95 next to the stock predictor, "
+                    "1- and 5-class whole-volume time, the naive per-slice-per-class baseline, re-segmenting from "
+                    "the embedding cache, peak memory.")
+    p.add_argument("--backbones", default="sam2.1_hiera_t,sam_vit_b", help="comma-separated backbone ids")
+    p.add_argument("--slices", type=int, default=6, help="number of slices (default 6)")
+    p.add_argument("--repeats", type=int, default=20, help="refine/predict repetitions (default 20)")
+    p.add_argument("--image", help="volume to use (its first --slices slices) instead of the phantom")
+    p.add_argument("--weights", default="random", help="'random' (default) or 'cached' for downloaded weights")
+    p.add_argument("--generator", default="ppn", choices=["ppn", "diffusion"], help="prompt generator")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--service", action="store_true", help="also time refine through a local worker service")
+    p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..backbones import resolve_device
+    from ..bench import bench_backbone, environment, phantom_volume
+    from ..errors import InvalidInputError
+    from ..io import read_image
+
+    if args.slices < 1 or args.repeats < 1:
+        raise InvalidInputError("--slices and --repeats must be >= 1")
+    device = str(resolve_device(args.device))
+    if args.image:
+        volume = read_image(args.image)
+        volume = volume.with_array(volume.array) if volume.num_slices <= args.slices else _first(volume, args.slices)
+    else:
+        volume = phantom_volume(args.slices)
+    extra = None
+    if args.service:
+        from ..service_bench import service_refine_latency
+
+        extra = service_refine_latency
+    results = []
+    for backbone_id in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+        print(f"bench {backbone_id} ...", file=sys.stderr)
+        results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
+                                      weights=None if args.weights == "cached" else "random",
+                                      generator=args.generator, extra=extra))
+    emit_json(environment(device) | {"volume": volume.name, "results": results})
+    return 0
+
+
+def _first(volume, n: int):
+    from ..volume import Volume
+
+    return Volume(volume.array[:n], volume.spacing, volume.origin, volume.direction, volume.name)

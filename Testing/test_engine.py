@@ -1,0 +1,274 @@
+"""The engine: segment events, shared encoder pass, gating, caches, cancel, refine/undo, propagate,
+and masks landing on the right voxels of real volumes whatever their geometry."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from automedsam.backbones import DecoderOutput
+from automedsam.engine import Engine, largest_component
+from automedsam.errors import InvalidInputError
+from automedsam.io import read_image, read_label_map, read_segmentation, write_segmentation
+from automedsam.resample import labels_onto_grid
+from automedsam.volume import Volume
+
+
+def small_volume(n=6, seed=0) -> Volume:
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(40, 30, (n, 40, 50)).astype(np.int16)
+    arr[:, 10:30, 15:35] += 150
+    return Volume(arr, (1.0, 1.0, 2.0))
+
+
+def count_encoded(engine) -> list:
+    calls = []
+    original = engine.backbone._encode
+
+    def spy(x):
+        calls.append(int(x.shape[0]))
+        return original(x)
+
+    engine.backbone._encode = spy
+    return calls
+
+
+def test_segment_is_a_generator_of_events_with_one_encoder_pass_per_slice(make_engine):
+    engine = make_engine("tiny-sam2", "ppn", batch_size=4)
+    engine.set_volume(small_volume(6))
+    calls = count_encoded(engine)
+    events = list(engine.segment(["liver", "spleen", "left_kidney", "right_kidney", "pancreas"]))
+    assert events[0].stage == "start" and events[-1].stage == "done"
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert sum(calls) == 6 and calls == [4, 2]  # 6 slices encoded once, in batches, for 5 classes
+    result = events[-1].result
+    assert set(result.masks) == {"liver", "spleen", "left_kidney", "right_kidney", "pancreas"}
+    assert all(m.shape == (6, 40, 50) and m.dtype == bool for m in result.masks.values())
+    list(engine.segment(["liver"]))
+    assert sum(calls) == 6  # re-segmenting reuses the cached embeddings
+
+
+def test_disk_cache_survives_a_new_engine_and_keys_on_content(make_engine, tmp_path):
+    volume = small_volume(3)
+    first = make_engine("tiny-sam", "diffusion", cache_dir=str(tmp_path))
+    first.set_volume(volume)
+    first.encode(range(3))
+    second = make_engine("tiny-sam", "diffusion", cache_dir=str(tmp_path))
+    second.set_volume(volume)
+    calls = count_encoded(second)
+    second.encode(range(3))
+    assert calls == []
+    torch.testing.assert_close(second.features(1).embeddings, first.features(1).embeddings)
+    changed = volume.with_array(volume.array + 1)
+    second.set_volume(changed)
+    second.encode([0])
+    assert calls == [1]
+
+
+def test_objectness_gates_absent_classes(make_engine):
+    engine = make_engine("tiny-sam", "ppn", cleanup="none")
+    engine.set_volume(small_volume(3))
+    with torch.no_grad():
+        engine.generator.object_head[-1].bias.fill_(1e6)  # "liver is everywhere"
+    everything = engine.segment_volume(["liver"])
+    with torch.no_grad():
+        engine.generator.object_head[-1].bias.fill_(-1e6)  # "liver is nowhere"
+    gated = engine.segment_volume(["liver"])
+    assert everything.masks["liver"].any() and not gated.masks["liver"].any()
+    assert gated.present_slices["liver"] == []
+
+
+def test_cancel_and_early_stop_change_nothing(make_engine):
+    engine = make_engine("tiny-sam2", "diffusion", batch_size=1)
+    engine.set_volume(small_volume(4))
+    cancel = threading.Event()
+    stages = []
+    for event in engine.segment(["liver"], cancel=cancel):
+        stages.append(event.stage)
+        if event.stage == "segment":
+            cancel.set()
+    assert stages[-1] == "cancelled" and engine.masks == {}
+    for event in engine.segment(["liver"]):
+        if event.stage == "segment":
+            break  # the consumer walks away
+    assert engine.masks == {}
+
+
+def test_bad_requests_are_specific(make_engine):
+    engine = make_engine("tiny-sam2", "ppn")
+    with pytest.raises(InvalidInputError, match="set_volume"):
+        list(engine.segment(["liver"]))
+    engine.set_volume(small_volume(3))
+    with pytest.raises(InvalidInputError, match="it has: liver, spleen"):
+        list(engine.segment(["heart"]))
+    with pytest.raises(InvalidInputError, match=r"out of range: the volume has slices 0\.\.2"):
+        list(engine.segment(["liver"], slices=[5]))
+    with pytest.raises(InvalidInputError, match="outside the slice"):
+        engine.refine("liver", 1, points=[[60, 5]])
+    with pytest.raises(InvalidInputError, match="i0 <= i1"):
+        engine.refine("liver", 1, box=[30, 5, 10, 20])
+    with pytest.raises(InvalidInputError, match="at least one point or a box"):
+        engine.refine("liver", 1, mode="manual")
+    with pytest.raises(InvalidInputError, match="no mask"):
+        list(engine.propagate("liver", 1))
+
+
+def test_refine_and_undo(make_engine):
+    engine = make_engine("tiny-sam", "ppn")
+    engine.set_volume(small_volume(4))
+    result = engine.segment_volume(["liver"])
+    before = result.masks["liver"].copy()
+    mask = engine.refine("liver", 2, points=[[25, 20], [2, 2]], point_labels=[1, 0])
+    assert mask.shape == (40, 50) and np.array_equal(engine.masks["liver"][2], mask)
+    manual = engine.refine("liver", 2, box=[15, 10, 34, 29], mode="manual")
+    assert np.array_equal(engine.masks["liver"][2], manual)
+    assert engine.undo("liver") == [2]
+    assert np.array_equal(engine.masks["liver"][2], mask)
+    assert engine.undo("liver") == [2]
+    assert np.array_equal(engine.masks["liver"], before)
+    assert engine.undo("liver") == [0, 1, 2, 3]  # the segmentation itself
+    assert "liver" not in engine.masks and engine.undo("liver") is None
+
+
+def test_manual_mode_works_without_a_bundle(tiny_sam):
+    engine = Engine(tiny_sam)
+    engine.set_volume(small_volume(2))
+    mask = engine.refine("lesion", 1, points=[[25, 20]])
+    assert mask.shape == (40, 50)
+    with pytest.raises(InvalidInputError, match="needs a model bundle"):
+        list(engine.segment(["liver"]))
+
+
+class Oracle:
+    """Stands in for the mask decoder: renders a known per-slice mask (given in voxels) in model
+    space at the decoder's low resolution, so the test sees exactly where the engine maps it."""
+
+    def __init__(self, engine: Engine, truth: np.ndarray):
+        self.engine, self.truth = engine, truth
+        self.slice = None
+        original_features = engine.features
+
+        def features(k):
+            self.slice = k
+            return original_features(k)
+
+        engine.features = features
+        engine.backbone.decode = self.decode
+
+    def decode(self, features, sparse, dense, multimask=False):
+        t, low = self.engine.transform, self.engine.backbone.mask_size
+        model = t.mask_to_model(self.truth[self.slice], out_size=low)
+        logits = torch.from_numpy(np.where(model, 20.0, -20.0).astype(np.float32))
+        b = sparse.shape[0]
+        m = 3 if multimask else 1
+        return DecoderOutput(logits.expand(b, m, low, low), torch.ones(b, m), None)
+
+
+def dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("which", ["dicom", "flipped_label_grid"])
+def test_model_space_masks_land_on_the_right_voxels_of_real_volumes(make_engine, ct_dir, tmp_path, which):
+    image = read_image(ct_dir / "ct_dicom")
+    raw_labels = read_label_map(ct_dir / "ct_dicom_labels.nii.gz")
+    if which == "flipped_label_grid":
+        # The same CT resampled onto the label file's grid (j flipped, another origin).
+        from automedsam.resample import resample_to_grid
+
+        image = resample_to_grid(image, raw_labels, interpolation="nearest")
+    liver = labels_onto_grid(raw_labels, image).array == 5
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    engine.set_volume(image)
+    Oracle(engine, liver)
+    ks = [3, 10, 16]
+    result = engine.segment_volume(["liver"], slices=ks)
+    for k in ks:
+        # 512x512 slices meet a 128x128 decoder grid: only the boundary band may differ.
+        assert dice(result.masks["liver"][k], liver[k]) > 0.97
+    # Written as .seg.nrrd and read back, the masks sit on the reference labels in physical space.
+    path = write_segmentation(result.to_segmentation(), tmp_path / "out.seg.nrrd")
+    back = read_segmentation(path)
+    assert back.segment("liver").terminology.split("~")[2] == "SCT^10200004^Liver"
+    on_label_grid = labels_onto_grid(back, raw_labels).array > 0
+    reference = raw_labels.array == 5
+    for k in ks:
+        assert dice(on_label_grid[k], reference[k]) > 0.97
+
+
+def test_clicks_reach_the_decoder_at_the_clicked_voxel(make_engine, ct_dir):
+    """A decoder stand-in that paints a disc where the prompt encoder was told the click is: the
+    mask must come back centred on the clicked voxel (i, j)."""
+    volume = read_image(ct_dir / "ct_lowres.nii.gz")
+    engine = make_engine("tiny-sam2", "ppn")
+    engine.set_volume(volume)
+    seen = {}
+    original = engine.backbone.embed_prompts
+
+    def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
+        seen["points"] = torch.as_tensor(points).clone()
+        return original(points, labels, boxes, masks, batch_size)
+
+    def decode(features, sparse, dense, multimask=False):
+        low, size = engine.backbone.mask_size, engine.backbone.input_size
+        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
+        yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
+        disc = ((xx - x) ** 2 + (yy - y) ** 2 < 4.0).float() * 40 - 20
+        return DecoderOutput(disc[None, None], torch.ones(1, 1), None)
+
+    engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
+    for i, j in [(30, 40), (100, 20), (61, 77)]:
+        mask = engine.refine("liver", 12, points=[[i, j]], mode="manual")
+        jj, ii = np.nonzero(mask)
+        assert abs(ii.mean() - i) <= 1.0 and abs(jj.mean() - j) <= 1.0
+
+
+def test_propagation_with_sam_seeding_stops_where_the_object_ends(make_engine):
+    engine = make_engine("tiny-sam", "ppn", objectness_threshold=-1e9)
+    volume = small_volume(10)
+    engine.set_volume(volume)
+    truth = np.zeros((10, 40, 50), bool)
+    truth[2:8, 12:28, 16:34] = True  # the object spans slices 2..7
+    Oracle(engine, truth)
+    engine.masks["liver"] = np.zeros_like(truth)
+    engine.masks["liver"][5] = truth[5]
+    events = list(engine.propagate("liver", 5))
+    assert events[-1].partial["slices"] == [2, 3, 4, 6, 7]
+    assert all(engine.masks["liver"][k].any() for k in range(2, 8))
+    assert not engine.masks["liver"][[0, 1, 8, 9]].any()
+    assert engine.undo("liver") == [2, 3, 4, 6, 7]
+    assert engine.masks["liver"].sum() == truth[5].sum()
+    forward = list(engine.propagate("liver", 5, direction="forward", max_slices=1))
+    assert forward[-1].partial["slices"] == [6]
+
+
+def test_propagation_with_sam2_memory(make_engine):
+    from automedsam.propagation import SliceFrames
+
+    engine = make_engine("tiny-sam2", "ppn")
+    volume = small_volume(6)
+    engine.set_volume(volume)
+    frames = SliceFrames(engine)
+    assert len(frames) == 6
+    torch.testing.assert_close(frames[3], engine.backbone.normalize(engine.model_input(3)[None])[0])
+    seed = np.zeros((6, 40, 50), bool)
+    seed[3, 10:30, 15:35] = True
+    engine.masks["liver"] = seed.copy()
+    events = list(engine.propagate("liver", 3, max_slices=2))
+    written = events[-1].partial["slices"]
+    assert set(written) <= {1, 2, 4, 5}
+    for k in written:  # contiguous around the seed
+        assert all(m in written for m in range(min(k, 3) + 1, max(k, 3)) if m != 3)
+    assert np.array_equal(engine.masks["liver"][3], seed[3])
+
+
+def test_largest_component():
+    m = np.zeros((3, 5, 5), bool)
+    m[0, 0, 0] = True
+    m[1:3, 2:4, 2:4] = True
+    kept = largest_component(m)
+    assert kept.sum() == 8 and not kept[0, 0, 0]
