@@ -174,17 +174,23 @@ class Engine:
         self.config = config or EngineConfig()
         self.generator = None
         self.class_catalog = ClassCatalog([])
+        self._prompts: OrderedDict[tuple[str, int], GeneratedPrompts] = OrderedDict()
         if bundle is not None:
             bundle.check_backbone(backbone)
-            self.generator = bundle.build_generator(backbone.device)
-            self.class_catalog = ClassCatalog(bundle.classes)
+            self.use_generator(bundle.build_generator(backbone.device), bundle.classes)
         self.volume: Volume | None = None
         self.masks: dict[str, np.ndarray] = {}
         self._undo: dict[str, list[list[tuple[int | None, np.ndarray | None]]]] = {}
         self._features: dict[int, ImageFeatures] = {}
-        self._prompts: OrderedDict[tuple[str, int], GeneratedPrompts] = OrderedDict()
         self._extra_classes: dict[str, ClassInfo] = {}
         self.messages: list[str] = []
+
+    def use_generator(self, generator, classes: Sequence[ClassInfo]) -> None:
+        """Use a prompt generator whose class indices follow ``classes`` (a bundle's, or one being
+        trained); clears cached learned prompts."""
+        self.generator = generator
+        self.class_catalog = ClassCatalog(list(classes))
+        self._prompts.clear()
 
     # ------------------------------------------------------------------------------ volume
     def set_volume(self, volume: Volume) -> None:
@@ -317,8 +323,10 @@ class Engine:
         """The bundle's class for a name or alias (manual mode also accepts new names)."""
         if name in self.class_catalog:
             return self.class_catalog.get(name)
-        if self.bundle is not None and self.generator is not None and name not in self._extra_classes:
-            self.bundle.class_index(name)  # raises with the list of the bundle's classes
+        if self.generator is not None and name not in self._extra_classes:
+            raise InvalidInputError(
+                f"class {name!r} is not one the model knows; it has: {', '.join(self.class_catalog.names())}"
+            )
         if name not in self._extra_classes:
             self._extra_classes[name] = custom_class(name)
         return self._extra_classes[name]
@@ -326,7 +334,8 @@ class Engine:
     def _generated(self, names: Sequence[str], feats: ImageFeatures) -> GeneratedPrompts:
         import torch
 
-        idx = torch.tensor([self.bundle.class_index(n) for n in names], device=self.backbone.device)
+        known = self.class_catalog.names()
+        idx = torch.tensor([known.index(n) for n in names], device=self.backbone.device)
         emb = feats.embeddings.expand(len(names), -1, -1, -1)
         return self.generator(emb, self.backbone.dense_pe(), idx)
 

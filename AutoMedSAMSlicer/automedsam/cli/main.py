@@ -20,7 +20,7 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backbones_cmd, bench_cmd, inspect_cmd, models_cmd, segment_cmd
+    from . import backbones_cmd, bench_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     backbones_cmd.register(sub)
     segment_cmd.register(sub)
     bench_cmd.register(sub)
+    evaluate_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,6 @@
+"""Training prompt generators from labelled volumes (see :mod:`automedsam.training.loop`)."""
+
+from .data import AugmentConfig, Case, load_case, parse_class_mapping
+from .loop import TrainConfig, TrainEvent, train
+
+__all__ = ["AugmentConfig", "Case", "TrainConfig", "TrainEvent", "load_case", "parse_class_mapping", "train"]
