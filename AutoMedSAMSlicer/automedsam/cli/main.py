@@ -20,7 +20,7 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backbones_cmd, bench_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd
+    from . import backbones_cmd, bench_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.register(sub)
     bench_cmd.register(sub)
     evaluate_cmd.register(sub)
+    train_cmd.register(sub)
     return parser
 
 

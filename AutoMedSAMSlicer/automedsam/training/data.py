@@ -87,8 +87,10 @@ class SplitCase:
     val_slices: list[int]
 
 
-def split_slices(cases: list[Case], val_slices: str | None, val_cases: list[int] | None = None) -> list[SplitCase]:
-    """Hold out slices (the same selection in every case) and/or whole cases for validation.
+def split_slices(cases: list[Case], val_slices: str | None, val_cases: list[int] | None = None,
+                 train_slices: str | None = None) -> list[SplitCase]:
+    """Hold out slices (the same selection in every case) and/or whole cases for validation, or
+    name the training slices (``train_slices``; then every other slice validates).
 
     A slice is either training or validation, never both; a validation case gives no training slice.
     """
@@ -98,8 +100,12 @@ def split_slices(cases: list[Case], val_slices: str | None, val_cases: list[int]
         if val_cases and n in val_cases:
             out.append(SplitCase(case, [], list(range(k))))
             continue
-        val = parse_slices(val_slices, k, "--val-slices") if val_slices else []
-        train = [s for s in range(k) if s not in set(val)]
+        if train_slices:
+            train = parse_slices(train_slices, k, "--train-slices")
+            val = [s for s in range(k) if s not in set(train)]
+        else:
+            val = parse_slices(val_slices, k, "--val-slices") if val_slices else []
+            train = [s for s in range(k) if s not in set(val)]
         out.append(SplitCase(case, train, val))
     if not any(s.train_slices for s in out):
         raise InvalidInputError("no training slices left after holding out the validation slices/cases")

@@ -39,7 +39,8 @@ class TrainConfig:
         generator: ``"ppn"`` or ``"diffusion"``.
         backbone: backbone id; ``weights``: "random", None (cached) or a file.
         val_slices: held-out slice selection (``0::3``) applied to every case; ``val_cases``:
-            indices of cases held out whole.
+            indices of cases held out whole; ``train_slices``: instead, the slices to learn from
+            (all others validate: "teach from a few slices").
         lr: generator learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``.
         negative_ratio: absent-class samples per present-class sample (objectness training).
     """
@@ -56,6 +57,7 @@ class TrainConfig:
     finetune_decoder: bool = True
     val_slices: str | None = "0::3"
     val_cases: tuple[int, ...] = ()
+    train_slices: str | None = None
     negative_ratio: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig.ct)
@@ -106,7 +108,7 @@ def _samples(labels: np.ndarray, values: list[int], ratio: float, rng: np.random
     present = np.stack([(labels == v).any(axis=(1, 2)) for v in values], axis=1)  # (n, C)
     pos = np.argwhere(present)
     neg = np.argwhere(~present)
-    n_neg = min(len(neg), int(round(ratio * len(pos))))
+    n_neg = min(len(neg), round(ratio * len(pos)))
     if n_neg:
         neg = neg[rng.choice(len(neg), n_neg, replace=False)]
     pairs = np.concatenate([pos, neg[:n_neg]]) if n_neg else pos
@@ -138,7 +140,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         missing = [n for n, v in config.classes.items() if not (case.labels.array == v).any()]
         if len(missing) == len(names):
             raise InvalidInputError(f"none of the classes {names} (values {values}) occurs in {case.name}'s labels")
-    split = split_slices(cases, config.val_slices, list(config.val_cases))
+    split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
     backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed)
     device = backbone.device
     yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.generator} on {backbone.id} ({device})")
@@ -231,7 +233,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
             losses["total"].backward()
             optimizer.step()
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
             mean = {k: round(v / (step + 1), 5) for k, v in sums.items()}
             yield TrainEvent("step", epoch, config.epochs, step + 1, steps, losses=mean)
         record = {"epoch": epoch, "losses": mean, "seconds": round(time.perf_counter() - t0, 1)}

@@ -1,0 +1,118 @@
+"""``automedsam train``: teach classes from labelled volumes; writes a model bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .main import emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a prompt generator from labelled volumes (writes a model bundle)",
+        description="Trains Sam2Rad's PPN or AutoMedSAM's diffusion class prompt encoder on a frozen backbone "
+                    "(mask decoder fine-tuned unless --no-finetune-decoder), validating on held-out slices with "
+                    "the real engine, and writes the best epoch as a model bundle.")
+    p.add_argument("--image", action="append", required=True, help="image (repeat with --labels for more cases)")
+    p.add_argument("--labels", action="append", required=True, help="label map / .seg.nrrd for each --image")
+    p.add_argument("--classes", required=True, help="name=label_value pairs, e.g. liver=5,spleen=1")
+    p.add_argument("--generator", choices=["ppn", "diffusion"], default="ppn")
+    p.add_argument("--backbone", default="tiny-sam2", help="backbone id (default tiny-sam2, test-only)")
+    p.add_argument("--weights", default=None, help="'random', a weights file, or the cached file (default)")
+    p.add_argument("--val-slices", default="0::3", help="held-out slices: start:stop[:step] or a list (default 0::3)")
+    p.add_argument("--train-slices", help="instead of --val-slices: the slices to learn from; the rest validate")
+    p.add_argument("--val-cases", default="", help="comma list of case indices (0-based) held out whole")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, help="generator learning rate (default: the paper's recipe)")
+    p.add_argument("--augment-copies", type=int, default=2, help="augmented copies per slice, encoded once")
+    p.add_argument("--no-finetune-decoder", action="store_true", help="keep the mask decoder frozen")
+    p.add_argument("--window", default="abdomen", help="CT window preset, or 'mr' for percentile normalisation")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", help="write a checkpoint every epoch here")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir/last.pt")
+    p.add_argument("--name", default=None, help="bundle name (default: the output file's stem)")
+    p.add_argument("-o", "--output", required=True, help="bundle to write (.zip or folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(handler=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..errors import InvalidInputError
+    from ..preprocess import IntensityConfig
+    from ..training import AugmentConfig, TrainConfig, parse_class_mapping
+
+    if len(args.image) != len(args.labels):
+        raise InvalidInputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one per image")
+    intensity = IntensityConfig.mr() if args.window == "mr" else IntensityConfig.ct(args.window)
+    val_cases = tuple(int(v) for v in args.val_cases.split(",") if v.strip()) if args.val_cases else ()
+    weights = args.weights if args.weights not in (None, "cached") else None
+    if weights is None and args.backbone.startswith("tiny-"):
+        weights = "random"
+    return TrainConfig(
+        classes=parse_class_mapping(args.classes), generator=args.generator, backbone=args.backbone, weights=weights,
+        device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        finetune_decoder=not args.no_finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
+        train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
+        intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+        name=args.name or Path(args.output).stem)
+
+
+def run_training(config, cases, quiet: bool = False):
+    """Run training with tqdm progress on stderr; returns the final event."""
+    from tqdm import tqdm
+
+    from ..training import train
+
+    encode_bar = epoch_bar = None
+    final = None
+    try:
+        for event in train(config, cases):
+            if event.stage == "encode":
+                encode_bar = encode_bar or tqdm(total=event.steps, desc="encode", unit="slice", file=sys.stderr,
+                                                disable=quiet)
+                encode_bar.update(event.step - encode_bar.n)
+            elif event.stage in ("step", "epoch", "validate"):
+                epoch_bar = epoch_bar or tqdm(total=event.epochs, desc="train", unit="epoch", file=sys.stderr,
+                                              disable=quiet)
+                post = {"loss": event.losses.get("total")}
+                if event.metrics:
+                    post["val_dsc"] = round(sum(m["dsc"] for m in event.metrics.values()) / len(event.metrics), 3)
+                epoch_bar.set_postfix(post, refresh=False)
+                if event.stage == "epoch":
+                    epoch_bar.update(event.epoch - epoch_bar.n)
+            elif event.stage in ("done", "cancelled"):
+                final = event
+    finally:
+        for bar in (encode_bar, epoch_bar):
+            if bar is not None:
+                bar.close()
+    return final
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidInputError
+    from ..training import load_case
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise InvalidInputError(f"{out} exists; pass --overwrite to replace it")
+    config = config_from_args(args)
+    cases = [load_case(img, lab) for img, lab in zip(args.image, args.labels, strict=True)]
+    final = run_training(config, cases)
+    path = final.bundle.save(out)
+    training = final.bundle.manifest["training"]
+    summary = {"bundle": str(path), "generator": config.generator, "backbone": config.backbone,
+               "validation": final.metrics, "best_epoch": training["best_epoch"], "seconds": training["seconds"],
+               "device": training["device"]}
+    if args.json:
+        emit_json(summary)
+    else:
+        for name, m in final.metrics.items():
+            print(f"{name:<20} DSC {m['dsc']:.4f}  NSD {m['nsd']:.4f}")
+        print(f"wrote {path} (best epoch {summary['best_epoch']}, {summary['seconds']} s)")
+    return 0
