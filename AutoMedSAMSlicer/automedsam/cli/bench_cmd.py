@@ -22,7 +22,6 @@ def register(sub) -> None:
     p.add_argument("--weights", default="random", help="'random' (default) or 'cached' for downloaded weights")
     p.add_argument("--generator", default="ppn", choices=["ppn", "diffusion"], help="prompt generator")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--service", action="store_true", help="also time refine through a local worker service")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
     p.set_defaults(handler=run)
 
@@ -41,17 +40,12 @@ def run(args: argparse.Namespace) -> int:
         volume = volume.with_array(volume.array) if volume.num_slices <= args.slices else _first(volume, args.slices)
     else:
         volume = phantom_volume(args.slices)
-    extra = None
-    if args.service:
-        from ..service_bench import service_refine_latency
-
-        extra = service_refine_latency
     results = []
     for backbone_id in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         print(f"bench {backbone_id} ...", file=sys.stderr)
         results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
                                       weights=None if args.weights == "cached" else "random",
-                                      generator=args.generator, extra=extra))
+                                      generator=args.generator))
     emit_json(environment(device) | {"volume": volume.name, "results": results})
     return 0
 

@@ -20,7 +20,8 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backbones_cmd, bench_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd, train_cmd
+    from . import (backbones_cmd, bench_cmd, demo_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd,
+                   train_cmd)
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"automedsam {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo_cmd.register(sub)
     inspect_cmd.register(sub)
     models_cmd.register(sub)
     backbones_cmd.register(sub)
