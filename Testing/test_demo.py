@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 
-from http_fixture import FaultyFileServer
-
 from automedsam.cli import demo_cmd
 from automedsam.cli.main import run
 from automedsam.io import read_image, read_segmentation
+
+from http_fixture import FaultyFileServer
 
 
 def test_smoke_demo_runs_the_whole_pipeline_on_local_files(ct_dir, tmp_path, capsys):

@@ -111,8 +111,9 @@ def test_losses_behave():
 def test_train_cli_writes_a_bundle_and_a_json_summary(ct_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("AUTOMEDSAM_HOME", str(tmp_path / "home"))
     out = tmp_path / "liver.zip"
-    code = run(["train", "--image", str(ct_dir / "ct_lowres.nii.gz"), "--labels", str(ct_dir / "ct_lowres_labels.nii.gz"),
-                "--classes", "liver=5", "--generator", "diffusion", "--backbone", "tiny-sam", "--train-slices", "13:15",
+    code = run(["train", "--image", str(ct_dir / "ct_lowres.nii.gz"),
+                "--labels", str(ct_dir / "ct_lowres_labels.nii.gz"), "--classes", "liver=5",
+                "--generator", "diffusion", "--backbone", "tiny-sam", "--train-slices", "13:15",
                 "--epochs", "1", "--augment-copies", "0", "--device", "cpu", "-o", str(out), "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -20,8 +20,7 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import (backbones_cmd, bench_cmd, demo_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd,
-                   train_cmd)
+    from . import backbones_cmd, bench_cmd, demo_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd, train_cmd
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
