@@ -52,6 +52,27 @@ def test_segment_is_a_generator_of_events_with_one_encoder_pass_per_slice(make_e
     assert sum(calls) == 6  # re-segmenting reuses the cached embeddings
 
 
+def test_automatic_results_are_memoised_per_class_and_slice(make_engine):
+    engine = make_engine("tiny-sam", "ppn", cleanup="none")
+    engine.set_volume(small_volume(3))
+    decoded = []
+    original = engine.backbone.decode
+
+    def spy(features, sparse, dense, multimask=False):
+        decoded.append(int(sparse.shape[0]))
+        return original(features, sparse, dense, multimask)
+
+    engine.backbone.decode = spy
+    first = engine.segment_volume(["liver", "spleen"])
+    assert decoded == [2, 2, 2]
+    again = engine.segment_volume(["spleen", "liver", "pancreas"])  # only pancreas is new
+    assert decoded == [2, 2, 2, 1, 1, 1]
+    assert np.array_equal(first.masks["liver"], again.masks["liver"])
+    engine.use_generator(engine.generator, engine.class_catalog.classes)  # new weights: forget results
+    engine.segment_volume(["liver"])
+    assert decoded[-3:] == [1, 1, 1]
+
+
 def test_disk_cache_survives_a_new_engine_and_keys_on_content(make_engine, tmp_path):
     volume = small_volume(3)
     first = make_engine("tiny-sam", "diffusion", cache_dir=str(tmp_path))
@@ -77,6 +98,7 @@ def test_objectness_gates_absent_classes(make_engine):
     everything = engine.segment_volume(["liver"])
     with torch.no_grad():
         engine.generator.object_head[-1].bias.fill_(-1e6)  # "liver is nowhere"
+    engine.clear_result_cache()  # weights changed in place: memoised results are stale
     gated = engine.segment_volume(["liver"])
     assert everything.masks["liver"].any() and not gated.masks["liver"].any()
     assert gated.present_slices["liver"] == []

@@ -36,6 +36,8 @@ from .volume import Volume
 if TYPE_CHECKING:
     import threading
 
+    import torch
+
     from .backbones import Backbone, ImageFeatures
     from .bundle import ModelBundle
     from .generators import GeneratedPrompts
@@ -62,6 +64,7 @@ class EngineConfig:
             after ``segment``; ``"none"`` keeps everything.
         intensity: override the bundle's intensity preprocessing.
         prompt_cache_size: (class, slice) learned prompts kept for fast repeated refines.
+        result_cache_mb: memory for memoised automatic low-resolution logits (0 disables).
         stop_fraction: propagation stops where a slice's mask shrinks below this fraction of the
             previous slice's (the object ends).
     """
@@ -73,6 +76,7 @@ class EngineConfig:
     cleanup: str = "largest_component"
     intensity: IntensityConfig | None = None
     prompt_cache_size: int = 64
+    result_cache_mb: int = 256
     stop_fraction: float = 0.15
 
     def __post_init__(self) -> None:
@@ -175,6 +179,7 @@ class Engine:
         self.generator = None
         self.class_catalog = ClassCatalog([])
         self._prompts: OrderedDict[tuple[str, int], GeneratedPrompts] = OrderedDict()
+        self.clear_result_cache()
         if bundle is not None:
             bundle.check_backbone(backbone)
             self.use_generator(bundle.build_generator(backbone.device), bundle.classes)
@@ -191,6 +196,7 @@ class Engine:
         self.generator = generator
         self.class_catalog = ClassCatalog(list(classes))
         self._prompts.clear()
+        self.clear_result_cache()
 
     # ------------------------------------------------------------------------------ volume
     def set_volume(self, volume: Volume) -> None:
@@ -207,6 +213,7 @@ class Engine:
         _, j, i = volume.array.shape[:3]
         self.transform = SliceTransform(j, i, self.backbone.input_size)
         self.masks, self._undo, self._features, self._prompts = {}, {}, {}, OrderedDict()
+        self.clear_result_cache()
         key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
                         json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -310,6 +317,8 @@ class Engine:
         if self.generator is not None:
             self.generator.to(device)
         self._prompts.clear()
+        if getattr(self, "_video_predictor", None) is not None:
+            self._video_predictor = None
 
     def features(self, k: int) -> ImageFeatures:
         """Float32 features of slice k on the backbone's device (batch of 1)."""
@@ -352,6 +361,38 @@ class Engine:
             self._prompts.popitem(last=False)
         return gen
 
+    def _automatic_logits(self, k: int, names: Sequence[str]):
+        """Objectness ``(C,)`` and low-resolution mask logits ``(C, L, L)`` (CPU) of the learned
+        prompts on slice k. Results are memoised per (class, slice) within ``result_cache_mb``:
+        they depend only on the slice and the weights, so re-segmenting (other classes, another
+        cleanup) skips the generator and the decoder as well as the encoder."""
+        import torch
+
+        from .generators import decoder_prompts
+
+        todo = [n for n in names if (n, k) not in self._results]
+        if todo:
+            feats = self.features(k)
+            gen = self._generated(todo, feats)
+            sparse, dense = decoder_prompts(self.backbone, gen)
+            out = self.backbone.decode(feats, sparse, dense)
+            for row, n in enumerate(todo):
+                item = (float(gen.object_logit[row]), out.mask_logits[row, 0].to("cpu", torch.float16))
+                self._results[(n, k)] = item
+                self._results_bytes += item[1].numel() * 2
+            while self._results_bytes > self.config.result_cache_mb * 2**20 and len(self._results) > len(names):
+                _, (_, dropped) = self._results.popitem(last=False)
+                self._results_bytes -= dropped.numel() * 2
+        for n in names:
+            self._results.move_to_end((n, k))
+        objectness = torch.tensor([self._results[(n, k)][0] for n in names])
+        return objectness, torch.stack([self._results[(n, k)][1] for n in names])
+
+    def clear_result_cache(self) -> None:
+        """Forget memoised automatic results (call after changing generator or decoder weights)."""
+        self._results: OrderedDict[tuple[str, int], tuple[float, torch.Tensor]] = OrderedDict()
+        self._results_bytes = 0
+
     # ---------------------------------------------------------------------------- segment
     def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
                 cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
@@ -363,7 +404,6 @@ class Engine:
         """
         import torch
 
-        from .generators import decoder_prompts
 
         volume = self._require_volume()
         if self.generator is None:
@@ -391,14 +431,11 @@ class Engine:
             self.encode(chunk)
             with torch.inference_mode():
                 for k in chunk:
-                    feats = self.features(k)
-                    gen = self._generated(names, feats)
-                    sparse, dense = decoder_prompts(self.backbone, gen)
-                    out = self.backbone.decode(feats, sparse, dense)
-                    keep = (gen.object_logit > self.config.objectness_threshold).nonzero().flatten().tolist()
+                    objectness, logits = self._automatic_logits(k, names)
+                    keep = (objectness > self.config.objectness_threshold).nonzero().flatten().tolist()
                     if not keep:
                         continue
-                    slice_logits = self.transform.logits_to_slice(out.mask_logits[keep, 0].float().cpu())
+                    slice_logits = self.transform.logits_to_slice(logits[keep].float())
                     for row, c in enumerate(keep):
                         m = (slice_logits[row] > self.config.mask_threshold).numpy()
                         if m.any():

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, help="generator learning rate (default: the paper's recipe)")
+    p.add_argument("--decoder-lr", type=float, default=1e-5,
+                   help="mask decoder learning rate (default 1e-5, the recipe for pretrained decoders; a random "
+                        "test backbone's decoder needs ~3e-4)")
     p.add_argument("--augment-copies", type=int, default=2, help="augmented copies per slice, encoded once")
     p.add_argument("--no-finetune-decoder", action="store_true", help="keep the mask decoder frozen")
     p.add_argument("--window", default="abdomen", help="CT window preset, or 'mr' for percentile normalisation")
@@ -55,7 +58,7 @@ def config_from_args(args: argparse.Namespace):
         weights = "random"
     return TrainConfig(
         classes=parse_class_mapping(args.classes), generator=args.generator, backbone=args.backbone, weights=weights,
-        device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr,
         finetune_decoder=not args.no_finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
         train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
         intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
