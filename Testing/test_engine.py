@@ -146,6 +146,7 @@ def test_refine_and_undo(make_engine):
     before = result.masks["liver"].copy()
     mask = engine.refine("liver", 2, points=[[25, 20], [2, 2]], point_labels=[1, 0])
     assert mask.shape == (40, 50) and np.array_equal(engine.masks["liver"][2], mask)
+    assert np.array_equal(result.masks["liver"], before)  # the result handed out is not changed by refine
     manual = engine.refine("liver", 2, box=[15, 10, 34, 29], mode="manual")
     assert np.array_equal(engine.masks["liver"][2], manual)
     assert engine.undo("liver") == [2]

@@ -13,6 +13,8 @@ For each backbone (random weights unless ``weights`` names cached ones) and a vo
   (generator and decoder run again); ``cached_resegment_s``: once more, with the engine's memoised
   automatic results as well (what a user re-running segment with other options gets).
 - ``peak_rss_mb``: the process's peak resident memory so far.
+- ``service_refine_ms_p50/p95`` and ``service_overhead_ms_p50``: the same click-to-mask through a
+  local worker process on loopback (HTTP, JSON, packed-bit masks) next to in-process.
 """
 
 from __future__ import annotations
@@ -86,9 +88,8 @@ def _uint8_rgb(engine, k: int) -> np.ndarray:
 
 
 def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, device: str = "cpu",
-                   weights: str | None = "random", generator: str = "ppn",
-                   extra: Callable[[object, Volume], dict] | None = None) -> dict:
-    """Measure one backbone (see the module docstring); ``extra(engine, volume)`` may add keys."""
+                   weights: str | None = "random", generator: str = "ppn", service: bool = False) -> dict:
+    """Measure one backbone (see the module docstring); ``service`` adds refine through a worker."""
     import torch
 
     from .backbones import build_backbone
@@ -173,9 +174,30 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         "resegment_decode_speedup": round(volume_5 / resegment_decode, 2),
         "peak_rss_mb": _peak_rss_mb(),
     }
-    if extra is not None:
-        result.update(extra(e5, volume))
+    if service:
+        result.update(service_refine_latency(e5, volume, bundle, repeats=repeats, device=device))
+        result["service_overhead_ms_p50"] = round(result["service_refine_ms_p50"] - result["refine_ms_p50"], 2)
     return result
+
+
+def service_refine_latency(engine, volume: Volume, bundle, *, repeats: int, device: str) -> dict:
+    """Click-to-mask through a local worker on loopback (same bundle, same slice, same clicks)."""
+    import tempfile
+    from pathlib import Path
+
+    from .worker import LocalWorker
+
+    k, (height, width) = volume.num_slices // 2, volume.array.shape[1:3]
+    points = np.array([[width * 0.4, height * 0.45], [width * 0.8, height * 0.2]])
+    labels = np.array([1, 0])
+    with tempfile.TemporaryDirectory() as tmp, LocalWorker(device=device) as worker:
+        path = bundle.save(Path(tmp) / "bench.zip")
+        remote = worker.client(bundle=str(path))
+        remote.set_volume(volume)
+        remote.refine(BENCH_CLASSES[0], k, points=points, point_labels=labels)  # encodes the slice, warms up
+        times = _time_ms(lambda: remote.refine(BENCH_CLASSES[0], k, points=points, point_labels=labels), repeats)
+        remote.close()
+    return {"service_refine_ms_p50": _p(times, 50), "service_refine_ms_p95": _p(times, 95)}
 
 
 def environment(device: str) -> dict:

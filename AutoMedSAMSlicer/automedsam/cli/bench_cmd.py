@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default="random", help="'random' (default) or 'cached' for downloaded weights")
     p.add_argument("--generator", default="ppn", choices=["ppn", "diffusion"], help="prompt generator")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
     p.set_defaults(handler=run)
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench {backbone_id} ...", file=sys.stderr)
         results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
                                       weights=None if args.weights == "cached" else "random",
-                                      generator=args.generator))
+                                      generator=args.generator, service=not args.no_service))
     emit_json(environment(device) | {"volume": volume.name, "results": results})
     return 0
 

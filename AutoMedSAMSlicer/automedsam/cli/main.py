@@ -20,7 +20,17 @@ def emit_json(data) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import backbones_cmd, bench_cmd, demo_cmd, evaluate_cmd, inspect_cmd, models_cmd, segment_cmd, train_cmd
+    from . import (
+        backbones_cmd,
+        bench_cmd,
+        demo_cmd,
+        evaluate_cmd,
+        inspect_cmd,
+        models_cmd,
+        segment_cmd,
+        serve_cmd,
+        train_cmd,
+    )
 
     parser = argparse.ArgumentParser(
         prog="automedsam",
@@ -38,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.register(sub)
     evaluate_cmd.register(sub)
     train_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""``automedsam serve``: run the local inference worker (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import socket
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run the inference worker (HTTP on 127.0.0.1, bearer token)",
+        description="Starts the worker and prints one JSON line on stdout once it accepts requests: url, port, "
+                    "protocol, device and, if it generated one, the token. Binds 127.0.0.1 unless told otherwise.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: a free one, reported on stdout)")
+    p.add_argument("--token", help="bearer token clients must send (default: a random one)")
+    p.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest accepted volume upload (MB)")
+    p.add_argument("--max-sessions", type=int, default=8)
+    p.add_argument("--max-queued-jobs", type=int, default=16)
+    p.add_argument("--session-ttl-s", type=float, default=3600.0, help="idle sessions expire after this")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..backbones import resolve_device
+    from ..errors import InvalidInputError
+    from ..service import PROTOCOL
+    from ..service.app import create_app
+    from ..service.state import ServiceSettings
+
+    generated = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read --token-file {args.token_file}: {exc}") from None
+    else:
+        token = args.token or secrets.token_urlsafe(32)
+        generated = None if args.token else token
+    if len(token) < 16:
+        raise InvalidInputError("the token must have at least 16 characters")
+    device = str(resolve_device(args.device))
+    settings = ServiceSettings(token=token, device=device, max_upload_mb=args.max_upload_mb,
+                               max_sessions=args.max_sessions, max_queued_jobs=args.max_queued_jobs,
+                               session_ttl_s=args.session_ttl_s)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this: without it, a keep-alive response written in two parts waits
+    # for the client's delayed ACK (measured: 42 ms per request on loopback instead of ~2 ms).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+
+    import threading
+    import time
+
+    def announce():
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.02)
+        host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+        line = {"url": f"http://{host}:{port}", "port": port, "protocol": PROTOCOL, "device": device}
+        if generated:
+            line["token"] = generated
+        print(json.dumps(line), flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    server.run(sockets=[sock])
+    print("worker stopped", file=sys.stderr)
+    return 0

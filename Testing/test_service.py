@@ -1,0 +1,224 @@
+"""The worker service, started for real on 127.0.0.1 in a subprocess and driven by the real client."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from automedsam.bundle import backbone_for_bundle, load_bundle
+from automedsam.client import (
+    ProtocolMismatchError,
+    RemoteEngine,
+    ServiceError,
+    ServiceUnavailableError,
+)
+from automedsam.engine import Engine
+from automedsam.errors import InvalidInputError
+from automedsam.io import read_image
+from automedsam.worker import LocalWorker
+
+from http_fixture import FaultyFileServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(tmp_path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO / "AutoMedSAMSlicer"), AUTOMEDSAM_HOME=str(tmp_path / "home"),
+                TQDM_DISABLE="1")
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = LocalWorker(device="cpu", env=child_env(tmp_path_factory.mktemp("worker")),
+                    extra_args=["--max-upload-mb", "6", "--max-sessions", "6"])
+    w.start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def ct(ct_dir):
+    return read_image(ct_dir / "ct_lowres.nii.gz")
+
+
+def test_health_is_open_everything_else_needs_the_token(worker):
+    assert requests.get(worker.url + "/health", timeout=10).json()["status"] == "ok"
+    assert worker.url.startswith("http://127.0.0.1:")
+    r = requests.get(worker.url + "/v1/info", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = requests.get(worker.url + "/v1/info", headers={"Authorization": "Bearer wrong-token-wrong-token"}, timeout=10)
+    assert r.status_code == 401
+    ok = requests.get(worker.url + "/v1/info", headers={"Authorization": f"Bearer {worker.token}"}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["protocol"] == "1"
+    assert requests.get(worker.url + "/openapi.json", timeout=10).status_code == 200
+
+
+def test_remote_engine_gives_the_same_masks_as_the_in_process_engine(worker, make_bundle, ct):
+    bundle_path = str(make_bundle("tiny-sam2", "ppn"))
+    remote = worker.client(bundle=bundle_path)
+    remote.set_volume(ct)
+    events = list(remote.segment(["liver", "spleen"], slices=list(range(10, 16)), cleanup="none"))
+    assert events[-1].stage == "done" and events[-1]["summary"]["slices"] == 6
+    bundle = load_bundle(bundle_path)
+    local = Engine(backbone_for_bundle(bundle, "cpu"), bundle)
+    local.set_volume(ct)
+    expected = local.segment_volume(["liver", "spleen"], list(range(10, 16)), cleanup="none")
+    for name in ("liver", "spleen"):
+        assert np.array_equal(events[-1]["masks"][name], expected.masks[name])
+    mask = remote.refine("liver", 12, points=[[60, 50], [10, 10]], point_labels=[1, 0])
+    expected_refine = local.refine("liver", 12, points=[[60, 50], [10, 10]], point_labels=[1, 0])
+    assert np.array_equal(mask, expected_refine)
+    assert np.array_equal(remote.masks["liver"][12], mask)
+    assert remote.undo("liver") == [12]
+    assert np.array_equal(remote.masks["liver"][12], expected.masks["liver"][12])
+    remote.close()
+
+
+def test_bad_requests_get_clear_4xx(worker, make_bundle, ct):
+    remote = worker.client(bundle=str(make_bundle("tiny-sam2", "ppn")))
+    remote.set_volume(ct)
+    with pytest.raises(InvalidInputError, match="it has: liver"):
+        list(remote.segment(["heart"]))
+    with pytest.raises(InvalidInputError, match="out of range"):
+        remote.refine("liver", 99, points=[[1, 1]])
+    sid = remote.session_id
+    headers = {"Authorization": f"Bearer {worker.token}", "Content-Type": "application/octet-stream"}
+    meta = {"shape": [2, 3, 4], "dtype": "int16", "spacing": [1, 1, 1], "origin": [0, 0, 0],
+            "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
+    r = requests.put(f"{worker.url}/v1/sessions/{sid}/volume", data=b"\0" * 10,
+                     headers=headers | {"X-Volume-Meta": json.dumps(meta)}, timeout=10)
+    assert r.status_code == 422 and "needs 48" in r.json()["error"]["message"]
+    r = requests.put(f"{worker.url}/v1/sessions/{sid}/volume", data=b"\0" * 48,
+                     headers=headers | {"X-Volume-Meta": json.dumps(meta | {"spacing": [1, -1, 1]})}, timeout=10)
+    assert r.status_code == 422 and "positive" in r.json()["error"]["message"]
+    r = requests.put(f"{worker.url}/v1/sessions/{sid}/volume", data=b"\0" * (7 * 2**20),
+                     headers=headers | {"X-Volume-Meta": json.dumps(meta)}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    r = requests.post(f"{worker.url}/v1/sessions/{sid}/segment", json={"classes": []}, headers=headers, timeout=10)
+    assert r.status_code == 422
+    r = requests.get(f"{worker.url}/v1/jobs/nope", headers=headers, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    remote.close()
+
+
+def test_cancel_a_running_job(worker, make_bundle, ct_dir):
+    remote = worker.client(bundle=str(make_bundle("tiny-sam", "ppn")))
+    big = read_image(ct_dir / "ct_full_lowres.nii.gz")
+    remote.set_volume(big)
+    cancel = threading.Event()
+    stages = []
+    for event in remote.segment(["liver"], cancel=cancel):
+        stages.append(event.stage)
+        if event.stage == "running" and event["done"] > 0:
+            cancel.set()
+    assert stages[-1] == "cancelled"
+    assert "liver" not in remote.masks
+    remote.close()
+
+
+def test_concurrent_clients(worker, make_bundle, ct):
+    bundle = str(make_bundle("tiny-sam2", "diffusion"))
+    results, errors = {}, []
+
+    def one(n):
+        try:
+            remote = worker.client(bundle=bundle)
+            remote.set_volume(ct)
+            results[n] = remote.refine("spleen", 10 + n, box=[70, 30, 100, 60], mode="manual")
+            remote.close()
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(results) == [0, 1, 2]
+    assert all(m.shape == (101, 122) for m in results.values())
+
+
+def test_killed_worker_is_a_clear_error_and_a_restart_restores_the_client_state(make_bundle, ct, tmp_path):
+    w = LocalWorker(device="cpu", env=child_env(tmp_path))
+    w.start()
+    try:
+        remote = w.client(bundle=str(make_bundle("tiny-sam2", "ppn")))
+        remote.set_volume(ct)
+        mask = remote.refine("liver", 12, box=[40, 30, 90, 80], mode="manual")
+        w.process.kill()
+        w.process.wait(10)
+        with pytest.raises(ServiceUnavailableError, match="cannot reach the AutoMedSAM worker"):
+            remote.refine("liver", 13, points=[[60, 50]])
+        url = w.restart()
+        remote.url = url
+        remote.reconnect()
+        assert np.array_equal(remote._masks("liver")[12], mask)  # the client's masks went back
+        assert remote.undo("liver") is None  # undo history lived in the dead worker
+        remote.refine("liver", 13, points=[[60, 50]])
+    finally:
+        w.stop()
+
+
+def test_protocol_mismatch_names_what_to_upgrade():
+    import http.server
+
+    class Old(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok", "protocol": "0", "version": "0.0.1"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ProtocolMismatchError, match="upgrade the worker"):
+            RemoteEngine(f"http://127.0.0.1:{server.server_address[1]}", "x" * 20)
+    finally:
+        server.shutdown()
+    with FaultyFileServer({}) as closed:
+        url = closed.url
+    with pytest.raises(ServiceUnavailableError, match="is it running"):
+        RemoteEngine(url, "x" * 20)
+
+
+def test_service_errors_carry_stable_codes(worker):
+    remote = RemoteEngine(worker.url, worker.token, bundle="/no/such/bundle.zip")
+    with pytest.raises(InvalidInputError, match="model bundle not found"):
+        remote.set_volume(read_image(REPO.parent / "shared" / "data" / "ct_abdomen" / "ct_lowres.nii.gz"))
+    bad = RemoteEngine(worker.url, "wrong" * 5)
+    with pytest.raises(ServiceError) as info:
+        bad._call("GET", "/v1/models")
+    assert info.value.status == 401 and info.value.code == "unauthorized"
+
+
+def test_schemathesis_finds_no_server_error(worker):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(worker.url + "/openapi.json")
+    auth = {"Authorization": f"Bearer {worker.token}"}
+    failures = []
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(case=schema.as_strategy())
+    def check(case):
+        if case.path == "/v1/sessions" and case.method.upper() == "POST":
+            case.body = {"backbone": "tiny-sam"} if not isinstance(case.body, dict) else case.body
+        response = case.call(headers=auth, timeout=60)
+        if response.status_code >= 500:
+            failures.append((case.method, case.path, response.status_code, response.text[:200]))
+
+    check()
+    assert not failures, failures
