@@ -151,10 +151,11 @@ def test_killed_worker_is_a_clear_error_and_a_restart_restores_the_client_state(
         remote = w.client(bundle=str(make_bundle("tiny-sam2", "ppn")))
         remote.set_volume(ct)
         mask = remote.refine("liver", 12, box=[40, 30, 90, 80], mode="manual")
-        w.process.kill()
-        w.process.wait(10)
         with pytest.raises(ServiceUnavailableError, match="cannot reach the AutoMedSAM worker"):
-            remote.refine("liver", 13, points=[[60, 50]])
+            for event in remote.segment(["spleen"]):  # killed while the job runs
+                if event.stage in ("queued", "running"):
+                    w.process.kill()
+                    w.process.wait(10)
         url = w.restart()
         remote.url = url
         remote.reconnect()
@@ -222,3 +223,44 @@ def test_schemathesis_finds_no_server_error(worker):
 
     check()
     assert not failures, failures
+
+
+def test_training_job_teaches_a_class_and_the_session_uses_it(worker, ct, ct_dir):
+    from automedsam.io import read_label_map
+
+    remote = worker.client(backbone="tiny-sam2")
+    remote.set_volume(ct)
+    labels = read_label_map(ct_dir / "ct_lowres_labels.nii.gz").array
+    events = list(remote.train(labels, {"liver": 5}, epochs=1, train_slices="13:15", decoder_lr=3e-4))
+    done = events[-1]
+    assert done.stage == "done" and set(done["summary"]["validation"]) == {"liver"}
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(done["bundle"])) as z:
+        assert json.loads(z.read("manifest.json"))["classes"][0]["name"] == "liver"
+    final = list(remote.segment(["liver"], slices=[14]))[-1]
+    assert final.stage == "done" and final["masks"]["liver"].shape == (30, 101, 122)
+    remote.close()
+
+
+def test_download_job_through_the_worker(tmp_path, make_bundle):
+    import hashlib
+
+    data = os.urandom(200_000)
+    with FaultyFileServer({"w.pth": data}) as files:
+        entry = {"id": "site_sam", "family": "sam", "arch": "vit_b", "display_name": "Site SAM", "input_size": 1024,
+                 "pixel_normalization": "sam", "url": f"{files.url}/ok/w.pth", "filename": "site_sam.pth",
+                 "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data), "checkpoint_key": None,
+                 "license": "Apache-2.0", "test_only": False}
+        catalog = tmp_path / "catalog.json"
+        catalog.write_text(json.dumps({"catalog_version": 1, "backbones": [entry]}))
+        env = child_env(tmp_path) | {"AUTOMEDSAM_CATALOG": str(catalog)}
+        with LocalWorker(device="cpu", env=env) as w:
+            remote = w.client(backbone="tiny-sam")
+            job = remote._call("POST", "/v1/models/site_sam/download", json={}).json()
+            final = list(remote._follow(job))[-1]
+            assert final.stage == "done" and final["done"] == len(data)
+            listed = remote._call("GET", "/v1/models").json()["backbones"]
+            assert next(b for b in listed if b["id"] == "site_sam")["cached"]
+    assert (tmp_path / "home" / "weights" / "site_sam.pth").read_bytes() == data

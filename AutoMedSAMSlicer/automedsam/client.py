@@ -199,6 +199,31 @@ class RemoteEngine:
                 self.masks[self._canonical(class_name)] = self._masks(class_name)
             yield event
 
+    def train(self, labels: np.ndarray, classes: dict[str, int], *, generator: str = "ppn", epochs: int = 30,
+              train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
+              decoder_lr: float = 1e-5, use_now: bool = True, cancel=None) -> Iterator[RemoteEvent]:
+        """Teach classes from ``labels`` (``(K, J, I)`` label values on the uploaded volume's grid).
+
+        Events carry epoch progress and ``partial`` losses/metrics; the final ``done`` event has
+        ``bundle`` (the zip's bytes) and the summary's ``validation``. With ``use_now`` the session
+        segments with the new bundle from then on.
+        """
+        self._require_volume()
+        labels = np.ascontiguousarray(labels, dtype=np.uint16)
+        if labels.shape != self.volume.array.shape[:3]:
+            raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {self.volume.array.shape[:3]}")
+        self._call("PUT", f"/v1/sessions/{self.session_id}/labels", data=labels.tobytes(),
+                   headers={"Content-Type": "application/octet-stream"})
+        body = {"classes": classes, "generator": generator, "epochs": epochs, "train_slices": train_slices,
+                "val_slices": val_slices, "lr": lr, "decoder_lr": decoder_lr, "use_now": use_now}
+        job = self._call("POST", f"/v1/sessions/{self.session_id}/train", json=body).json()
+        for event in self._follow(job, cancel):
+            if event.stage == "done":
+                event["bundle"] = self._call("GET", f"/v1/jobs/{job['id']}/bundle").content
+                if use_now:
+                    self.classes = [{"name": n} for n in classes]
+            yield event
+
     def reconnect(self) -> None:
         """After a worker restart: new session, the same volume and the client's masks re-uploaded."""
         self.check_protocol()

@@ -22,21 +22,6 @@ def register(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def parse_class_values(spec: str | None) -> dict[str, int] | None:
-    """``"liver=5,spleen=1"`` -> ``{"liver": 5, "spleen": 1}``."""
-    from ..errors import InvalidInputError
-
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        name, _, value = part.strip().partition("=")
-        if not name or not value.strip().isdigit() or int(value) < 1:
-            raise InvalidInputError(f"--classes entry {part!r} must look like name=label_value (e.g. liver=5)")
-        out[name.strip()] = int(value)
-    return out
-
-
 def class_masks(seg, classes: dict[str, int], grid) -> dict:
     """Boolean masks on ``grid`` per class: the segment of that name if the file has one (a
     .seg.nrrd), else the voxels with that label value; brought onto ``grid`` in physical space."""
@@ -65,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     ref = read_segmentation(args.ref)
     pred = read_segmentation(args.pred)
-    classes = parse_class_values(args.classes)
+    from ..training.data import parse_class_mapping
+
+    classes = parse_class_mapping(args.classes) if args.classes else None
     if classes is None:
         values = [int(v) for v in np.unique(ref.label_volume().array) if v > 0]
         classes = {f"label_{v}": v for v in values}

@@ -60,6 +60,23 @@ class ClassRequest(BaseModel):
     class_name: str
 
 
+class TrainRequest(BaseModel):
+    classes: dict[str, int] = Field(..., min_length=1, description="class name -> label value in the labels")
+    generator: Literal["ppn", "diffusion"] = "ppn"
+    epochs: int = Field(30, ge=1, le=10000)
+    train_slices: str | None = None
+    val_slices: str | None = "0::3"
+    lr: float | None = Field(None, gt=0)
+    decoder_lr: float = Field(1e-5, gt=0)
+    use_now: bool = Field(True, description="switch this session to the new bundle when training ends")
+    name: str = "taught-in-session"
+
+
+class DownloadRequest(BaseModel):
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    url: str | None = None
+
+
 class PropagateRequest(BaseModel):
     class_name: str
     from_slice: int
@@ -200,6 +217,88 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         job = worker.submit(session, "propagate", lambda cancel: engine.propagate(
             req.class_name, req.from_slice, req.direction, req.max_slices, cancel=cancel))
         return job.to_dict()
+
+    @app.put("/v1/sessions/{sid}/labels", dependencies=guarded,
+             openapi_extra={"requestBody": {"required": True,
+                                            "content": {"application/octet-stream": {"schema": {
+                                                "type": "string", "format": "binary"}}}}})
+    async def put_labels(sid: str, request: Request) -> dict:
+        """Label map for training, uint16 C-order bytes on the session volume's (K, J, I) grid."""
+        session = worker.session(sid)
+        shape = session.engine._require_volume().array.shape[:3]
+        session.labels = array_from_bytes(await request.body(), "uint16", shape).copy()
+        values = [int(v) for v in np.unique(session.labels) if v > 0]
+        return {"label_values": values}
+
+    @app.post("/v1/sessions/{sid}/train", dependencies=guarded, status_code=202)
+    def train(sid: str, req: TrainRequest) -> dict:
+        from ..training import TrainConfig
+        from ..training import train as run_training
+        from ..training.data import Case
+
+        session = worker.session(sid)
+        engine = session.engine
+        labels = getattr(session, "labels", None)
+        if labels is None:
+            raise InvalidInputError("upload the label map first (PUT /v1/sessions/{id}/labels)")
+        volume = engine._require_volume()
+        weights = engine.backbone.weights_fingerprint
+        config = TrainConfig(
+            classes=req.classes, generator=req.generator, backbone=engine.backbone.id,
+            weights="random" if weights.startswith("random:") else None, device=str(engine.backbone.device),
+            epochs=req.epochs, lr=req.lr, decoder_lr=req.decoder_lr, train_slices=req.train_slices,
+            val_slices=None if req.train_slices else req.val_slices, name=req.name,
+            seed=int(weights.split("=")[1]) if weights.startswith("random:") else 0)
+        case = Case(volume, volume.with_array(labels), volume.name or "session")
+
+        def task(job) -> None:
+            from ..bundle import backbone_for_bundle
+            from ..engine import Engine
+            from ..models import automedsam_home
+
+            for event in run_training(config, [case], cancel=job.cancel):
+                job.done, job.total, job.message = event.epoch, event.epochs, event.message or event.stage
+                job.partial = {"stage": event.stage, "losses": event.losses, "metrics": event.metrics}
+                if event.stage == "cancelled":
+                    job.state = "cancelled"
+                    return
+                if event.bundle is not None:
+                    path = event.bundle.save(automedsam_home() / "bundles" / f"{job.id}.zip")
+                    job.result = {"bundle": str(path), "validation": event.metrics}
+                    if req.use_now:
+                        new_engine = Engine(backbone_for_bundle(event.bundle, str(engine.backbone.device)),
+                                            event.bundle)
+                        new_engine.set_volume(volume)
+                        new_engine.masks = engine.masks
+                        session.engine = new_engine
+
+        return worker.submit_task("train", task, session).to_dict()
+
+    @app.post("/v1/models/{backbone_id}/download", dependencies=guarded, status_code=202)
+    def download(backbone_id: str, req: DownloadRequest) -> dict:
+        from ..download import download_backbone
+        from ..models import BackboneCatalog
+
+        BackboneCatalog.load().get(backbone_id)  # unknown ids are a 422 now
+
+        def task(job) -> None:
+            def progress(done: int, total: int | None) -> None:
+                job.done, job.total = done, total or 0
+
+            path = download_backbone(backbone_id, url=req.url, sha256=req.sha256, progress=progress)
+            job.result = {"path": str(path)}
+
+        return worker.submit_task("download", task).to_dict()
+
+    @app.get("/v1/jobs/{jid}/bundle", dependencies=guarded,
+             responses={200: {"content": {"application/zip": {}}}})
+    def job_bundle(jid: str) -> Response:
+        job = worker.job(jid)
+        path = job.result.get("bundle") if job.state == "done" else None
+        if not path:
+            raise NotFoundError(f"job {jid} has no bundle (state {job.state})")
+        with open(path, "rb") as f:
+            return Response(f.read(), media_type="application/zip")
 
     @app.get("/v1/jobs/{jid}", dependencies=guarded)
     def job_status(jid: str) -> dict:

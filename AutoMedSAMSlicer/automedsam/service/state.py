@@ -46,6 +46,7 @@ class Session:
     id: str
     engine: object
     model_key: tuple
+    labels: np.ndarray | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -152,13 +153,13 @@ class WorkerState:
                 job.cancel.set()
 
     # --------------------------------------------------------------------------------- jobs
-    def submit(self, session: Session, kind: str, events_fn) -> Job:
-        """Queue a long job whose ``events_fn(cancel)`` yields engine progress events."""
+    def submit_task(self, kind: str, task, session: Session | None = None) -> Job:
+        """Queue ``task(job)`` on the model thread; it updates the job as it goes."""
         with self.lock:
             queued = sum(j.state in ("queued", "running") for j in self.jobs.values())
             if queued >= self.settings.max_queued_jobs:
                 raise ServiceLimitError(f"{queued} jobs are queued or running (limit {self.settings.max_queued_jobs})")
-            job = Job(secrets.token_hex(8), session.id, kind)
+            job = Job(secrets.token_hex(8), session.id if session else "", kind)
             self.jobs[job.id] = job
 
         def work():
@@ -167,19 +168,14 @@ class WorkerState:
                 return
             job.state = "running"
             try:
-                with session.lock:
-                    for event in events_fn(job.cancel):
-                        job.done, job.total, job.message = event.done, event.total, event.message
-                        job.partial = dict(event.partial)
-                        if event.stage == "cancelled":
-                            job.state = "cancelled"
-                            return
-                        if event.result is not None:
-                            job.result = event.result.summary()
-                notes = getattr(session.engine, "messages", [])
-                if notes:
-                    job.message = "; ".join(notes)
-                job.state = "done"
+                if session is not None:
+                    _check_gpu_memory(session.engine, job)
+                    with session.lock:
+                        task(job)
+                else:
+                    task(job)
+                if job.state == "running":
+                    job.state = "done"
             except AutoMedSAMError as exc:
                 job.state, job.error = "failed", {"code": _code(exc), "message": str(exc)}
             except Exception as exc:  # reported to the client, the worker keeps serving
@@ -189,11 +185,45 @@ class WorkerState:
         job.future = self.executor.submit(work)
         return job
 
+    def submit(self, session: Session, kind: str, events_fn) -> Job:
+        """Queue a job whose ``events_fn(cancel)`` yields engine progress events."""
+
+        def task(job: Job) -> None:
+            for event in events_fn(job.cancel):
+                job.done, job.total, job.message = event.done, event.total, event.message
+                job.partial = dict(event.partial)
+                if event.stage == "cancelled":
+                    job.state = "cancelled"
+                    return
+                if event.result is not None:
+                    job.result = event.result.summary() if hasattr(event.result, "summary") else dict(event.result)
+            notes = getattr(session.engine, "messages", [])
+            if notes:
+                job.message = "; ".join(notes)
+
+        return self.submit_task(kind, task, session)
+
     def job(self, jid: str) -> Job:
         job = self.jobs.get(jid)
         if job is None:
             raise NotFoundError(f"no job {jid!r}")
         return job
+
+
+LOW_GPU_MEMORY_MB = 1024
+
+
+def _check_gpu_memory(engine, job: Job) -> None:
+    """Before a job on a GPU: warn the client when little memory is free (the engine then retries
+    with smaller batches and finally falls back to the CPU, and says so in the job message)."""
+    device = getattr(getattr(engine, "backbone", None), "device", None)
+    if device is None or device.type != "cuda":
+        return
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(device)
+    if free < LOW_GPU_MEMORY_MB * 2**20:
+        job.message = f"low GPU memory ({free // 2**20} MB free): the job may run in smaller batches or on the CPU"
 
 
 def _code(exc: Exception) -> str:
