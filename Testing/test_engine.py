@@ -131,6 +131,8 @@ def test_bad_requests_are_specific(make_engine):
         list(engine.segment(["liver"], slices=[5]))
     with pytest.raises(InvalidInputError, match="outside the slice"):
         engine.refine("liver", 1, points=[[60, 5]])
+    with pytest.raises(InvalidInputError, match=r"\(i, j\) pairs"):
+        engine.refine("liver", 1, points=[[1.0, 2.0, 3.0]])
     with pytest.raises(InvalidInputError, match="i0 <= i1"):
         engine.refine("liver", 1, box=[30, 5, 10, 20])
     with pytest.raises(InvalidInputError, match="at least one point or a box"):

@@ -519,7 +519,11 @@ class Engine:
         t = self.transform
         pts = lbl = bx = None
         if points is not None and len(points):
-            p = np.asarray(points, dtype=float).reshape(-1, 2)
+            p = np.asarray(points, dtype=float)
+            if p.ndim == 1 and p.size == 2:
+                p = p[None]
+            if p.ndim != 2 or p.shape[1] != 2:
+                raise InvalidInputError(f"points must be (i, j) pairs, got an array of shape {p.shape}")
             labels = np.ones(len(p), int) if point_labels is None else np.asarray(point_labels).reshape(-1)
             if labels.shape != (len(p),) or not np.isin(labels, (0, 1)).all():
                 raise InvalidInputError(f"point_labels must be {len(p)} values of 1 (include) or 0 (exclude)")
