@@ -80,6 +80,8 @@ def run_training(config, cases, quiet: bool = False):
                                                 disable=quiet)
                 encode_bar.update(event.step - encode_bar.n)
             elif event.stage in ("step", "epoch", "validate"):
+                if encode_bar is not None and not encode_bar.disable:
+                    encode_bar.close()  # encoding is over: keep its final time on screen
                 epoch_bar = epoch_bar or tqdm(total=event.epochs, desc="train", unit="epoch", file=sys.stderr,
                                               disable=quiet)
                 post = {"loss": event.losses.get("total")}
