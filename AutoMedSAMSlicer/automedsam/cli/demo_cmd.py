@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.image) != bool(args.labels):
         raise InvalidInputError("give both --image and --labels (or neither, to download the demo CT)")
-    backbone_id = "tiny-sam" if args.smoke else args.backbone
+    backbone_id = "tiny-sam2" if args.smoke else args.backbone
     check_weights(backbone_id)
     if args.image:
         image_path, labels_path = Path(args.image), Path(args.labels)

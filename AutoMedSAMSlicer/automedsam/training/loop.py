@@ -125,7 +125,6 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     from ..engine import Engine
     from ..generators import build_generator, decoder_prompts, default_config
     from ..models import automedsam_home
-    from ..volume import Volume  # noqa: F401  (documentation of Case types)
     from .losses import DIFFUSION_TERMS, UncertaintyWeights, diffusion_loss, ppn_loss
 
     torch.manual_seed(config.seed)
