@@ -175,12 +175,12 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         "peak_rss_mb": _peak_rss_mb(),
     }
     if service:
-        result.update(service_refine_latency(e5, volume, bundle, repeats=repeats, device=device))
+        result.update(service_refine_latency(volume, bundle, repeats=repeats, device=device))
         result["service_overhead_ms_p50"] = round(result["service_refine_ms_p50"] - result["refine_ms_p50"], 2)
     return result
 
 
-def service_refine_latency(engine, volume: Volume, bundle, *, repeats: int, device: str) -> dict:
+def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str) -> dict:
     """Click-to-mask through a local worker on loopback (same bundle, same slice, same clicks)."""
     import tempfile
     from pathlib import Path

@@ -139,9 +139,11 @@ class RemoteEngine:
 
     def _follow(self, job: dict, cancel=None) -> Iterator[RemoteEvent]:
         jid = job["id"]
+        cancel_sent = False
         while True:
-            if cancel is not None and cancel.is_set():
+            if cancel is not None and cancel.is_set() and not cancel_sent:
                 self._call("DELETE", f"/v1/jobs/{jid}")
+                cancel_sent = True
             job = self._call("GET", f"/v1/jobs/{jid}").json()
             event = RemoteEvent(stage=job["state"], done=job["done"], total=job["total"], message=job["message"],
                                 partial=job["partial"])

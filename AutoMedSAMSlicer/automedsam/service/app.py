@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..errors import AutoMedSAMError, InvalidInputError, WeightsUnavailableError
 from . import PROTOCOL
-from .codec import VOLUME_DTYPES, array_from_bytes, mask_to_json, pack_mask, unpack_mask
+from .codec import array_from_bytes, mask_to_json, pack_mask, unpack_mask
 from .state import NotFoundError, ServiceLimitError, ServiceSettings, WorkerState, masks_of
 
 
@@ -358,4 +358,4 @@ class _Unauthorized(Exception):  # noqa: N818 (internal signal, never leaves the
     pass
 
 
-__all__ = ["VOLUME_DTYPES", "create_app"]
+__all__ = ["create_app"]

@@ -202,7 +202,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     folder.mkdir(parents=True, exist_ok=True)
     data = TrainingData(folder, len(plan), shapes, "w+")
     labels = np.zeros((len(plan), low, low), np.uint16)
-    ranges = [normalize_intensity(s.case.image.array, intensity.value_range(s.case.image.array)) for s in split]
+    normalized = [normalize_intensity(s.case.image.array, intensity.value_range(s.case.image.array)) for s in split]
     transforms = [SliceTransform(*s.case.image.array.shape[1:3], size) for s in split]
     batch = 4
     for start in range(0, len(plan), batch):
@@ -210,7 +210,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
         for n in range(start, min(start + batch, len(plan))):
             ci, k, _ = plan[n]
             t = transforms[ci]
-            img = t.image_to_model(ranges[ci][k])
+            img = t.image_to_model(normalized[ci][k])
             lab = t.mask_to_model(split[ci].case.labels.array[k])
             if thetas[n] is not None:
                 img, lab = augment_pair(img, lab, thetas[n])

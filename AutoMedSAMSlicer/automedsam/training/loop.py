@@ -121,7 +121,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
 
     from ..backbones import build_backbone
     from ..bundle import create_bundle
-    from ..classes import default_class_catalog
+    from ..classes import custom_class, default_class_catalog
     from ..engine import Engine
     from ..generators import build_generator, decoder_prompts, default_config
     from ..models import automedsam_home
@@ -131,8 +131,6 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     rng = np.random.default_rng(config.seed)
     names, values = list(config.classes), list(config.classes.values())
     catalog = default_class_catalog()
-    from ..classes import custom_class
-
     classes = [catalog.get(n) if n in catalog else custom_class(n) for n in names]
     lateral = any(c.type_modifier is not None for c in classes)
     for case in cases:
