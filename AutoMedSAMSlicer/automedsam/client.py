@@ -116,6 +116,11 @@ class RemoteEngine:
             self.session_id, self.classes = body["session_id"], body["classes"]
         return self.session_id
 
+    def open_session(self) -> list[dict]:
+        """Open the session (loads the model on the worker) and return its classes."""
+        self._ensure_session()
+        return self.classes
+
     def set_volume(self, volume: Volume) -> None:
         """Upload a volume (raw bytes + geometry). Clears the client's masks."""
         sid = self._ensure_session()
@@ -225,6 +230,20 @@ class RemoteEngine:
                 if use_now:
                     self.classes = [{"name": n} for n in classes]
             yield event
+
+    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
+        """Like :meth:`Engine.set_masks`: replace the worker's masks of a class."""
+        self._require_volume()
+        masks = np.asarray(masks, dtype=bool)
+        if masks.shape != self.volume.array.shape[:3]:
+            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {self.volume.array.shape[:3]}")
+        self._call("PUT", f"/v1/sessions/{self.session_id}/masks/{class_name}", data=pack_mask(masks),
+                   headers={"Content-Type": "application/octet-stream"})
+        self.masks[self._canonical(class_name)] = masks.copy()
+
+    def info(self) -> dict:
+        """The worker's ``/v1/info``: protocol, version, device and GPU (name, free/total MB) or None."""
+        return self._call("GET", "/v1/info", timeout=10).json()
 
     def reconnect(self) -> None:
         """After a worker restart: new session, the same volume and the client's masks re-uploaded."""

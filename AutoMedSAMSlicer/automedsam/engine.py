@@ -575,6 +575,16 @@ class Engine:
                 changed.append(k)
         return sorted(set(changed))
 
+    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
+        """Replace a class's ``(K, J, I)`` bool masks with edits made elsewhere (e.g. in Slicer's
+        Segment Editor), so propagation starts from what the user sees. Not an undo step: the
+        caller owns the history of its copy."""
+        volume = self._require_volume()
+        masks = np.asarray(masks)
+        if masks.shape != volume.array.shape[:3]:
+            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
+        self.masks[self.class_info(class_name).name] = masks.astype(bool, copy=True)
+
     def can_undo(self, class_name: str) -> bool:
         return bool(self._undo.get(self.class_info(class_name).name))
 

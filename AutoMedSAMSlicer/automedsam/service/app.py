@@ -232,31 +232,21 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.post("/v1/sessions/{sid}/train", dependencies=guarded, status_code=202)
     def train(sid: str, req: TrainRequest) -> dict:
-        from ..training import TrainConfig
-        from ..training import train as run_training
-        from ..training.data import Case
+        from ..training.teach import engine_with_bundle, teach, teach_config
 
         session = worker.session(sid)
         engine = session.engine
         labels = getattr(session, "labels", None)
         if labels is None:
             raise InvalidInputError("upload the label map first (PUT /v1/sessions/{id}/labels)")
-        volume = engine._require_volume()
-        weights = engine.backbone.weights_fingerprint
-        config = TrainConfig(
-            classes=req.classes, generator=req.generator, backbone=engine.backbone.id,
-            weights="random" if weights.startswith("random:") else None, device=str(engine.backbone.device),
-            epochs=req.epochs, lr=req.lr, decoder_lr=req.decoder_lr, train_slices=req.train_slices,
-            val_slices=None if req.train_slices else req.val_slices, name=req.name,
-            seed=int(weights.split("=")[1]) if weights.startswith("random:") else 0)
-        case = Case(volume, volume.with_array(labels), volume.name or "session")
+        config = teach_config(engine, req.classes, generator=req.generator, epochs=req.epochs,
+                              train_slices=req.train_slices, val_slices=req.val_slices, lr=req.lr,
+                              decoder_lr=req.decoder_lr, name=req.name)
 
         def task(job) -> None:
-            from ..bundle import backbone_for_bundle
-            from ..engine import Engine
             from ..models import automedsam_home
 
-            for event in run_training(config, [case], cancel=job.cancel):
+            for event in teach(engine, labels, config, cancel=job.cancel):
                 job.done, job.total, job.message = event.epoch, event.epochs, event.message or event.stage
                 job.partial = {"stage": event.stage, "losses": event.losses, "metrics": event.metrics}
                 if event.stage == "cancelled":
@@ -266,11 +256,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                     path = event.bundle.save(automedsam_home() / "bundles" / f"{job.id}.zip")
                     job.result = {"bundle": str(path), "validation": event.metrics}
                     if req.use_now:
-                        new_engine = Engine(backbone_for_bundle(event.bundle, str(engine.backbone.device)),
-                                            event.bundle)
-                        new_engine.set_volume(volume)
-                        new_engine.masks = engine.masks
-                        session.engine = new_engine
+                        session.engine = engine_with_bundle(engine, event.bundle)
 
         return worker.submit_task("train", task, session).to_dict()
 

@@ -1,0 +1,1 @@
+"""AutoMedSAMSlicer's Slicer layer: Logic, MRML conversions, worker backends, dependencies."""

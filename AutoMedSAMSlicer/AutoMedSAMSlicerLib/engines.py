@@ -1,0 +1,199 @@
+"""Where inference runs: in this process, in a local worker process, or on a remote server.
+
+All three hand the Logic an object with the engine API (``set_volume``, ``segment``, ``refine``,
+``propagate``, ``set_masks``; ``train`` on workers). The worker keeps Slicer responsive: heavy work
+runs in another process and the GUI only polls. A crashed local worker is restarted and its session
+restored (volume and masks re-uploaded), so nothing the user sees is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+#: Folder that holds the ``automedsam`` package (the module's folder in Slicer, the checkout in tests).
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+
+def slicerPythonExecutable() -> str:
+    """Slicer's ``PythonSlicer`` (next to the running interpreter in a Slicer install), else this Python."""
+    folder = Path(sys.executable).parent
+    for name in ("PythonSlicer", "PythonSlicer.exe"):
+        if (folder / name).exists():
+            return str(folder / name)
+    return sys.executable
+
+
+class InProcessEngines:
+    """Engines in this process (console, batch runs, tests). Blocks while it computes."""
+
+    kind = "inprocess"
+
+    def __init__(self):
+        self._engines: dict[tuple, object] = {}
+
+    def engine(self, model: str | None, device: str = "auto", backbone: str | None = None):
+        key = (str(model) if model else None, backbone, device)
+        if key not in self._engines:
+            from automedsam.backbones import build_backbone
+            from automedsam.bundle import backbone_for_bundle, load_bundle
+            from automedsam.engine import Engine
+            from automedsam.errors import InvalidInputError
+
+            if model:
+                bundle = load_bundle(model)
+                self._engines[key] = Engine(backbone_for_bundle(bundle, device), bundle)
+            elif backbone:
+                self._engines[key] = Engine(build_backbone(backbone, device=device))
+            else:
+                raise InvalidInputError(
+                    "no model: choose a model bundle (.zip or folder), or a backbone for manual mode")
+        return self._engines[key]
+
+    def adopt(self, model: str, device: str, engine) -> None:
+        """Register an engine built elsewhere (a bundle just taught) under ``model``."""
+        self._engines[(str(model), None, device)] = engine
+
+    def call(self, engine, fn):
+        return fn(engine)
+
+    def info(self) -> dict:
+        try:
+            import torch
+        except ImportError:
+            return {"device": "cpu", "gpu": None}
+        if not torch.cuda.is_available():
+            return {"device": "cpu", "gpu": None}
+        free, total = torch.cuda.mem_get_info()
+        return {"device": "cuda", "gpu": {"name": torch.cuda.get_device_name(0), "free_mb": free // 2**20,
+                                         "total_mb": total // 2**20}}
+
+    def shutdown(self) -> None:
+        self._engines.clear()
+
+
+class RemoteEngines:
+    """Engines on a server at ``url`` (a shared GPU workstation running ``automedsam serve``).
+
+    Model paths are paths *on the server*.
+    """
+
+    kind = "remote"
+
+    def __init__(self, url: str, token: str, pollSeconds: float = 0.05):
+        self.url, self.token, self.pollSeconds = url, token, pollSeconds
+        self._clients: dict[tuple, object] = {}
+
+    def _newClient(self, model, device, backbone):
+        from automedsam.client import RemoteEngine
+
+        return RemoteEngine(self.url, self.token, bundle=str(model) if model else None, backbone=backbone,
+                            device=device, poll_s=self.pollSeconds)
+
+    def engine(self, model: str | None, device: str = "auto", backbone: str | None = None):
+        key = (str(model) if model else None, backbone, device)
+        if key not in self._clients:
+            self._clients[key] = self.call(None, lambda _: self._newClient(model, device, backbone))
+        return self._clients[key]
+
+    def adopt(self, model: str, device: str, engine) -> None:
+        self._clients[(str(model), None, device)] = engine
+
+    def recover(self) -> bool:
+        """Called after the server stopped answering; True if calls may be retried."""
+        return False
+
+    def _restoreSessions(self) -> None:
+        for client in self._clients.values():
+            client.reconnect()
+
+    def call(self, engine, fn):
+        """``fn(engine)``; after a lost connection, recover and retry once (sessions restored)."""
+        from automedsam.client import ServiceUnavailableError
+
+        try:
+            return fn(engine)
+        except ServiceUnavailableError:
+            if not self.recover():
+                raise
+            logging.warning("AutoMedSAM: the worker was restarted; session restored")
+            self._restoreSessions()
+            return fn(engine)
+
+    def info(self) -> dict:
+        from automedsam.client import RemoteEngine
+
+        return self.call(None, lambda _: RemoteEngine(self.url, self.token).info())
+
+    def shutdown(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+
+class WorkerEngines(RemoteEngines):
+    """Engines in a local worker process started on first use with Slicer's Python
+    (``PythonSlicer -m automedsam serve``: 127.0.0.1, a random token handed over in a 0600 file),
+    restarted when it crashed, stopped on :meth:`shutdown` (Slicer exit)."""
+
+    kind = "worker"
+
+    def __init__(self, python: str | None = None, device: str = "auto", pollSeconds: float = 0.05):
+        from automedsam.worker import LocalWorker
+
+        env = dict(os.environ)
+        # The worker imports the automedsam package shipped inside the module folder.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
+        self.worker = LocalWorker(python or slicerPythonExecutable(), device=device, env=env)
+        super().__init__("", self.worker.token, pollSeconds)
+
+    def _started(self) -> None:
+        if self.worker.process is None:
+            self.url = self.worker.start()
+        elif not self.worker.alive():
+            self.recover()
+            self._restoreSessions()
+
+    def _restoreSessions(self) -> None:
+        """After a restart: every client's session re-created with its volume and masks."""
+        for client in self._clients.values():
+            client.url = self.url
+            client.reconnect()
+
+    def engine(self, model: str | None, device: str = "auto", backbone: str | None = None):
+        self._started()
+        return super().engine(model, device, backbone)
+
+    def recover(self) -> bool:
+        if self.worker.alive():
+            return False  # it is up but did not answer: not a crash, do not hide it
+        logging.warning("AutoMedSAM: the worker process ended unexpectedly; restarting it")
+        self.url = self.worker.restart()
+        return True
+
+    def info(self) -> dict:
+        self._started()
+        return super().info()
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            self.worker.stop()
+
+
+def makeEngines(backend: str = "worker", serverUrl: str = "", token: str = "", device: str = "auto"):
+    """``backend``: ``worker`` (default for the panel), ``inprocess`` (console/batch) or ``remote``."""
+    from automedsam.errors import InvalidInputError
+
+    if backend == "inprocess":
+        return InProcessEngines()
+    if backend == "worker":
+        return WorkerEngines(device=device)
+    if backend == "remote":
+        if not serverUrl or not token:
+            raise InvalidInputError("a remote server needs its URL and token (set both in the panel's Worker section)")
+        return RemoteEngines(serverUrl, token)
+    raise InvalidInputError(f"backend must be worker, inprocess or remote, got {backend!r}")

@@ -1,0 +1,406 @@
+"""AutoMedSAMSlicerLogic: MRML nodes in, core engine calls, MRML nodes out. No GUI code here, so the
+same calls work from the panel, the Python console and ``Slicer --no-main-window`` batch runs.
+
+Geometry: volumes go to the core through their IJK->RAS matrix (see :mod:`.nodes`); masks come back
+as KJI arrays on the volume's grid and are written with the volume as reference geometry. Points
+and boxes are world RAS millimetres (markups positions) and are mapped to voxel (i, j) on one
+k-slice of the volume.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from . import nodes
+from .history import UndoHistory, UndoStep
+from .jobs import Job
+from .parameterNode import AutoMedSAMSlicerParameterNode
+
+#: What to do when a segment AutoMedSAM would write holds voxels the user drew or edited:
+#: "keep" writes the model result into a new segment next to it, "overwrite" replaces it (undoable),
+#: "cancel" writes nothing. A callable gets the segment names and returns one of these.
+EDITED_SEGMENT_CHOICES = ("keep", "overwrite", "cancel")
+
+
+class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
+    """Segment, refine, propagate, undo and teach on MRML nodes.
+
+    Console example::
+
+        logic = slicer.util.getModuleLogic("AutoMedSAMSlicer")
+        seg = logic.segment(volumeNode, ["liver", "spleen"], model="/path/bundle.zip")
+        logic.refine(volumeNode, seg, "liver", points=[[12.0, -40.5, 88.0]], pointLabels=[1])
+        logic.undo(seg)
+    """
+
+    def __init__(self, engines=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.engines = engines  # created on first use (see configureBackend)
+        self.backend = "worker"
+        self.serverUrl = ""
+        self.serverToken = ""
+        self.defaultModel: str | None = None
+        self.defaultBackbone: str | None = None
+        self.defaultDevice = "auto"
+        self.history = UndoHistory()
+        self._volumeKeys: dict[int, tuple] = {}
+
+    def getParameterNode(self):
+        return AutoMedSAMSlicerParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------------ configuration
+    def configureBackend(self, backend: str = "worker", serverUrl: str = "", token: str = "",
+                         device: str | None = None) -> None:
+        """Where inference runs: ``worker`` (a local process; keeps Slicer responsive), ``remote``
+        (``automedsam serve`` on another machine) or ``inprocess`` (console and batch runs)."""
+        from .engines import makeEngines
+
+        if self.engines is not None:
+            self.engines.shutdown()
+        self.backend, self.serverUrl, self.serverToken = backend, serverUrl, token
+        self.defaultDevice = device or self.defaultDevice
+        self.engines = makeEngines(backend, serverUrl, token, self.defaultDevice)
+        self._volumeKeys.clear()
+
+    def shutdown(self) -> None:
+        """Stop the worker (called when Slicer exits or the module is unloaded)."""
+        if self.engines is not None:
+            self.engines.shutdown()
+            self.engines = None
+
+    def engine(self, model: str | None = None, device: str | None = None):
+        if self.engines is None:
+            self.configureBackend(self.backend, self.serverUrl, self.serverToken)
+        model = str(model) if model else self.defaultModel
+        device = device or self.defaultDevice
+        engine = self.engines.engine(model, device, None if model else self.defaultBackbone)
+        if model:
+            self.defaultModel = model
+        return engine
+
+    def deviceInfo(self) -> dict:
+        """``{"device": ..., "gpu": {"name", "free_mb", "total_mb"} or None}`` of the inference machine."""
+        if self.engines is None:
+            self.configureBackend(self.backend, self.serverUrl, self.serverToken)
+        return self.engines.info()
+
+    def modelClasses(self, model: str | None = None, device: str | None = None) -> list:
+        """The model bundle's classes (:class:`automedsam.classes.ClassInfo`: name, display name, colour)."""
+        return list(self._catalog(self.engine(model, device)).classes)
+
+    # -------------------------------------------------------------------------------- segment
+    def segment(self, volumeNode, classes, segmentationNode=None, model: str | None = None, device: str | None = None,
+                waitForCompletion: bool = True, progressCallback: Callable | None = None,
+                slices: Sequence[int] | None = None, onEditedSegment="keep"):
+        """Segment ``classes`` (names or a comma-separated string) on ``volumeNode``.
+
+        Fills ``segmentationNode`` (created when None) with one named, coloured, terminology-coded
+        segment per class. Returns the segmentation node, or with ``waitForCompletion=False`` a
+        :class:`.jobs.Job` to step/cancel (its ``result`` is the node). Undo with :meth:`undo`.
+        """
+        names = self._classNames(classes)
+        engine = self.engine(model, device)
+        infos = self._classInfos(engine, names)
+        self._ensureVolume(engine, volumeNode)
+        cancel = threading.Event()
+        events = self._call(engine, lambda e: e.segment([i.name for i in infos], slices, cancel=cancel))
+
+        def finish(last):
+            masks = last.result.masks if getattr(last, "result", None) is not None else last["masks"]
+            return self._writeResults(volumeNode, segmentationNode, infos, masks, onEditedSegment,
+                                      f"segment {', '.join(i.display_name for i in infos)}")
+
+        job = Job("segmentation", events, finish, progressCallback, cancel)
+        return job.wait() if waitForCompletion else job
+
+    def _writeResults(self, volumeNode, segmentationNode, infos, masks: dict, onEditedSegment, label: str):
+        segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
+        targets, edited = [], []
+        for info in infos:
+            sid = nodes.segmentId(segmentationNode, info.name, info.display_name)
+            current = nodes.readSegmentMask(segmentationNode, sid, volumeNode) if sid else None
+            if sid and nodes.wasEditedByUser(segmentationNode, sid, current):
+                edited.append(info.display_name)
+            targets.append((info, sid, current))
+        decision = "overwrite"
+        if edited:
+            decision = onEditedSegment(edited) if callable(onEditedSegment) else onEditedSegment
+            if decision not in EDITED_SEGMENT_CHOICES:
+                raise ValueError(f"onEditedSegment must be one of {EDITED_SEGMENT_CHOICES}, got {decision!r}")
+            if decision == "cancel":
+                logging.info("AutoMedSAM: kept the edited segments %s; nothing written", edited)
+                return segmentationNode
+        step = UndoStep(label, segmentationNode, volumeNode)
+        for info, sid, current in targets:
+            keepUsers = sid and decision == "keep" and info.display_name in edited
+            if sid is None or keepUsers:
+                name = f"{info.display_name} (AutoMedSAM)" if keepUsers else None
+                sid = nodes.addClassSegment(segmentationNode, info, name)
+                step.recordCreated(sid)
+            else:
+                step.recordMask(sid, current)
+            nodes.writeSegmentMask(segmentationNode, sid, np.asarray(masks[info.name], bool), volumeNode)
+        self.history.push(step)
+        return segmentationNode
+
+    # --------------------------------------------------------------------------------- refine
+    def refine(self, volumeNode, segmentationNode, className: str, points=None, pointLabels=None, box=None,
+               sliceIndex: int | None = None, mode: str | None = None, model: str | None = None,
+               device: str | None = None) -> int:
+        """Correct one k-slice of a class with points and/or a box; returns the slice index k.
+
+        Args:
+            points: world RAS mm ``(N, 3)``, or a markups fiducial node (all its points).
+            pointLabels: ``(N,)`` 1 = include, 0 = exclude (default all 1).
+            box: a markups ROI node, RAS bounds ``(xmin, xmax, ymin, ymax, zmin, zmax)`` or two RAS corners.
+            sliceIndex: k; default: the slice the points/box lie on.
+            mode: ``"semi"`` (learned prompts + yours) or ``"manual"`` (yours only).
+
+        Only slice k of the segment changes (undoable); other slices keep any edits.
+        """
+        engine = self.engine(model, device)
+        info = self._classInfos(engine, [className])[0]
+        self._ensureVolume(engine, volumeNode)
+        ijkPoints, labels, ijkBox = self._promptsToIjk(volumeNode, points, pointLabels, box)
+        if ijkPoints is None and ijkBox is None:
+            raise ValueError("refine needs at least one point or a box")
+        k = self._sliceOf(volumeNode, ijkPoints, ijkBox, sliceIndex)
+        pts = None if ijkPoints is None else ijkPoints[:, :2]
+        bx = None
+        if ijkBox is not None:
+            bx = [ijkBox[:, 0].min(), ijkBox[:, 1].min(), ijkBox[:, 0].max(), ijkBox[:, 1].max()]
+        mode = {"semi-automatic": "semi", "automatic": "semi"}.get(mode, mode)
+        sliceMask = self._call(engine, lambda e: e.refine(info.name, k, points=pts, point_labels=labels, box=bx,
+                                                          mode=mode))
+        label = f"refine {info.display_name} on slice {k}"
+        self._writeSlices(volumeNode, segmentationNode, info, {k: sliceMask}, label)
+        return k
+
+    def _writeSlices(self, volumeNode, segmentationNode, info, sliceMasks: dict, label: str) -> None:
+        segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
+        step = UndoStep(label, segmentationNode, volumeNode)
+        sid = nodes.segmentId(segmentationNode, info.name, info.display_name)
+        if sid is None:
+            sid = nodes.addClassSegment(segmentationNode, info)
+            step.recordCreated(sid)
+            current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
+        else:
+            current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
+            step.recordMask(sid, current, sorted(sliceMasks))
+        edited = nodes.wasEditedByUser(segmentationNode, sid, current)
+        for k, m in sliceMasks.items():
+            current[k] = m
+        nodes.writeSegmentMask(segmentationNode, sid, current, volumeNode)
+        if edited:  # the user's edits on other slices stay theirs: a later Segment must ask
+            segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + sid, "edited")
+        self.history.push(step)
+
+    # ------------------------------------------------------------------------------ propagate
+    def propagate(self, volumeNode, segmentationNode, className: str, sliceIndex: int, direction: str = "both",
+                  maxSlices: int | None = None, waitForCompletion: bool = True,
+                  progressCallback: Callable | None = None, model: str | None = None, device: str | None = None):
+        """Carry the class's mask on slice ``sliceIndex`` (as it is in the segment now, user edits
+        included) to neighbouring slices until the object ends. One undo step."""
+        engine = self.engine(model, device)
+        info = self._classInfos(engine, [className])[0]
+        self._ensureVolume(engine, volumeNode)
+        sid = nodes.segmentId(segmentationNode, info.name, info.display_name) if segmentationNode else None
+        if sid is None:
+            raise ValueError(f"no {info.display_name!r} segment to propagate: segment or refine it first")
+        current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
+        self._call(engine, lambda e: e.set_masks(info.name, current))
+        cancel = threading.Event()
+        events = self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), direction, maxSlices,
+                                                          cancel=cancel))
+
+        def finish(last):
+            partial = last.partial if hasattr(last, "partial") else last.get("partial") or {}
+            written = partial.get("slices") or []
+            masks = engine.masks[info.name]
+            if written:
+                self._writeSlices(volumeNode, segmentationNode, info, {k: masks[k] for k in written},
+                                  f"propagate {info.display_name} from slice {sliceIndex}")
+            return written
+
+        job = Job("propagation", events, finish, progressCallback, cancel)
+        return job.wait() if waitForCompletion else job
+
+    # ----------------------------------------------------------------------------------- undo
+    def undo(self, segmentationNode=None) -> str | None:
+        """Undo the last AutoMedSAM change (on ``segmentationNode`` if given); returns what was undone."""
+        return self.history.undo(segmentationNode)
+
+    def canUndo(self, segmentationNode=None) -> bool:
+        return self.history.canUndo(segmentationNode)
+
+    # ---------------------------------------------------------------------------------- teach
+    def teach(self, volumeNode, segmentationNode, segments=None, generator: str = "ppn", epochs: int = 30,
+              outputPath: str | None = None, waitForCompletion: bool = True, progressCallback: Callable | None = None,
+              model: str | None = None, device: str | None = None, decoderLearningRate: float = 1e-5):
+        """Train a prompt generator from segments drawn or corrected on a few slices of ``volumeNode``.
+
+        ``segments``: segment names (or ``{segment name: class name}``); default all segments. Only
+        slices with any of them are used. The new bundle is saved to ``outputPath`` (default: the
+        AutoMedSAM home's ``bundles`` folder) and used at once. Returns the bundle path (or a Job).
+        """
+        engine = self.engine(model, device)
+        self._ensureVolume(engine, volumeNode)
+        labels, classes = self._labelMap(volumeNode, segmentationNode, segments)
+        from automedsam.training.teach import labelled_slices
+
+        trainSlices = ",".join(str(k) for k in labelled_slices(labels))
+        cancel = threading.Event()
+        if self.engines.kind == "inprocess":
+            from automedsam.training.teach import teach, teach_config
+
+            config = teach_config(engine, classes, generator=generator, epochs=epochs, train_slices=trainSlices,
+                                  decoder_lr=decoderLearningRate, name="taught-in-slicer")
+            events = teach(engine, labels, config, cancel=cancel)
+        else:
+            events = self._call(engine, lambda e: e.train(labels, classes, generator=generator, epochs=epochs,
+                                                          train_slices=trainSlices, decoder_lr=decoderLearningRate,
+                                                          cancel=cancel))
+
+        def finish(last):
+            return self._adoptTaughtBundle(engine, last, outputPath, device)
+
+        job = Job("teaching", events, finish, progressCallback, cancel)
+        return job.wait() if waitForCompletion else job
+
+    def _adoptTaughtBundle(self, engine, last, outputPath, device) -> str:
+        from automedsam.models import automedsam_home
+
+        target = Path(outputPath) if outputPath else automedsam_home() / "bundles" / "taught-in-slicer.zip"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        device = device or self.defaultDevice
+        if getattr(last, "bundle", None) is not None:  # in-process
+            from automedsam.training.teach import engine_with_bundle
+
+            path = str(last.bundle.save(target))
+            self.engines.adopt(path, device, engine_with_bundle(engine, last.bundle))
+        else:  # worker/remote: the session already switched; keep a local copy of the bundle
+            target.write_bytes(last["bundle"])
+            path = str(target) if self.engines.kind == "worker" else last["summary"]["bundle"]
+            self.engines.adopt(path, device, engine)
+        self.defaultModel = path
+        return str(target)
+
+    def _labelMap(self, volumeNode, segmentationNode, segments):
+        if segmentationNode is None:
+            raise ValueError("teaching needs a segmentation with the segments you drew")
+        segmentation = segmentationNode.GetSegmentation()
+        if segments is None:
+            ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+            mapping = {segmentation.GetSegment(i).GetName(): None for i in ids}
+        else:
+            mapping = dict(segments) if isinstance(segments, dict) else {s: None for s in self._classNames(segments)}
+        shape = nodes.volumeShape(volumeNode)
+        labels = np.zeros(shape, np.uint16)
+        classes: dict[str, int] = {}
+        for value, (segmentName, className) in enumerate(mapping.items(), start=1):
+            sid = segmentation.GetSegmentIdBySegmentName(segmentName)
+            if not sid:
+                raise ValueError(f"no segment named {segmentName!r} in {segmentationNode.GetName()!r}")
+            mask = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
+            if not mask.any():
+                raise ValueError(f"segment {segmentName!r} is empty: draw it on a few slices first")
+            labels[mask] = value
+            classes[className or _className(segmentName)] = value
+        return labels, classes
+
+    # -------------------------------------------------------------------------------- helpers
+    def _call(self, engine, fn):
+        return self.engines.call(engine, fn)
+
+    def _ensureVolume(self, engine, volumeNode) -> None:
+        """Send the volume to the engine when it is new or changed (cheap check per call)."""
+        if volumeNode is None:
+            raise ValueError("no input volume: select a volume node (load a CT or MR first)")
+        if hasattr(engine, "check_protocol"):  # a worker that died since the last call is restarted here
+            self._call(engine, lambda e: e.check_protocol())
+        imageData = volumeNode.GetImageData()
+        key = (volumeNode.GetID(), imageData.GetMTime() if imageData is not None else None,
+               tuple(nodes.ijkToRasFromNode(volumeNode).ravel()))
+        if self._volumeKeys.get(id(engine)) != key:
+            volume = nodes.volumeFromNode(volumeNode)
+            self._call(engine, lambda e: e.set_volume(volume))
+            self._volumeKeys[id(engine)] = key
+
+    def _catalog(self, engine):
+        from automedsam.classes import ClassCatalog, ClassInfo, custom_class
+
+        if hasattr(engine, "class_catalog"):
+            return engine.class_catalog
+        infos = []
+        for c in self._call(engine, lambda e: e.open_session()):
+            infos.append(ClassInfo.from_dict(c) if "display_name" in c else custom_class(c["name"]))
+        return ClassCatalog(infos)
+
+    def _classInfos(self, engine, names: Sequence[str]) -> list:
+        if hasattr(engine, "class_info"):
+            return [engine.class_info(n) for n in names]
+        catalog = self._catalog(engine)
+        if not catalog.classes and engine.model.get("backbone"):  # manual mode: any name
+            from automedsam.classes import custom_class
+
+            return [custom_class(_className(n)) for n in names]
+        return [catalog.get(n) for n in names]
+
+    @staticmethod
+    def _classNames(classes) -> list[str]:
+        names = [c.strip() for c in classes.split(",")] if isinstance(classes, str) else [str(c) for c in classes]
+        names = [n for n in names if n]
+        if not names:
+            raise ValueError("no classes given: tick at least one class (or pass e.g. 'liver,spleen')")
+        return names
+
+    def _promptsToIjk(self, volumeNode, points, pointLabels, box):
+        ijkPoints = labels = ijkBox = None
+        if points is not None and hasattr(points, "GetNumberOfControlPoints"):
+            import slicer
+
+            points = slicer.util.arrayFromMarkupsControlPoints(points, world=True)
+        if points is not None and len(points):
+            ijkPoints = nodes.worldToIjk(volumeNode, points)
+            labels = np.ones(len(ijkPoints), int) if pointLabels is None else np.asarray(pointLabels, int).reshape(-1)
+            if labels.shape != (len(ijkPoints),):
+                raise ValueError(f"pointLabels must have one value per point ({len(ijkPoints)}), got {labels.shape}")
+        if box is not None:
+            if hasattr(box, "GetRASBounds"):
+                bounds = [0.0] * 6
+                box.GetRASBounds(bounds)
+                box = bounds
+            b = np.asarray(box, float)
+            if b.shape == (6,):  # RAS bounds -> the 8 corners
+                corners = np.array([[x, y, z] for x in b[0:2] for y in b[2:4] for z in b[4:6]])
+            elif b.shape == (2, 3):
+                corners = b
+            else:
+                raise ValueError(f"box must be an ROI node, 6 RAS bounds or two RAS corners, got {box!r}")
+            ijkBox = nodes.worldToIjk(volumeNode, corners)
+        return ijkPoints, labels, ijkBox
+
+    @staticmethod
+    def _sliceOf(volumeNode, ijkPoints, ijkBox, sliceIndex: int | None) -> int:
+        """The k-slice the prompts were placed on: the points' (they sit on the slice plane), else
+        the box centre's (an ROI drawn on a slice view has some thickness along k)."""
+        if sliceIndex is not None:
+            return int(sliceIndex)
+        ks = ijkPoints[:, 2] if ijkPoints is not None else np.array([ijkBox[:, 2].mean()])
+        if np.ptp(ks) > 1.0:
+            raise ValueError(
+                f"the points lie on several slices (k from {ks.min():.1f} to {ks.max():.1f}) of "
+                f"{volumeNode.GetName()!r}:"
+                " place them on one slice of the volume's own slice orientation, or pass sliceIndex")
+        return int(np.round(np.median(ks)))
+
+
+def _className(segmentName: str) -> str:
+    """Segment name -> class name ("Left kidney" -> "left_kidney")."""
+    return "_".join(segmentName.strip().lower().split())

@@ -1,0 +1,57 @@
+"""Teach classes in a running session: train a generator from labels drawn on the session's volume
+(a few slices are enough) with the session engine's own backbone, then switch the engine to the
+new bundle. Shared by the worker service and the in-process Slicer path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from .data import Case
+from .loop import TrainConfig, TrainEvent, train
+
+
+def labelled_slices(labels: np.ndarray) -> list[int]:
+    """Slices k of a ``(K, J, I)`` label map that carry any label."""
+    return [int(k) for k in np.nonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))[0]]
+
+
+def teach_config(engine, classes: dict[str, int], *, generator: str = "ppn", epochs: int = 30,
+                 train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
+                 decoder_lr: float = 1e-5, name: str = "taught-in-session") -> TrainConfig:
+    """A :class:`TrainConfig` on ``engine``'s backbone (same id, same weights or random seed)."""
+    weights = engine.backbone.weights_fingerprint
+    random = weights.startswith("random:")
+    return TrainConfig(
+        classes=dict(classes), generator=generator, backbone=engine.backbone.id, weights="random" if random else None,
+        device=str(engine.backbone.device), epochs=epochs, lr=lr, decoder_lr=decoder_lr, train_slices=train_slices,
+        val_slices=None if train_slices else val_slices, name=name,
+        seed=int(weights.split("=")[1]) if random else 0)
+
+
+def teach(engine, labels: np.ndarray, config: TrainConfig, cancel=None) -> Iterator[TrainEvent]:
+    """Train on ``engine``'s volume with ``labels`` (``(K, J, I)`` label values on its grid).
+
+    The final ``done`` event carries the bundle; nothing in ``engine`` changes (see
+    :func:`engine_with_bundle`).
+    """
+    volume = engine._require_volume()
+    labels = np.asarray(labels)
+    if labels.shape != volume.array.shape[:3]:
+        raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
+    case = Case(volume, volume.with_array(labels.astype(np.uint16)), volume.name or "session")
+    yield from train(config, [case], cancel=cancel)
+
+
+def engine_with_bundle(engine, bundle):
+    """A new engine for ``bundle`` on the same device, with ``engine``'s volume and masks."""
+    from ..bundle import backbone_for_bundle
+    from ..engine import Engine
+
+    new = Engine(backbone_for_bundle(bundle, str(engine.backbone.device)), bundle, engine.config)
+    if engine.volume is not None:
+        new.set_volume(engine.volume)
+    new.masks = engine.masks
+    return new

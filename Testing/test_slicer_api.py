@@ -1,0 +1,218 @@
+"""The Slicer layer against Slicer's real API surface (../shared/slicer_api/slicer_api.json), its
+CMake listing, and an import without torch."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import slicer_fake
+
+from conftest import REPO, SHARED
+
+MODULE_DIR = REPO / "AutoMedSAMSlicer"
+SLICER_LAYER = sorted([MODULE_DIR / "AutoMedSAMSlicer.py", *(MODULE_DIR / "AutoMedSAMSlicerLib").glob("*.py"),
+                       *(MODULE_DIR / "Resources" / "Scripts").glob("*.py")])
+#: vtkObject methods every MRML object has (vtkObject itself is not in the extracted surface).
+VTK_OBJECT_METHODS = {"GetMTime", "AddObserver", "RemoveObserver", "Modified", "GetClassName", "IsA"}
+
+
+@pytest.fixture(scope="module")
+def api() -> dict:
+    path = SHARED / "slicer_api" / "slicer_api.json"
+    if not path.exists():
+        pytest.skip(f"Slicer API surface not found at {path}")
+    return json.loads(path.read_text())
+
+
+def mrml_methods(api, cls: str) -> set[str]:
+    out, cpp = set(), api["cpp"]
+    while cls in cpp:
+        out |= set(cpp[cls]["methods"])
+        cls = cpp[cls]["superclass"]
+    return out
+
+
+def python_names(api, module: str) -> set[str]:
+    entries = [v for k, v in api["python"].items() if k == module or k.startswith(module + ".")]
+    return {n for e in entries for n in [*e["functions"], *e["classes"]]}
+
+
+def dotted(node) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
+        parts.append("super()")
+        return ".".join(reversed(parts))
+    return ""
+
+
+def violations(path: Path, api: dict) -> list[str]:
+    tree = ast.parse(path.read_text())
+    all_mrml = set().union(*(set(v["methods"]) for v in api["cpp"].values())) | VTK_OBJECT_METHODS
+    slm = api["python"]["slicer.ScriptedLoadableModule"]["classes"]
+    modules = {"slicer", "qt", "vtk", "ctk", "np", "logging", "threading", "os", "sys", "PyTorchUtils", "tempfile",
+               "argparse", "tomllib", "hashlib", "json", "nodes"}
+    bad = []
+
+    def report(node, what):
+        bad.append(f"{path.relative_to(REPO)}:{node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slicer"):
+            for alias in node.names:
+                if node.module == "slicer":
+                    if alias.name not in api["cpp"] and alias.name not in ("util",):
+                        report(node, f"from slicer import {alias.name}: not a known MRML class")
+                elif node.module in ("slicer.i18n",):
+                    continue
+                elif alias.name not in python_names(api, node.module):
+                    report(node, f"from {node.module} import {alias.name}: not in Slicer's API")
+        elif isinstance(node, ast.Attribute):
+            name = dotted(node)
+            for prefix in ("slicer.util.", "slicer.packaging.", "slicer.testing.", "slicer.cli."):
+                if name.startswith(prefix):
+                    attr = name[len(prefix):].split(".")[0]
+                    if attr not in python_names(api, prefix[:-1]):
+                        report(node, f"{prefix}{attr} is not in Slicer's API")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            for cls in re.findall(r"^vtkMRML\w+$", node.value):
+                if cls not in api["cpp"]:
+                    report(node, f"MRML class {cls!r} is not in Slicer's API")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            method, receiver = node.func.attr, dotted(node.func.value)
+            root = receiver.split(".")[0]
+            if receiver in slm:
+                if method not in slm[receiver]:
+                    report(node, f"{receiver}.{method} is not in Slicer's API")
+            elif receiver == "super()":
+                continue  # checked per class below
+            elif receiver == "slicer.mrmlScene":
+                if method[0].isupper() and method not in mrml_methods(api, "vtkMRMLScene"):
+                    report(node, f"vtkMRMLScene.{method} is not in Slicer's API")
+            elif method[0].isupper() and root not in modules and method not in all_mrml:
+                report(node, f".{method}() is not a method of any MRML class in Slicer's API")
+    for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+        bases = [b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in slm]
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and bases \
+                    and dotted(node.func.value) == "super()" and not any(node.func.attr in slm[b] for b in bases):
+                report(node, f"super().{node.func.attr} is not a method of {bases}")
+    return bad
+
+
+def test_every_slicer_call_of_the_slicer_layer_exists_in_slicer(api):
+    assert len(SLICER_LAYER) >= 9
+    bad = [v for path in SLICER_LAYER for v in violations(path, api)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_catches_made_up_calls(api, tmp_path):
+    bogus = tmp_path / "bogus.py"
+    bogus.write_text(textwrap.dedent("""
+        import slicer
+        from slicer.ScriptedLoadableModule import ScriptedLoadableModuleHelper
+        slicer.util.arrayFromVolumeFast(node)
+        slicer.packaging.pip_magic("x")
+        segmentationNode.SetSegmentMaskFromNumpy(array)
+        slicer.mrmlScene.AddNodeQuickly(node)
+        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNodeX")
+        ScriptedLoadableModuleWidget.setupUi(self)
+        class L(ScriptedLoadableModuleLogic):
+            def f(self):
+                return super().getParameterNodes()
+    """))
+    bogus_in_repo = REPO / "Testing" / f"_bogus_{bogus.stat().st_ino}.py"
+    bogus_in_repo.write_text(bogus.read_text())
+    try:
+        found = violations(bogus_in_repo, api)
+    finally:
+        bogus_in_repo.unlink()
+    assert len(found) == 8, found
+
+
+def test_the_fake_only_offers_real_mrml_methods(api):
+    fakes = [slicer_fake.FakeVolumeNode, slicer_fake.FakeSegmentationNode, slicer_fake.FakeSegmentation,
+             slicer_fake.FakeSegment, slicer_fake.FakeMarkupsFiducialNode, slicer_fake.FakeROINode,
+             slicer_fake.FakeScene]
+    for fake in fakes:
+        methods = {n for n in dir(fake) if n[0].isupper() and callable(getattr(fake, n))}
+        missing = methods - mrml_methods(api, fake.MRML_CLASS) - VTK_OBJECT_METHODS
+        assert not missing, f"{fake.__name__} fakes {missing}, which {fake.MRML_CLASS} does not have"
+    util = {n for n in vars(slicer_fake._Util) if not n.startswith("_")}
+    assert util <= python_names(api, "slicer.util")
+    assert "GetMTime" in dir(slicer_fake.FakeImageData)
+
+
+def test_cmake_lists_every_python_file_and_resource():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+([\w/.-]+\.(?:py|json|ui|png))\s*$", text, re.M)) | {"AutoMedSAMSlicer.py"}
+    tree = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
+            if p.is_file() and p.suffix in (".py", ".json", ".ui", ".png")
+            and "__pycache__" not in p.parts and not any(part.endswith(".egg-info") for part in p.parts)}
+    assert tree - listed == set(), f"not in AutoMedSAMSlicer/CMakeLists.txt: {sorted(tree - listed)}"
+    assert listed - tree == set(), f"listed but missing: {sorted(listed - tree)}"
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "EXTENSION_DEPENDS" in top and "PyTorch" in top and "add_subdirectory(AutoMedSAMSlicer)" in top
+
+
+def test_the_module_file_imports_without_torch():
+    """Slicer imports every module at startup: no torch (or SAM library) may be needed for that."""
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys, types
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "sam2", "fastapi"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+
+        class Anything:
+            def __init__(self, *a, **k): pass
+            def __call__(self, *a, **k): return Anything()
+            def __getattr__(self, name): return Anything()
+        class Stub(types.ModuleType):
+            def __getattr__(self, name):
+                if name in ("parameterNodeWrapper",):
+                    return lambda cls: cls
+                if name in ("tr", "translate"):
+                    return lambda *a: a[-1]
+                return type(name, (Anything,), {{}})
+        for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule",
+                     "slicer.parameterNodeWrapper", "qt", "ctk", "vtk"):
+            sys.modules[name] = Stub(name)
+        sys.path.insert(0, {str(MODULE_DIR)!r})
+        import AutoMedSAMSlicer
+        for cls in ("AutoMedSAMSlicer", "AutoMedSAMSlicerWidget", "AutoMedSAMSlicerLogic", "AutoMedSAMSlicerTest",
+                    "AutoMedSAMSlicerParameterNode"):
+            assert hasattr(AutoMedSAMSlicer, cls), cls
+        heavy = [m for m in ("torch", "segment_anything", "sam2", "SimpleITK", "fastapi") if m in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_dependencies_come_from_the_one_pyproject_without_torch(monkeypatch):
+    slicer_fake.install()
+    try:
+        from AutoMedSAMSlicerLib.dependencies import pyprojectPath, requirements
+
+        reqs = requirements()
+        assert pyprojectPath() == REPO / "pyproject.toml"
+        names = {re.split(r"[<>=!~\[; ]", r)[0].lower() for r in reqs}
+        assert {"numpy", "simpleitk", "segment-anything", "sam2", "fastapi", "uvicorn"} <= names
+        assert not names & {"torch", "torchvision"}
+    finally:
+        slicer_fake.uninstall()

@@ -1,0 +1,311 @@
+"""Contract tests of the Slicer Logic against a minimal fake of the MRML calls it makes
+(slicer_fake.py): masks must land on the right voxels for RAS, LPS, flipped, oblique and
+transformed volumes; user edits are never overwritten without a way back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import slicer_fake
+import torch
+from test_engine import Oracle
+
+from automedsam.backbones import DecoderOutput
+
+RADIUS_MM = 14.0
+CENTRE_RAS = np.array([-3.0, 12.0, 40.0])
+
+
+def rotation_z(degrees: float) -> np.ndarray:
+    a = np.radians(degrees)
+    return np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+
+
+def geometry(kind: str, shape=(8, 40, 48), spacing=(1.1, 0.9, 4.0)) -> np.ndarray:
+    """IJK->RAS 4x4 matrices as Slicer reports them for volumes stored in different orders."""
+    axes = {
+        "ras": np.eye(3),
+        "lps": np.diag([-1.0, -1.0, 1.0]),  # an axial DICOM series as loaded in Slicer
+        "flipped_j": np.diag([-1.0, 1.0, 1.0]),  # rows stored bottom-up (like ../shared's label file)
+        "oblique": rotation_z(30) @ np.diag([-1.0, -1.0, 1.0]),
+    }[kind]
+    m = np.eye(4)
+    m[:3, :3] = axes @ np.diag(spacing)
+    k, j, i = (n - 1 for n in shape)
+    m[:3, 3] = CENTRE_RAS - m[:3, :3] @ np.array([i / 2, j / 2, k / 2])  # the sphere sits mid-volume
+    return m
+
+
+def ras_of_voxels(ijk_to_ras: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    k, j, i = np.nonzero(mask)
+    return (ijk_to_ras @ np.stack([i, j, k, np.ones_like(i)]))[:3].T
+
+
+def sphere_volume(kind: str, parent=None):
+    m = geometry(kind)
+    shape = (8, 40, 48)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    ras = (m @ np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)]))[:3].T
+    inside = (np.linalg.norm(ras - CENTRE_RAS, axis=1) < RADIUS_MM).reshape(shape)
+    rng = np.random.default_rng(0)
+    array = (np.where(inside, 180, -60) + rng.normal(0, 10, shape)).astype(np.int16)
+    return slicer_fake.FakeVolumeNode(array, m, f"sphere-{kind}", parentToWorld=parent), inside
+
+
+@pytest.fixture()
+def slicer():
+    fake = slicer_fake.install()
+    yield fake
+    slicer_fake.uninstall()
+
+
+@pytest.fixture()
+def logic_with(slicer, make_engine):
+    """``logic_with(engine)`` -> a Logic whose in-process engine for model "test" is ``engine``."""
+    from AutoMedSAMSlicerLib.engines import InProcessEngines
+    from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+
+    def make(engine):
+        engines = InProcessEngines()
+        engines.adopt("test", "auto", engine)
+        logic = AutoMedSAMSlicerLogic(engines)
+        logic.backend, logic.defaultModel = "inprocess", "test"
+        return logic
+
+    return make
+
+
+def stored(segmentation_node, name):
+    seg = segmentation_node.GetSegmentation()
+    return seg.GetSegment(seg.GetSegmentIdBySegmentName(name))
+
+
+@pytest.mark.parametrize("kind", ["ras", "lps", "flipped_j", "oblique"])
+def test_segment_masks_land_on_the_right_voxels(logic_with, make_engine, kind):
+    volume_node, inside = sphere_volume(kind)
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    Oracle(engine, inside)  # the decoder renders the true sphere cross-section of each slice
+    logic = logic_with(engine)
+    from AutoMedSAMSlicerLib.nodes import volumeFromNode
+
+    volume = volumeFromNode(volume_node)  # what the engine gets: KJI array, LPS geometry
+    assert np.allclose(volume.ijk_to_ras(), volume_node.ijkToRas) and volume.array is volume_node.array
+    seg_node = logic.segment(volume_node, "liver", model="test")
+    segment = stored(seg_node, "Liver")
+    assert segment.GetTerminology().split("~")[2] == "SCT^10200004^Liver"
+    assert np.allclose(segment.GetColor(), engine.class_info("liver").color_float)
+    labelmap, matrix = segment.labelmap
+    assert np.array_equal(matrix, volume_node.ijkToRas)  # written with the volume as reference geometry
+    assert seg_node.referenceGeometry[1] == volume_node.array.shape
+    # In physical space the written voxels are the sphere's (only the decoder-grid boundary may differ).
+    ras = ras_of_voxels(matrix, labelmap)
+    assert np.mean(np.linalg.norm(ras - CENTRE_RAS, axis=1) < RADIUS_MM + 2.0) > 0.99
+    dice = 2 * np.logical_and(labelmap, inside).sum() / (labelmap.sum() + inside.sum())
+    assert dice > 0.93
+    assert np.abs(ras.mean(axis=0) - CENTRE_RAS).max() < 1.0
+
+
+def disc_decoder(engine):
+    """Decoder stand-in painting a disc at the click the prompt encoder was given."""
+    seen = {}
+    original = engine.backbone.embed_prompts
+
+    def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
+        seen["points"] = torch.as_tensor(points).clone()
+        return original(points, labels, boxes, masks, batch_size)
+
+    def decode(features, sparse, dense, multimask=False):
+        low, size = engine.backbone.mask_size, engine.backbone.input_size
+        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
+        yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
+        disc = ((xx - x) ** 2 + (yy - y) ** 2 < 9.0).float() * 40 - 20
+        return DecoderOutput(disc[None, None].expand(1, 3 if multimask else 1, low, low),
+                             torch.ones(1, 3 if multimask else 1), None)
+
+    engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
+
+
+@pytest.mark.parametrize("kind", ["lps", "flipped_j", "oblique", "transformed"])
+def test_a_click_in_world_ras_refines_the_clicked_voxel(logic_with, make_engine, kind):
+    parent = None
+    if kind == "transformed":  # the volume sits under a parent transform: world != local RAS
+        parent = np.eye(4)
+        parent[:3, :3], parent[:3, 3] = rotation_z(-20), [5.0, -7.0, 3.0]
+    volume_node, _ = sphere_volume("lps" if kind == "transformed" else kind, parent)
+    engine = make_engine("tiny-sam2", "ppn")
+    disc_decoder(engine)
+    logic = logic_with(engine)
+    seg_node = slicer_fake.FakeSegmentationNode()
+    for i, j, k in [(10, 12, 3), (30, 25, 5)]:
+        local = (volume_node.ijkToRas @ [i, j, k, 1])[:3]
+        world = local if parent is None else (parent @ np.append(local, 1))[:3]
+        segment = stored(seg_node, "Liver")
+        before = segment.labelmap[0].copy() if segment else np.zeros(volume_node.array.shape, np.uint8)
+        assert logic.refine(volume_node, seg_node, "liver", points=slicer_fake.FakeMarkupsFiducialNode(world),
+                            mode="manual") == k
+        labelmap, matrix = stored(seg_node, "Liver").labelmap
+        assert np.array_equal(matrix, volume_node.ijkToRas)
+        jj, ii = np.nonzero(labelmap[k])
+        assert abs(ii.mean() - i) <= 1.0 and abs(jj.mean() - j) <= 1.0
+        others = [n for n in range(labelmap.shape[0]) if n != k]
+        assert np.array_equal(labelmap[others], before[others])  # only slice k changed
+        assert logic.undo(seg_node).startswith("refine")
+        segment = stored(seg_node, "Liver")
+        assert (segment is None and k == 3) or np.array_equal(segment.labelmap[0], before)
+        logic.refine(volume_node, seg_node, "liver", points=slicer_fake.FakeMarkupsFiducialNode(world), mode="manual")
+
+
+def test_refine_rejects_points_on_several_slices(logic_with, make_engine):
+    volume_node, _ = sphere_volume("ras")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seg_node = slicer_fake.FakeSegmentationNode()
+    points = [(volume_node.ijkToRas @ [10, 10, k, 1])[:3] for k in (1, 5)]
+    with pytest.raises(ValueError, match="several slices"):
+        logic.refine(volume_node, seg_node, "liver", points=np.array(points))
+
+
+def test_user_edits_are_never_overwritten_without_a_way_back(slicer, logic_with, make_engine):
+    volume_node, inside = sphere_volume("lps")
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    Oracle(engine, inside)
+    logic = logic_with(engine)
+    seg_node = logic.segment(volume_node, ["liver"], model="test")
+    liver_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    # Unedited results are simply replaced by a new run.
+    logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node)
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == 1
+    # The user paints on slice 2 (e.g. with Segment Editor).
+    edited = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    edited[2, :5, :5] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, liver_id, volume_node)
+    # Default "keep": the model result goes into a new segment; the user's is untouched.
+    logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node)
+    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
+    assert stored(seg_node, "Liver (AutoMedSAM)").labelmap[0].sum() == stored(seg_node, "Liver (AutoMedSAM)"
+                                                                            ).labelmap[0][inside].sum()
+    assert logic.undo(seg_node).startswith("segment")
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == 1
+    # Asked, the user may overwrite; undo brings the edit back and it counts as an edit again.
+    asked = []
+    logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node,
+                  onEditedSegment=lambda names: asked.append(names) or "overwrite")
+    assert asked == [["Liver"]] and not stored(seg_node, "Liver").labelmap[0][2, :5, :5].any()
+    logic.undo(seg_node)
+    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
+    logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node, onEditedSegment="cancel")
+    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
+    with pytest.raises(ValueError, match="onEditedSegment"):
+        logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node, onEditedSegment="yes")
+
+
+def test_segment_job_reports_progress_and_cancels_without_writing(logic_with, make_engine):
+    volume_node, _ = sphere_volume("ras")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seen = []
+    job = logic.segment(volume_node, ["liver", "spleen"], model="test", waitForCompletion=False,
+                        progressCallback=lambda f, m: seen.append(f) or (len(seen) < 3))
+    from automedsam.engine import CancelledError
+
+    with pytest.raises(CancelledError):
+        job.wait()
+    assert job.cancelled and job.result is None and len(seen) >= 3
+    assert seen == sorted(seen)
+    done = logic.segment(volume_node, ["liver", "spleen"], model="test", waitForCompletion=False)
+    while done.step():
+        pass
+    names = {s.GetName() for s in done.result.GetSegmentation().segments.values()}
+    assert names == {"Liver", "Spleen"}
+    with pytest.raises(Exception, match="not one the model knows"):
+        logic.segment(volume_node, ["brain"], model="test")
+    with pytest.raises(ValueError, match="no classes"):
+        logic.segment(volume_node, " , ", model="test")
+
+
+def test_propagate_starts_from_the_segment_as_the_user_left_it(slicer, logic_with, make_engine):
+    volume_node, inside = sphere_volume("lps")
+    engine = make_engine("tiny-sam", "ppn", objectness_threshold=-1e9)
+    Oracle(engine, inside)
+    logic = logic_with(engine)
+    seg_node = slicer_fake.FakeSegmentationNode()
+    seed = np.zeros_like(inside)
+    seed[4] = inside[4]
+    seg_id = seg_node.GetSegmentation().AddEmptySegment("", "Liver", (1, 0, 0))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(seed.astype(np.uint8), seg_node, seg_id, volume_node)
+    written = logic.propagate(volume_node, seg_node, "liver", 4)
+    labelmap = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    present = [k for k in range(8) if inside[k].any()]
+    assert set(written) == set(present) - {4}
+    for k in written:
+        assert 2 * (labelmap[k] & inside[k]).sum() / (labelmap[k].sum() + inside[k].sum()) > 0.85
+    logic.undo(seg_node)
+    assert np.array_equal(stored(seg_node, "Liver").labelmap[0].astype(bool), seed)
+
+
+def test_teach_from_a_few_drawn_slices_then_segment_with_the_new_bundle(slicer, logic_with, make_engine, tmp_path):
+    volume_node, inside = sphere_volume("lps")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seg_node = slicer_fake.FakeSegmentationNode()
+    drawn = np.zeros_like(inside)
+    drawn[[3, 4]] = inside[[3, 4]]  # the user drew two slices
+    seg_id = seg_node.GetSegmentation().AddEmptySegment("", "Tumor core", (1, 0, 0))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn.astype(np.uint8), seg_node, seg_id, volume_node)
+    messages = []
+    path = logic.teach(volume_node, seg_node, ["Tumor core"], epochs=1, outputPath=str(tmp_path / "taught.zip"),
+                       progressCallback=lambda f, m: messages.append(m))
+    assert path == str(tmp_path / "taught.zip") and (tmp_path / "taught.zip").exists()
+    assert logic.defaultModel == path and any("epoch" in m or "step" in m for m in messages)
+    assert [c.name for c in logic.modelClasses()] == ["tumor_core"]
+    out = logic.segment(volume_node, ["tumor_core"])  # used at once, no reload
+    assert stored(out, "Tumor core") is not None
+    empty = slicer_fake.FakeSegmentationNode()
+    empty.GetSegmentation().AddEmptySegment("", "Nothing", (0, 0, 1))
+    with pytest.raises(ValueError, match="is empty"):
+        logic.teach(volume_node, empty, epochs=1)
+
+
+def test_worker_backend_restarts_after_a_crash_and_nothing_is_lost(slicer, make_bundle):
+    """The panel's default: a local worker process (here started with this Python). Killed between
+    two actions, it is restarted and the session restored; the scene keeps everything."""
+    import sys
+
+    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+
+    engines = WorkerEngines(python=sys.executable, device="cpu")
+    logic = AutoMedSAMSlicerLogic(engines)
+    try:
+        volume_node, _ = sphere_volume("lps")
+        seg_node = logic.segment(volume_node, ["liver", "spleen"], model=str(make_bundle("tiny-sam2", "ppn")))
+        before = {n: stored(seg_node, n).labelmap[0].copy() for n in ("Liver", "Spleen")}
+        info = logic.deviceInfo()
+        assert info["device"] == "cpu" and "gpu" in info
+        first = engines.worker.process
+        first.kill()
+        first.wait()
+        point = (volume_node.ijkToRas @ [20, 18, 4, 1])[:3]
+        assert logic.refine(volume_node, seg_node, "liver", points=[point], mode="manual") == 4
+        assert engines.worker.alive() and engines.worker.process is not first
+        after = stored(seg_node, "Liver").labelmap[0]
+        assert np.array_equal(np.delete(after, 4, axis=0), np.delete(before["Liver"], 4, axis=0))
+        assert np.array_equal(stored(seg_node, "Spleen").labelmap[0], before["Spleen"])
+        # The restored session still has the volume: propagate from the refined slice works.
+        logic.propagate(volume_node, seg_node, "liver", 4, maxSlices=1)
+    finally:
+        logic.shutdown()
+    assert not engines.worker.alive()
+
+
+def test_batch_script_arguments_and_exit_codes(slicer, tmp_path, capsys):
+    import runpy
+
+    from conftest import REPO
+
+    script = runpy.run_path(str(REPO / "AutoMedSAMSlicer" / "Resources" / "Scripts" / "AutoMedSAMBatch.py"))
+    main = script["main"]
+    assert main(["--help"]) == 0 and "--classes" in capsys.readouterr().out
+    assert main(["--input", "x"]) == 2  # missing required arguments
+    bundle = tmp_path / "b.zip"
+    bundle.write_bytes(b"")
+    args = ["--classes", "liver", "--model", str(bundle), "--output", str(tmp_path / "o.seg.nrrd")]
+    assert main(["--input", str(tmp_path / "missing.nrrd"), *args]) == 2
+    assert "missing.nrrd does not exist" in capsys.readouterr().err
