@@ -197,6 +197,26 @@ def dice(a, b):
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
+def disc_decoder(engine, radius_sq: float = 9.0) -> None:
+    """Decoder stand-in painting a disc where the prompt encoder was told the (first) click is."""
+    seen = {}
+    original = engine.backbone.embed_prompts
+
+    def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
+        seen["points"] = torch.as_tensor(points).clone()
+        return original(points, labels, boxes, masks, batch_size)
+
+    def decode(features, sparse, dense, multimask=False):
+        low, size = engine.backbone.mask_size, engine.backbone.input_size
+        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
+        yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
+        disc = ((xx - x) ** 2 + (yy - y) ** 2 < radius_sq).float() * 40 - 20
+        m = 3 if multimask else 1
+        return DecoderOutput(disc[None, None].expand(1, m, low, low), torch.ones(1, m), None)
+
+    engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
+
+
 @pytest.mark.parametrize("which", ["dicom", "flipped_label_grid"])
 def test_model_space_masks_land_on_the_right_voxels_of_real_volumes(make_engine, ct_dir, tmp_path, which):
     image = read_image(ct_dir / "ct_dicom")
@@ -231,21 +251,7 @@ def test_clicks_reach_the_decoder_at_the_clicked_voxel(make_engine, ct_dir):
     volume = read_image(ct_dir / "ct_lowres.nii.gz")
     engine = make_engine("tiny-sam2", "ppn")
     engine.set_volume(volume)
-    seen = {}
-    original = engine.backbone.embed_prompts
-
-    def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
-        seen["points"] = torch.as_tensor(points).clone()
-        return original(points, labels, boxes, masks, batch_size)
-
-    def decode(features, sparse, dense, multimask=False):
-        low, size = engine.backbone.mask_size, engine.backbone.input_size
-        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
-        yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
-        disc = ((xx - x) ** 2 + (yy - y) ** 2 < 4.0).float() * 40 - 20
-        return DecoderOutput(disc[None, None], torch.ones(1, 1), None)
-
-    engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
+    disc_decoder(engine, radius_sq=4.0)
     for i, j in [(30, 40), (100, 20), (61, 77)]:
         mask = engine.refine("liver", 12, points=[[i, j]], mode="manual")
         jj, ii = np.nonzero(mask)

@@ -7,10 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import slicer_fake
-import torch
-from test_engine import Oracle
-
-from automedsam.backbones import DecoderOutput
+from test_engine import Oracle, disc_decoder
 
 RADIUS_MM = 14.0
 CENTRE_RAS = np.array([-3.0, 12.0, 40.0])
@@ -103,26 +100,6 @@ def test_segment_masks_land_on_the_right_voxels(logic_with, make_engine, kind):
     dice = 2 * np.logical_and(labelmap, inside).sum() / (labelmap.sum() + inside.sum())
     assert dice > 0.93
     assert np.abs(ras.mean(axis=0) - CENTRE_RAS).max() < 1.0
-
-
-def disc_decoder(engine):
-    """Decoder stand-in painting a disc at the click the prompt encoder was given."""
-    seen = {}
-    original = engine.backbone.embed_prompts
-
-    def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
-        seen["points"] = torch.as_tensor(points).clone()
-        return original(points, labels, boxes, masks, batch_size)
-
-    def decode(features, sparse, dense, multimask=False):
-        low, size = engine.backbone.mask_size, engine.backbone.input_size
-        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
-        yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
-        disc = ((xx - x) ** 2 + (yy - y) ** 2 < 9.0).float() * 40 - 20
-        return DecoderOutput(disc[None, None].expand(1, 3 if multimask else 1, low, low),
-                             torch.ones(1, 3 if multimask else 1), None)
-
-    engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
 
 
 @pytest.mark.parametrize("kind", ["lps", "flipped_j", "oblique", "transformed"])
