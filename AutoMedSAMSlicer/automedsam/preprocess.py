@@ -14,7 +14,9 @@ are ``(x, y)`` = (column, row), so voxel ``(i, j)`` maps to model ``(x, y)`` wit
 order. The mapping is pixel-centre exact: voxel index ``i`` covers ``[i, i + 1)`` in continuous
 units, is scaled by ``s_x = resized_w / width``, and its centre lands at model pixel index
 ``x = (i + 0.5) * s_x - 0.5`` (SAM's prompt encoder adds the 0.5 back). Boxes are ``(i0, j0, i1,
-j1)`` indices of their extreme voxels (inclusive), the convention SAM boxes were trained with.
+j1)`` indices of their extreme voxels (inclusive); in model space they become the extreme model
+pixels those voxels cover, the convention SAM boxes were trained with (extreme mask pixels at
+model resolution).
 """
 
 from __future__ import annotations
@@ -136,16 +138,24 @@ class SliceTransform:
     Attributes:
         height: slice rows (J voxels).
         width: slice columns (I voxels).
-        size: the backbone's square input size S (1024 for SAM/MedSAM/SAM 2.1).
+        size: the backbone's square input size S (1024 for SAM/MedSAM/SAM 2.1, 256 for LiteMedSAM).
+        interpolation: image resizing: ``"bilinear"`` (antialiased when shrinking) or ``"area"``
+            (OpenCV's INTER_AREA when shrinking, as LiteMedSAM's reference inference; bilinear when
+            enlarging, see :meth:`image_to_model`).
+        minmax: min-max the resized image to [0, 1] before padding (LiteMedSAM's reference).
     """
 
     height: int
     width: int
     size: int
+    interpolation: Literal["bilinear", "area"] = "bilinear"
+    minmax: bool = False
 
     def __post_init__(self) -> None:
         if min(self.height, self.width, self.size) < 1:
             raise InvalidInputError(f"slice size {self.height}x{self.width} and model size {self.size} must be >= 1")
+        if self.interpolation not in ("bilinear", "area"):
+            raise InvalidInputError(f"interpolation must be bilinear or area, got {self.interpolation!r}")
 
     @property
     def resized_shape(self) -> tuple[int, int]:
@@ -171,12 +181,21 @@ class SliceTransform:
         return (pts + 0.5) / np.array(self.scale_xy) - 0.5
 
     def box_to_model(self, box_ij: np.ndarray) -> np.ndarray:
-        """Box ``(i0, j0, i1, j1)`` of extreme voxel indices -> model ``(x0, y0, x1, y1)``."""
-        return self.points_to_model(np.asarray(box_ij, dtype=np.float64).reshape(2, 2)).reshape(4)
+        """Box ``(i0, j0, i1, j1)`` of extreme voxel indices -> model ``(x0, y0, x1, y1)``: the
+        extreme model pixels those voxels cover, as SAM's training boxes were the extreme pixels of
+        a mask at model resolution (at scale 1 the box is unchanged). Voxel ``i`` covers model
+        pixels ``i * s_x`` to ``(i + 1) * s_x - 1``."""
+        b = np.asarray(box_ij, dtype=np.float64).reshape(4)
+        s = np.array(self.scale_xy * 2)
+        lo, hi = b[:2] * s[:2], (b[2:] + 1) * s[2:] - 1
+        return np.concatenate([lo, np.maximum(hi, lo)])
 
     def box_from_model(self, box_xy: np.ndarray) -> np.ndarray:
-        """Model box ``(x0, y0, x1, y1)`` -> voxel ``(i0, j0, i1, j1)`` (exact inverse)."""
-        return self.points_from_model(np.asarray(box_xy, dtype=np.float64).reshape(2, 2)).reshape(4)
+        """Model box ``(x0, y0, x1, y1)`` -> voxel ``(i0, j0, i1, j1)`` (the inverse of
+        :meth:`box_to_model` for boxes at least one voxel wide)."""
+        b = np.asarray(box_xy, dtype=np.float64).reshape(4)
+        s = np.array(self.scale_xy * 2)
+        return np.concatenate([b[:2] / s[:2], (b[2:] + 1) / s[2:] - 1])
 
     def check_points(self, points_ij: np.ndarray, what: str = "point") -> None:
         """Raise :class:`InvalidInputError` if any (i, j) lies outside the slice."""
@@ -192,12 +211,13 @@ class SliceTransform:
     def image_to_model(self, image: np.ndarray) -> np.ndarray:
         """Slice ``(J, I)`` or ``(J, I, 3)`` float in [0, 1] -> padded model input ``(S, S, 3)`` float32.
 
-        Bilinear resampling with pixel-centre alignment (antialiased when shrinking); grey slices
-        are repeated to 3 channels; padding is 0.
+        Resampling with pixel-centre alignment: bilinear (antialiased when shrinking), or with
+        ``"area"`` OpenCV's INTER_AREA when shrinking and bilinear when enlarging. (INTER_AREA
+        enlarges by near-nearest-neighbour blocks, unlike the area-shrunk images LiteMedSAM was
+        trained on; on the shared 3 mm CT, enlarged 2.1x, box-prompted DSC was 0.010 lower for the
+        liver and spleen with it.) Then, with ``minmax``, the resized image is stretched to [0, 1] (a
+        constant image becomes 0); grey slices are repeated to 3 channels; padding is 0.
         """
-        import torch
-        import torch.nn.functional as F  # noqa: N812
-
         img = np.asarray(image, dtype=np.float32)
         if img.ndim == 2:
             img = np.repeat(img[..., None], 3, axis=2)
@@ -206,12 +226,25 @@ class SliceTransform:
                 f"slice shape {img.shape[:2]} does not match the transform ({self.height}, {self.width})"
             )
         rh, rw = self.resized_shape
-        t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
-        if (rh, rw) != (self.height, self.width):
+        if (rh, rw) == (self.height, self.width):
+            resized = img
+        elif self.interpolation == "area" and rh <= self.height and rw <= self.width:
+            import cv2
+
+            resized = cv2.resize(np.ascontiguousarray(img), (rw, rh), interpolation=cv2.INTER_AREA)
+        else:
+            import torch
+            import torch.nn.functional as F  # noqa: N812
+
+            t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
             t = F.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False,
                               antialias=rh < self.height or rw < self.width)
+            resized = t[0].numpy().transpose(1, 2, 0)
+        if self.minmax:
+            lo, hi = float(resized.min()), float(resized.max())
+            resized = (resized - lo) / max(hi - lo, 1e-8)
         out = np.zeros((self.size, self.size, 3), dtype=np.float32)
-        out[:rh, :rw] = t[0].numpy().transpose(1, 2, 0)
+        out[:rh, :rw] = resized
         return out
 
     # ----------------------------------------------------------------------------- masks

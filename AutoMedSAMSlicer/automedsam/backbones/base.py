@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..models import BackboneSpec
+from ..preprocess import SliceTransform
 
 if TYPE_CHECKING:  # torch is imported lazily at run time
     import torch
@@ -147,6 +148,11 @@ class Backbone(ABC):
         if self.device.type == "cuda" and self.amp_dtype is not None:
             return torch.autocast("cuda", dtype=self.amp_dtype)
         return contextlib.nullcontext()
+
+    def slice_transform(self, height: int, width: int) -> SliceTransform:
+        """The mapping between a ``(height, width)`` slice (J rows, I columns) and this backbone's
+        padded ``S x S`` input, with the backbone's own resizing and per-slice normalisation."""
+        return SliceTransform(height, width, self.input_size, self.spec.resize, self.spec.slice_minmax)
 
     # --------------------------------------------------------------------------- encoding
     def normalize(self, images) -> torch.Tensor:

@@ -203,7 +203,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     data = TrainingData(folder, len(plan), shapes, "w+")
     labels = np.zeros((len(plan), low, low), np.uint16)
     normalized = [normalize_intensity(s.case.image.array, intensity.value_range(s.case.image.array)) for s in split]
-    transforms = [SliceTransform(*s.case.image.array.shape[1:3], size) for s in split]
+    transforms = [backbone.slice_transform(*s.case.image.array.shape[1:3]) for s in split]
     batch = 4
     for start in range(0, len(plan), batch):
         images = []
