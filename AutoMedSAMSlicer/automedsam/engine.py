@@ -29,7 +29,7 @@ import numpy as np
 
 from .classes import ClassCatalog, ClassInfo, custom_class
 from .errors import AutoMedSAMError, InvalidInputError
-from .preprocess import IntensityConfig, SliceTransform, normalize_intensity
+from .preprocess import IntensityConfig, normalize_intensity
 from .segmentation import Segmentation, SegmentInfo
 from .volume import Volume
 

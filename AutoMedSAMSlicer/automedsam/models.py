@@ -75,7 +75,8 @@ class BackboneSpec:
 
     def provenance(self) -> dict:
         """Package and version (or URL), sha256, upstream project and license of the weights."""
-        return {"source": self.source, "package": asdict(self.package) if self.package else None, "url": self.url, "sha256": self.sha256,
+        return {"source": self.source, "package": asdict(self.package) if self.package else None, "url": self.url,
+                "sha256": self.sha256,
                 "size_bytes": self.size_bytes, "upstream": self.homepage, "license": self.license}
 
 

@@ -29,7 +29,7 @@ def register(sub) -> None:
 def check_backbone(backbone_id: str, image_path: str, weights: str | None = None, device: str = "auto") -> dict:
     from ..backbones import build_backbone
     from ..io import read_image
-    from ..preprocess import IntensityConfig, SliceTransform, normalize_intensity
+    from ..preprocess import IntensityConfig, normalize_intensity
 
     volume = read_image(image_path)
     t0 = time.perf_counter()

@@ -27,16 +27,22 @@ DEMO_CLASSES = {"liver": 5, "spleen": 1, "left_kidney": 3, "right_kidney": 2}
 
 
 def register(sub) -> None:
+    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
+    from ..models import DEFAULT_BACKBONE
+
     p = sub.add_parser("demo", help="teach 4 organs from a few slices of a public CT and segment the rest",
                        description=__doc__)
     p.add_argument("--image", help="local CT instead of the download (e.g. ../shared/data/ct_abdomen/ct_lowres.nii.gz)")
     p.add_argument("--labels", help="its reference label map (TotalSegmentator ids: liver 5, spleen 1, kidneys 2/3)")
     p.add_argument("--smoke", action="store_true", help="same pipeline with the random tiny test backbone (offline)")
-    p.add_argument("--backbone", default="sam2.1_hiera_t", help="backbone (default sam2.1_hiera_t)")
-    p.add_argument("--generator", choices=["ppn", "diffusion"], default="ppn")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone (default {DEFAULT_BACKBONE})")
+    p.add_argument("--generator", choices=GENERATOR_KINDS, default=DEFAULT_GENERATOR,
+                   help=f"prompt generator (default {DEFAULT_GENERATOR})")
     p.add_argument("--train-slices", default="1::3", help="slices to teach from (default every third: 1::3)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40; 3 with --smoke)")
-    p.add_argument("--lr", type=float, default=3e-4, help="generator learning rate (default 3e-4)")
+    p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: the generator's recipe)")
+    p.add_argument("--finetune-decoder", action="store_true",
+                   help="also train the mask decoder (ppn / diffusion only; the frozen decoder measured best)")
     p.add_argument("--decoder-lr", type=float, default=None,
                    help="mask decoder learning rate (default 1e-5 for pretrained weights, 3e-4 for random ones)")
     p.add_argument("--out", default="automedsam-demo", help="output folder (default ./automedsam-demo)")
@@ -66,7 +72,8 @@ def fetch_demo_data(home: Path) -> tuple[Path, Path]:
 
 
 def check_weights(backbone_id: str) -> None:
-    """Fail fast (exit 3) when the backbone's weights are neither cached nor obtainable."""
+    """Fail fast (exit 3) when the backbone's weights are neither cached nor obtainable offline."""
+    from ..download import packaged_weights_resource
     from ..errors import WeightsUnavailableError
     from ..models import BackboneCatalog
 
@@ -74,68 +81,78 @@ def check_weights(backbone_id: str) -> None:
     spec = catalog.get(backbone_id)
     if spec.test_only or catalog.cached_path(spec) is not None:
         return
+    if spec.package:
+        packaged_weights_resource(spec)  # raises with what to install
+        return
     how = (f"automedsam models download {spec.id}" if spec.sha256 else
            f"automedsam models download {spec.id} --sha256 <the publisher's sha256>")
     raise WeightsUnavailableError(
         f"the demo needs {spec.display_name} weights at {catalog.expected_path(spec)} (from {spec.url}). "
-        f"Run `{how}` or `automedsam models import {spec.id} FILE`, or use --smoke for the random test backbone."
+        f"Run `{how}` or `automedsam models import {spec.id} FILE`, or use the default backbone (LiteMedSAM, which "
+        "installs with the package), or --smoke for the random test backbone."
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..bundle import backbone_for_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..io import write_segmentation
     from ..metrics import evaluate_masks
     from ..models import automedsam_home
-    from ..training import AugmentConfig, TrainConfig, load_case
+    from ..training import AugmentConfig, TrainConfig, embedding_cache_dir, load_case
+    from .progress import run_segment
     from .train_cmd import run_training
 
+    t0 = time.perf_counter()
     if bool(args.image) != bool(args.labels):
         raise InvalidInputError("give both --image and --labels (or neither, to download the demo CT)")
     backbone_id = "tiny-sam2" if args.smoke else args.backbone
     check_weights(backbone_id)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} exists and is not a folder")
     if args.image:
         image_path, labels_path = Path(args.image), Path(args.labels)
     else:
         print("fetching the demo CT (TotalSegmentator test files, pinned by sha256) ...", file=sys.stderr)
         image_path, labels_path = fetch_demo_data(automedsam_home())
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     case = load_case(str(image_path), str(labels_path))
     random_backbone = backbone_id.startswith("tiny-")
+    epochs = args.epochs or (3 if args.smoke else 40)
     config = TrainConfig(
         classes=DEMO_CLASSES, generator=args.generator, backbone=backbone_id,
-        weights="random" if random_backbone else None, device=args.device,
-        epochs=args.epochs or (3 if args.smoke else 40), lr=args.lr,
+        weights="random" if random_backbone else None, device=args.device, epochs=epochs, lr=args.lr,
+        finetune_decoder=args.finetune_decoder,
         decoder_lr=args.decoder_lr or (3e-4 if random_backbone else 1e-5),
         train_slices=args.train_slices, val_slices=None, augment=AugmentConfig(copies=2),
-        name=f"demo-{args.generator}-{backbone_id}")
+        # Scored once, after the last epoch: the reported slices never pick the weights.
+        validate_every=epochs, name=f"demo-{args.generator}-{backbone_id}")
     print(f"teaching {', '.join(DEMO_CLASSES)} from slices {args.train_slices} of {case.name} "
-          f"({case.image.num_slices} slices) with {backbone_id}", file=sys.stderr)
+          f"({case.image.num_slices} slices) with {backbone_id} + {args.generator}", file=sys.stderr)
     final = run_training(config, [case])
     bundle_path = final.bundle.save(out / "demo_bundle.zip")
     taught = final.bundle.manifest["training"]["train_slices"][case.name]
     held_out = [k for k in range(case.image.num_slices) if k not in set(taught)]
-    from ..bundle import backbone_for_bundle
 
-    engine = Engine(backbone_for_bundle(final.bundle, args.device), final.bundle, EngineConfig())
+    engine = Engine(backbone_for_bundle(final.bundle, args.device), final.bundle,
+                    EngineConfig(cache_dir=str(embedding_cache_dir(config))))
     engine.set_volume(case.image)
-    from tqdm import tqdm
-
-    result = None
-    with tqdm(total=case.image.num_slices, desc="segment", unit="slice", file=sys.stderr) as bar:
-        for event in engine.segment(list(DEMO_CLASSES)):
-            bar.update(event.done - bar.n)
-            result = event.result or result
+    result = run_segment(engine, list(DEMO_CLASSES))
     seg_path = write_segmentation(result.to_segmentation(), out / "demo.seg.nrrd")
     spacing = tuple(reversed(case.image.spacing))
     pred = {n: result.masks[n][held_out] for n in DEMO_CLASSES}
     ref = {n: case.labels.array[held_out] == v for n, v in DEMO_CLASSES.items()}
     report = evaluate_masks(pred, ref, spacing, 2.0)
-    summary = {"image": str(image_path), "backbone": backbone_id, "generator": args.generator,
+    seconds = round(time.perf_counter() - t0, 1)
+    summary = {"backbone": backbone_id, "generator": args.generator,
+               "validation": {n: {"dsc": m["dsc"], "nsd": m["nsd"]} for n, m in report["classes"].items()},
+               "seconds": seconds, "mean": report["mean"], "tolerance_mm": 2.0, "image": str(image_path),
                "taught_slices": taught, "evaluated_slices": len(held_out), "bundle": str(bundle_path),
-               "segmentation": str(seg_path), "metrics": report, "smoke": args.smoke}
+               "segmentation": str(seg_path), "smoke": args.smoke}
     if args.json:
         emit_json(summary)
     else:
@@ -143,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         for name, m in report["classes"].items():
             print(f"  {name:<14} DSC {m['dsc']:.3f}  NSD {m['nsd']:.3f}")
         print(f"  {'mean':<14} DSC {report['mean']['dsc']:.3f}  NSD {report['mean']['nsd']:.3f}")
-        print(f"wrote {seg_path} and {bundle_path}")
+        print(f"wrote {seg_path} and {bundle_path} ({seconds:.0f} s in all)")
         if args.smoke:
             print("(smoke run: random-weight test backbone, numbers are not meaningful)")
     return 0

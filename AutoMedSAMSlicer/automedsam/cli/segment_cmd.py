@@ -29,13 +29,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..bundle import backbone_for_bundle, load_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..io import read_image, write_segmentation
     from ..selection import parse_slices
+    from .progress import run_segment
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -49,12 +48,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(backbone_for_bundle(bundle, args.device), bundle,
                     EngineConfig(cleanup="none" if args.no_cleanup else "largest_component", cache_dir=args.cache_dir))
     engine.set_volume(volume)
-    result = None
-    with tqdm(total=len(slices), unit="slice", desc="segment", file=sys.stderr) as bar:
-        for event in engine.segment(names, slices):
-            bar.update(event.done - bar.n)
-            if event.result is not None:
-                result = event.result
+    result = run_segment(engine, names, slices)
     for message in engine.messages:
         print(f"note: {message}", file=sys.stderr)
     write_segmentation(result.to_segmentation(), out)

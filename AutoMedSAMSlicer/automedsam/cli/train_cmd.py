@@ -10,16 +10,21 @@ from .main import emit_json
 
 
 def register(sub) -> None:
+    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
+    from ..models import DEFAULT_BACKBONE
+
     p = sub.add_parser(
         "train", help="train a prompt generator from labelled volumes (writes a model bundle)",
-        description="Trains Sam2Rad's PPN or AutoMedSAM's diffusion class prompt encoder on a frozen backbone "
-                    "(mask decoder fine-tuned unless --no-finetune-decoder), validating on held-out slices with "
-                    "the real engine, and writes the best epoch as a model bundle.")
+        description="Trains a prompt generator (the class-map network, Sam2Rad's PPN or AutoMedSAM's diffusion "
+                    "class prompt encoder) on a frozen backbone (the mask decoder too with --finetune-decoder), "
+                    "validating on held-out slices or cases with the real engine, and writes the best epoch as a "
+                    "model bundle.")
     p.add_argument("--image", action="append", required=True, help="image (repeat with --labels for more cases)")
     p.add_argument("--labels", action="append", required=True, help="label map / .seg.nrrd for each --image")
     p.add_argument("--classes", required=True, help="name=label_value pairs, e.g. liver=5,spleen=1")
-    p.add_argument("--generator", choices=["ppn", "diffusion"], default="ppn")
-    p.add_argument("--backbone", default="tiny-sam2", help="backbone id (default tiny-sam2, test-only)")
+    p.add_argument("--generator", choices=GENERATOR_KINDS, default=DEFAULT_GENERATOR,
+                   help=f"prompt generator (default {DEFAULT_GENERATOR})")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone id (default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", default=None, help="'random', a weights file, or the cached file (default)")
     p.add_argument("--val-slices", default="0::3", help="held-out slices: start:stop[:step] or a list (default 0::3)")
     p.add_argument("--train-slices", help="instead of --val-slices: the slices to learn from; the rest validate")
@@ -31,7 +36,10 @@ def register(sub) -> None:
                    help="mask decoder learning rate (default 1e-5, the recipe for pretrained decoders; a random "
                         "test backbone's decoder needs ~3e-4)")
     p.add_argument("--augment-copies", type=int, default=2, help="augmented copies per slice, encoded once")
-    p.add_argument("--no-finetune-decoder", action="store_true", help="keep the mask decoder frozen")
+    decoder = p.add_mutually_exclusive_group()
+    decoder.add_argument("--finetune-decoder", action="store_true",
+                         help="also train the mask decoder (ppn / diffusion; default: frozen, which measured best)")
+    decoder.add_argument("--no-finetune-decoder", action="store_true", help="keep the mask decoder frozen (default)")
     p.add_argument("--window", default="abdomen", help="CT window preset, or 'mr' for percentile normalisation")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +67,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         classes=parse_class_mapping(args.classes), generator=args.generator, backbone=args.backbone, weights=weights,
         device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr,
-        finetune_decoder=not args.no_finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
+        finetune_decoder=args.finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
         train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
         intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
         name=args.name or Path(args.output).stem)

@@ -1,6 +1,7 @@
 """Training prompt generators from labelled volumes (see :mod:`automedsam.training.loop`)."""
 
 from .data import AugmentConfig, Case, load_case, parse_class_mapping
-from .loop import TrainConfig, TrainEvent, train
+from .loop import TrainConfig, TrainEvent, embedding_cache_dir, train
 
-__all__ = ["AugmentConfig", "Case", "TrainConfig", "TrainEvent", "load_case", "parse_class_mapping", "train"]
+__all__ = ["AugmentConfig", "Case", "TrainConfig", "TrainEvent", "embedding_cache_dir", "load_case",
+           "parse_class_mapping", "train"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..io import read_image, read_segmentation
-from ..preprocess import IntensityConfig, SliceTransform, normalize_intensity
+from ..preprocess import IntensityConfig, normalize_intensity
 from ..resample import labels_onto_grid
 from ..selection import parse_slices
 from ..volume import Volume
@@ -187,7 +187,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     rng = np.random.default_rng(seed)
     plan = [(ci, k, c) for ci, s in enumerate(split) for k in s.train_slices for c in range(augment.copies + 1)]
     thetas = [_affine(rng, augment, flips) if c else None for _, _, c in plan]
-    size, e, low = backbone.input_size, backbone.embedding_size, backbone.mask_size
+    e, low = backbone.embedding_size, backbone.mask_size
     shapes = {"embeddings": (256, e, e)}
     if backbone.spec.family == "sam2":
         shapes |= {"high_res_0": (32, 4 * e, 4 * e), "high_res_1": (64, 2 * e, 2 * e)}

@@ -17,12 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..generators import DEFAULT_GENERATOR
+from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
 from .data import AugmentConfig, Case, encode_training_items, split_slices
 
 log = logging.getLogger(__name__)
 
 RECIPES = {
+    # Class-map network: per-pixel CE + Dice, no decoder in the loop (see generators/classmap.py).
+    "classmap": {"lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "eps": 1e-8},
     # Sam2Rad sec. 4.3: AdamW, weight decay 0.1, lr 1e-4 (PPN) and 1e-5 (decoder), batch 4.
     "ppn": {"lr": 1e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "eps": 1e-8},
     # AutoMedSAM: AdamW lr 5e-4, betas (0.9, 0.999), eps 1e-8; reduce-on-plateau factor 0.9, patience 5.
@@ -36,25 +40,26 @@ class TrainConfig:
 
     Attributes:
         classes: class name -> label value in the label maps.
-        generator: ``"ppn"`` or ``"diffusion"``.
-        backbone: backbone id; ``weights``: "random", None (cached) or a file.
+        generator: ``"classmap"`` (default), ``"ppn"`` or ``"diffusion"``.
+        backbone: backbone id (default LiteMedSAM); ``weights``: "random", None (cached) or a file.
         val_slices: held-out slice selection (``0::3``) applied to every case; ``val_cases``:
             indices of cases held out whole; ``train_slices``: instead, the slices to learn from
             (all others validate: "teach from a few slices").
-        lr: generator learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``.
+        lr: generator learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``
+            (off by default: the frozen pretrained decoder measured best, see the README).
         negative_ratio: absent-class samples per present-class sample (objectness training).
     """
 
     classes: dict[str, int]
-    generator: str = "ppn"
-    backbone: str = "tiny-sam2"
-    weights: str | None = "random"
+    generator: str = DEFAULT_GENERATOR
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
     device: str = "auto"
     epochs: int = 30
     batch_size: int = 4
     lr: float | None = None
     decoder_lr: float = 1e-5
-    finetune_decoder: bool = True
+    finetune_decoder: bool = False
     val_slices: str | None = "0::3"
     val_cases: tuple[int, ...] = ()
     train_slices: str | None = None
@@ -71,7 +76,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.generator not in RECIPES:
-            raise InvalidInputError(f"generator must be ppn or diffusion, got {self.generator!r}")
+            raise InvalidInputError(f"generator must be one of {', '.join(RECIPES)}, got {self.generator!r}")
+        if self.generator == "classmap" and self.finetune_decoder:
+            raise InvalidInputError("the classmap generator trains without the mask decoder in the loop, so it "
+                                    "cannot fine-tune it; keep the decoder frozen or use ppn / diffusion")
         if self.epochs < 1 or self.batch_size < 1:
             raise InvalidInputError("epochs and batch size must be >= 1")
 
@@ -103,6 +111,18 @@ class TrainEvent:
     bundle: object = None
 
 
+def train_cache_dir(config: TrainConfig) -> Path:
+    """Where encoded training items are kept (``cache_dir`` or ``$AUTOMEDSAM_HOME/train-cache``)."""
+    from ..models import automedsam_home
+
+    return Path(config.cache_dir) if config.cache_dir else automedsam_home() / "train-cache"
+
+
+def embedding_cache_dir(config: TrainConfig) -> Path:
+    """The engine embedding cache shared by validation and later segmentation of the same volumes."""
+    return train_cache_dir(config) / "embeddings"
+
+
 def _samples(labels: np.ndarray, values: list[int], ratio: float, rng: np.random.Generator) -> np.ndarray:
     """(item, class) pairs: every present pair, plus ``ratio`` x as many absent pairs."""
     present = np.stack([(labels == v).any(axis=(1, 2)) for v in values], axis=1)  # (n, C)
@@ -122,10 +142,9 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     from ..backbones import build_backbone
     from ..bundle import create_bundle
     from ..classes import custom_class, default_class_catalog
-    from ..engine import Engine
-    from ..generators import build_generator, decoder_prompts, default_config
-    from ..models import automedsam_home
-    from .losses import DIFFUSION_TERMS, UncertaintyWeights, diffusion_loss, ppn_loss
+    from ..engine import Engine, EngineConfig
+    from ..generators import build_generator, default_config
+    from .losses import DIFFUSION_TERMS, UncertaintyWeights
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -142,7 +161,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     device = backbone.device
     yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.generator} on {backbone.id} ({device})")
 
-    cache_root = Path(config.cache_dir) if config.cache_dir else automedsam_home() / "train-cache"
+    cache_root = train_cache_dir(config)
     result = None
     for item in encode_training_items(split, backbone, config.intensity, config.augment, lateral, config.seed,
                                       cache_root):
@@ -172,7 +191,10 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     engines = []
     for s in split:
         if s.val_slices:
-            e = Engine(backbone, None)
+            # Same intensity as training; embeddings cached on disk, so a later segment of the
+            # same volume (the demo, a rerun) does not encode the held-out slices again.
+            e = Engine(backbone, None, EngineConfig(intensity=config.intensity,
+                                                    cache_dir=str(embedding_cache_dir(config))))
             e.set_volume(s.case.image)
             engines.append((e, s))
 
@@ -193,39 +215,21 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         yield TrainEvent("checkpoint", epoch=state["epoch"], epochs=config.epochs, message=f"resumed from {ckpt_path}")
 
     pe = backbone.dense_pe().detach()
+    if config.generator == "classmap":
+        step_fn = _ClassMapSteps(generator, data, labels, values, device)
+    else:
+        step_fn = _PairSteps(generator, backbone, data, labels, values, device, pe, weighting, config)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, config.epochs + 1):
         generator.train()
-        pairs = _samples(labels, values, config.negative_ratio, rng)
-        steps = max(1, int(np.ceil(len(pairs) / config.batch_size)))
+        batches = step_fn.batches(rng, config.batch_size)
+        steps = len(batches)
         sums: dict[str, float] = {}
-        for step in range(steps):
+        for step, batch in enumerate(batches):
             if cancel is not None and cancel.is_set():
                 yield TrainEvent("cancelled", epoch, config.epochs, step, steps, "cancelled; no bundle written")
                 return
-            batch = pairs[step * config.batch_size:(step + 1) * config.batch_size]
-            items, cls = batch[:, 0], batch[:, 1]
-            order = np.argsort(items)  # memory-mapped reads in file order
-            items, cls = items[order], cls[order]
-            feats = data.features(items, device)
-            lab = torch.from_numpy(labels[items].astype(np.int64)).to(device)
-            target = (lab == torch.tensor(values, device=device)[torch.from_numpy(cls).to(device)][:, None, None])
-            target = target.float()
-            present = target.flatten(1).amax(1)
-            class_idx = torch.from_numpy(cls).to(device)
-            with backbone.autocast():
-                gen = generator(feats.embeddings, pe, class_idx)
-                sparse, dense = decoder_prompts(backbone, gen)
-                out = backbone.decode(feats, sparse, dense)
-            final = out.mask_logits[:, 0].float()
-            if config.generator == "ppn":
-                losses = ppn_loss(gen, final, target, present)
-            else:
-                from .losses import boxes_from_masks
-
-                with torch.no_grad():
-                    t_sparse, t_dense = backbone.embed_prompts(boxes=boxes_from_masks(target) * backbone.input_size)
-                losses = diffusion_loss(gen, final, target, present, t_sparse, t_dense, weighting)
+            losses = step_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -275,6 +279,70 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                                     "tolerance_mm": config.tolerance_mm})
     yield TrainEvent("done", config.epochs, config.epochs, message="done", metrics=best["metrics"] if best else {},
                      bundle=bundle)
+
+
+class _ClassMapSteps:
+    """Class-map training: batches of training items, every class of an item at once, per-pixel
+    loss on the L x L grid (no decoder in the loop)."""
+
+    def __init__(self, generator, data, labels: np.ndarray, values: list[int], device):
+        import torch
+
+        self.generator, self.data, self.labels, self.device = generator, data, labels, device
+        lut = np.zeros(int(max(int(labels.max()), *values)) + 1, np.int64)  # label value -> class index + 1
+        for index, value in enumerate(values):
+            lut[value] = index + 1
+        self.targets = torch.from_numpy(lut[labels])
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> list[np.ndarray]:
+        order = rng.permutation(len(self.labels))
+        return [np.sort(order[n:n + batch_size]) for n in range(0, len(order), batch_size)]
+
+    def __call__(self, items: np.ndarray) -> dict:
+        from ..generators.classmap import classmap_loss
+
+        feats = self.data.features(items, self.device)
+        return classmap_loss(self.generator.upsampled_logits(feats.embeddings), self.targets[items].to(self.device))
+
+
+class _PairSteps:
+    """PPN / diffusion training: batches of (item, class) pairs (present pairs plus a share of
+    absent ones for objectness), decoded through the mask decoder."""
+
+    def __init__(self, generator, backbone, data, labels: np.ndarray, values: list[int], device, pe, weighting,
+                 config: TrainConfig):
+        self.generator, self.backbone, self.data, self.labels = generator, backbone, data, labels
+        self.values, self.device, self.pe, self.weighting, self.config = values, device, pe, weighting, config
+
+    def batches(self, rng: np.random.Generator, batch_size: int) -> list[np.ndarray]:
+        pairs = _samples(self.labels, self.values, self.config.negative_ratio, rng)
+        return [pairs[n:n + batch_size] for n in range(0, max(len(pairs), 1), batch_size)]
+
+    def __call__(self, batch: np.ndarray) -> dict:
+        import torch
+
+        from ..generators import decoder_prompts
+        from .losses import boxes_from_masks, diffusion_loss, ppn_loss
+
+        backbone, device = self.backbone, self.device
+        items, cls = batch[:, 0], batch[:, 1]
+        order = np.argsort(items)  # memory-mapped reads in file order
+        items, cls = items[order], cls[order]
+        feats = self.data.features(items, device)
+        lab = torch.from_numpy(self.labels[items].astype(np.int64)).to(device)
+        class_idx = torch.from_numpy(cls).to(device)
+        target = (lab == torch.tensor(self.values, device=device)[class_idx][:, None, None]).float()
+        present = target.flatten(1).amax(1)
+        with backbone.autocast():
+            gen = self.generator(feats.embeddings, self.pe, class_idx)
+            sparse, dense = decoder_prompts(backbone, gen)
+            out = backbone.decode(feats, sparse, dense)
+        final = out.mask_logits[:, 0].float()
+        if self.config.generator == "ppn":
+            return ppn_loss(gen, final, target, present)
+        with torch.no_grad():
+            t_sparse, t_dense = backbone.embed_prompts(boxes=boxes_from_masks(target) * backbone.input_size)
+        return diffusion_loss(gen, final, target, present, t_sparse, t_dense, self.weighting)
 
 
 def _validate(engines, generator, backbone, classes, config: TrainConfig, names) -> dict:
