@@ -21,7 +21,9 @@ def test_smoke_demo_runs_the_whole_pipeline_on_local_files(ct_dir, tmp_path, cap
     assert code == 0, captured.err
     summary = json.loads(captured.out)
     assert summary["taught_slices"] == list(range(1, 30, 3)) and summary["evaluated_slices"] == 20
-    assert set(summary["metrics"]["classes"]) == {"liver", "spleen", "left_kidney", "right_kidney"}
+    assert set(summary["validation"]) == {"liver", "spleen", "left_kidney", "right_kidney"}
+    assert all(set(m) == {"dsc", "nsd"} for m in summary["validation"].values())
+    assert summary["backbone"] == "tiny-sam2" and summary["generator"] == "classmap" and summary["seconds"] > 0
     seg = read_segmentation(out / "demo.seg.nrrd")
     assert seg.grid.same_grid(read_image(ct_dir / "ct_lowres.nii.gz"))
     assert (out / "demo_bundle.zip").is_file()
@@ -49,5 +51,8 @@ def test_offline_demo_exits_3_fast_with_what_to_download(tmp_path, monkeypatch, 
     assert run(["demo", "--smoke", "--out", str(tmp_path / "o")]) == 3
     err = capsys.readouterr().err
     assert "example_ct_sm.nii.gz" in err and "a" * 64 in err and "--image CT --labels LABELS" in err
-    assert run(["demo", "--out", str(tmp_path / "o")]) == 3  # the real backbone's weights are not cached
+    # The default backbone's weights install with the package: only the data is missing.
+    assert run(["demo", "--out", str(tmp_path / "o")]) == 3
+    assert "example_ct_sm.nii.gz" in capsys.readouterr().err
+    assert run(["demo", "--backbone", "sam2.1_hiera_t", "--out", str(tmp_path / "o")]) == 3  # not cached
     assert "models download sam2.1_hiera_t" in capsys.readouterr().err

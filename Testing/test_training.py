@@ -49,7 +49,7 @@ def test_splits_never_leak(case):
         split_slices([case], "0:30")
 
 
-@pytest.mark.parametrize("generator", ["ppn", "diffusion"])
+@pytest.mark.parametrize("generator", ["classmap", "ppn", "diffusion"])
 def test_training_yields_events_and_a_bundle_that_reproduces_its_validation(case, tmp_path, generator):
     config = small_config(tmp_path, generator=generator)
     events, done = run_to_end(config, [case])
@@ -94,6 +94,20 @@ def test_cancel_writes_nothing(case, tmp_path):
         if event.stage == "step":
             cancel.set()
     assert stages[-1] == "cancelled" and "done" not in stages
+
+
+def test_class_names_resolve_through_the_catalog_everywhere(case, tmp_path):
+    config = small_config(tmp_path, classes={"kidney_right": 2, "Liver": 5, "Left Kidney": 3})
+    assert config.classes == {"right_kidney": 2, "liver": 5, "left_kidney": 3}
+    with pytest.raises(InvalidInputError, match="given twice"):
+        small_config(tmp_path, classes={"kidney_right": 2, "right_kidney": 3})
+    with pytest.raises(InvalidInputError, match="decoder"):
+        small_config(tmp_path, generator="classmap", finetune_decoder=True)
+    # Training with the TotalSegmentator spelling validates and bundles under the catalog's names.
+    _, done = run_to_end(small_config(tmp_path, generator="classmap", classes={"kidney_right": 2, "Liver": 5}),
+                         [case])
+    assert set(done.metrics) == {"right_kidney", "liver"}
+    assert [c.name for c in done.bundle.classes] == ["right_kidney", "liver"]
 
 
 def test_losses_behave():

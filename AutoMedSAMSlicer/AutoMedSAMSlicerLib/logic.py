@@ -79,7 +79,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             self.configureBackend(self.backend, self.serverUrl, self.serverToken)
         model = str(model) if model else self.defaultModel
         device = device or self.defaultDevice
-        engine = self.engines.engine(model, device, None if model else self.defaultBackbone)
+        from automedsam.models import DEFAULT_BACKBONE
+
+        # No bundle: manual mode (box / points) on the chosen backbone, LiteMedSAM by default.
+        engine = self.engines.engine(model, device, None if model else (self.defaultBackbone or DEFAULT_BACKBONE))
         if model:
             self.defaultModel = model
         return engine
@@ -240,7 +243,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return self.history.canUndo(segmentationNode)
 
     # ---------------------------------------------------------------------------------- teach
-    def teach(self, volumeNode, segmentationNode, segments=None, generator: str = "ppn", epochs: int = 30,
+    def teach(self, volumeNode, segmentationNode, segments=None, generator: str = "classmap", epochs: int = 40,
               outputPath: str | None = None, waitForCompletion: bool = True, progressCallback: Callable | None = None,
               model: str | None = None, device: str | None = None, decoderLearningRate: float = 1e-5):
         """Train a prompt generator from segments drawn or corrected on a few slices of ``volumeNode``.

@@ -36,5 +36,5 @@ class AutoMedSAMSlicerParameterNode:
     promptBox: vtkMRMLMarkupsROINode
     backend: Annotated[str, Choice(["worker", "remote", "inprocess"])] = "worker"
     serverUrl: str = ""
-    teachGenerator: Annotated[str, Choice(["ppn", "diffusion"])] = "ppn"
-    teachEpochs: Annotated[int, WithinRange(1, 1000)] = 30
+    teachGenerator: Annotated[str, Choice(["classmap", "ppn", "diffusion"])] = "classmap"
+    teachEpochs: Annotated[int, WithinRange(1, 1000)] = 40

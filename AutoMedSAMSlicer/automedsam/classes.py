@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from .catalog import load_validated
 from .errors import InvalidInputError
 
@@ -120,3 +122,25 @@ class ClassCatalog:
 def default_class_catalog() -> ClassCatalog:
     """The shipped class catalog (parsed and validated once)."""
     return ClassCatalog.load()
+
+
+def canonical_class_mapping(classes: dict[str, int]) -> dict[str, int]:
+    """Class names as the class catalog spells them (``kidney_right``, ``Right Kidney`` ->
+    ``right_kidney``), so every later lookup (bundle, validation, engine) agrees; names the
+    catalog does not know must be valid custom class names.
+
+    Raises:
+        InvalidInputError: a name is given twice (also as synonyms), or a label value is < 1.
+    """
+    catalog = default_class_catalog()
+    out: dict[str, int] = {}
+    for name, value in classes.items():
+        canonical = catalog.get(name).name if name in catalog else custom_class(name).name
+        if canonical in out:
+            raise InvalidInputError(f"class {name!r} is given twice (as {canonical!r}); name each class once")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidInputError(f"label value of class {name!r} must be an integer >= 1, got {value!r}")
+        out[canonical] = int(value)
+    if not out:
+        raise InvalidInputError("no classes given (e.g. liver=5,spleen=1)")
+    return out

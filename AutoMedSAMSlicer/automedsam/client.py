@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from .errors import AutoMedSAMError, InvalidInputError
+from .generators import DEFAULT_GENERATOR
 from .service import PROTOCOL
 from .service.codec import mask_from_json, pack_mask, unpack_mask
 from .volume import Volume
@@ -179,13 +180,13 @@ class RemoteEngine:
             yield event
 
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None) -> np.ndarray:
+               mode: str | None = None, reset: bool = False) -> np.ndarray:
         """Like :meth:`Engine.refine`; returns the new ``(J, I)`` mask and updates ``masks``."""
         self._require_volume()
         body = {"class_name": class_name, "slice_index": int(slice_index),
                 "points": None if points is None else np.asarray(points, float).tolist(),
                 "point_labels": None if point_labels is None else np.asarray(point_labels, int).tolist(),
-                "box": None if box is None else np.asarray(box, float).tolist(), "mode": mode}
+                "box": None if box is None else np.asarray(box, float).tolist(), "mode": mode, "reset": bool(reset)}
         mask = mask_from_json(self._call("POST", f"/v1/sessions/{self.session_id}/refine", json=body).json()["mask"])
         self._local(class_name)[int(slice_index)] = mask
         return mask
@@ -206,9 +207,10 @@ class RemoteEngine:
                 self.masks[self._canonical(class_name)] = self._masks(class_name)
             yield event
 
-    def train(self, labels: np.ndarray, classes: dict[str, int], *, generator: str = "ppn", epochs: int = 30,
-              train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
-              decoder_lr: float = 1e-5, use_now: bool = True, cancel=None) -> Iterator[RemoteEvent]:
+    def train(self, labels: np.ndarray, classes: dict[str, int], *, generator: str = DEFAULT_GENERATOR,
+              epochs: int = 40, train_slices: str | None = None, val_slices: str | None = "0::3",
+              lr: float | None = None, decoder_lr: float = 1e-5, use_now: bool = True,
+              cancel=None) -> Iterator[RemoteEvent]:
         """Teach classes from ``labels`` (``(K, J, I)`` label values on the uploaded volume's grid).
 
         Events carry epoch progress and ``partial`` losses/metrics; the final ``done`` event has

@@ -69,6 +69,9 @@ class EngineConfig:
         result_cache_mb: memory for memoised automatic low-resolution logits (0 disables).
         stop_fraction: propagation stops where a slice's mask shrinks below this fraction of the
             previous slice's (the object ends).
+        propagation: ``"memory"`` (SAM 2 only), ``"seeded"`` (previous mask as box + mask
+            prompt), ``"learned"`` (one-shot class map from the seed slice) or ``"auto"`` (see
+            :func:`automedsam.propagation.propagation_method`).
     """
 
     batch_size: int | None = None
@@ -80,8 +83,11 @@ class EngineConfig:
     prompt_cache_size: int = 64
     result_cache_mb: int = 256
     stop_fraction: float = 0.15
+    propagation: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.propagation not in ("auto", "memory", "seeded", "learned"):
+            raise InvalidInputError(f"propagation must be auto, memory, seeded or learned, got {self.propagation!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.cleanup not in ("largest_component", "none"):
@@ -144,6 +150,18 @@ class SegmentationResult:
 
 
 @dataclass(frozen=True)
+class _Interaction:
+    """Prompts placed so far on one (class, slice), in model coordinates, and their result."""
+
+    mode: str
+    points: np.ndarray | None  # (1, N, 2) model (x, y)
+    labels: np.ndarray | None  # (1, N)
+    box: np.ndarray | None  # (1, 4) model (x0, y0, x1, y1)
+    logits: torch.Tensor  # (1, 1, L, L) low-resolution logits, the next mask prompt
+    mask: np.ndarray  # (J, I) bool: what the refine wrote
+
+
+@dataclass(frozen=True)
 class ProgressEvent:
     """One step of a long run.
 
@@ -190,6 +208,7 @@ class Engine:
         self._undo: dict[str, list[list[tuple[int | None, np.ndarray | None]]]] = {}
         self._features: dict[int, ImageFeatures] = {}
         self._extra_classes: dict[str, ClassInfo] = {}
+        self._interactions: dict[tuple[str, int], _Interaction] = {}
         self.messages: list[str] = []
 
     def use_generator(self, generator, classes: Sequence[ClassInfo]) -> None:
@@ -215,6 +234,7 @@ class Engine:
         _, j, i = volume.array.shape[:3]
         self.transform = self.backbone.slice_transform(j, i)
         self.masks, self._undo, self._features, self._prompts = {}, {}, {}, OrderedDict()
+        self._interactions = {}
         self.clear_result_cache()
         key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
                         json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
@@ -473,7 +493,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- refine
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None) -> np.ndarray:
+               mode: str | None = None, reset: bool = False) -> np.ndarray:
         """Correct one slice's mask with manual prompts; returns the new ``(J, I)`` bool mask.
 
         Args:
@@ -485,7 +505,12 @@ class Engine:
             mode: ``"semi"`` (learned prompts of the bundle + the manual ones; Sam2Rad's
                 semi-autonomous mode) or ``"manual"`` (manual prompts only, like plain SAM);
                 default: semi with a bundle, manual without.
+            reset: forget the earlier prompts of this (class, slice) and start over.
 
+        Interactive, as SAM's own loop: a refine builds on what was placed before on the slice
+        (its earlier points, its box unless a new one is given, and the previous low-resolution
+        logits as the mask prompt), as long as the slice still holds the mask that refine wrote;
+        an edit made elsewhere (segment, undo, propagate, ``set_masks``) starts a new interaction.
         Decoder-only on the cached embedding. The previous slice mask goes on the undo stack.
         """
         import torch
@@ -499,21 +524,101 @@ class Engine:
         if mode == "semi" and self.generator is None:
             raise InvalidInputError("semi-automatic refine needs a model bundle; use mode='manual'")
         name = self.class_info(class_name).name
-        pts, lbl, bx = self._manual_prompts(points, point_labels, box)
+        new_points, new_labels, new_box = self._manual_prompts(points, point_labels, box)
+        if new_points is not None and self.backbone.spec.box_only:
+            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box, reset)
+            self._set_slices(name, {k: mask})
+            return mask
+        state = None if reset else self._interaction(name, k, mode)
+        pts, lbl = new_points, new_labels
+        if state is not None and state.points is not None:
+            pts = state.points if pts is None else np.concatenate([state.points, pts], axis=1)
+            lbl = state.labels if lbl is None else np.concatenate([state.labels, lbl], axis=1)
+        bx = new_box if new_box is not None else (state.box if state is not None else None)
         if mode == "manual" and pts is None and bx is None:
             raise InvalidInputError("manual refine needs at least one point or a box")
         with torch.inference_mode():
             feats = self.features(k)
             gen = self._generated_cached(name, k, feats) if mode == "semi" else None
-            sparse, dense = decoder_prompts(self.backbone, gen, pts, lbl, bx)
-            # A single click is ambiguous (SAM's advice): decode 3 candidates and keep the best.
-            multimask = gen is None and bx is None and pts is not None and pts.shape[1] == 1
+            previous = state.logits if state is not None else self._automatic_low_res(name, k, mode)
+            sparse, dense = decoder_prompts(self.backbone, gen, pts, lbl, bx, masks=previous)
+            # A single click alone is ambiguous (SAM's advice): decode 3 candidates and keep the best.
+            multimask = gen is None and bx is None and previous is None and pts is not None and pts.shape[1] == 1
             out = self.backbone.decode(feats, sparse, dense, multimask=multimask)
             pick = int(out.iou[0].argmax()) if multimask else 0
-            logits = out.mask_logits[0, pick].float().cpu()
-        mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
+            logits = out.mask_logits[0, pick].float()
+        mask = (self.transform.logits_to_slice(logits.cpu()) > self.config.mask_threshold).numpy()
         self._set_slices(name, {k: mask})
+        self._interactions[(name, k)] = _Interaction(mode, pts, lbl, bx, logits[None, None], mask.copy())
         return mask
+
+    def _click_edits(self, name: str, k: int, mode: str, points, labels, box, reset: bool) -> np.ndarray:
+        """Clicks on a backbone trained with boxes only (LiteMedSAM), whose masks get worse with
+        point prompts or its own logits as a mask prompt: each click edits the current mask
+        locally. The model proposes the region at the click (its best of three candidates for that
+        single point); a + click adds the part of it outside the mask that touches the click, a -
+        click removes the part inside the mask that touches the click (a 2-voxel disc where the
+        proposal misses the click). Far parts of the mask never change. The start is the slice's
+        current mask, or the box (or the learned prompts in semi mode) decoded when there is none.
+        """
+        import torch
+        from scipy import ndimage
+
+        from .generators import decoder_prompts
+
+        current = self.masks.get(name)
+        mask = None if reset or current is None or not current[k].any() or box is not None else current[k].copy()
+        with torch.inference_mode():
+            feats = self.features(k)
+            if mask is None and (box is not None or mode == "semi"):
+                gen = self._generated_cached(name, k, feats) if mode == "semi" else None
+                sparse, dense = decoder_prompts(self.backbone, gen, None, None, box)
+                logits = self.backbone.decode(feats, sparse, dense).mask_logits[0, 0].float().cpu()
+                mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
+            if mask is None:
+                mask = np.zeros(self.transform.height_width, bool)
+            voxels = self.transform.points_from_model(points[0])
+            jj, ii = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
+            for (x, y), (fi, fj), label in zip(points[0], voxels, labels[0], strict=True):
+                i, j = int(np.clip(round(fi), 0, mask.shape[1] - 1)), int(np.clip(round(fj), 0, mask.shape[0] - 1))
+                sparse, dense = self.backbone.embed_prompts(np.array([[[x, y]]]), np.array([[1]]))
+                out = self.backbone.decode(feats, sparse, dense, multimask=True)
+                best = int(out.iou[0].argmax())
+                proposal = (self.transform.logits_to_slice(out.mask_logits[0, best].float().cpu())
+                            > self.config.mask_threshold).numpy()
+                side = ~mask if label == 1 else mask  # where this click can change voxels
+                region = proposal & side
+                parts, _ = ndimage.label(region)
+                touched = parts == parts[j, i] if parts[j, i] else np.zeros_like(mask)
+                # Reach: a click far from the mask's edge fixes a large error, one next to it a
+                # sliver; the edit stays within twice that distance (plus 2 voxels) of the click.
+                depth = float(ndimage.distance_transform_edt(np.pad(side, 1))[1:-1, 1:-1][j, i])
+                near = (jj - j) ** 2 + (ii - i) ** 2 <= (2 * depth + 2) ** 2
+                touched = (touched & near) | ((jj - j) ** 2 + (ii - i) ** 2 <= 2)
+                mask = (mask | touched) if label == 1 else (mask & ~touched)
+        return mask
+
+    def _interaction(self, name: str, k: int, mode: str) -> _Interaction | None:
+        """The prompts placed so far on (class, slice), if the slice still shows their result."""
+        state = self._interactions.get((name, k))
+        current = self.masks.get(name)
+        if state is None or state.mode != mode or current is None or not np.array_equal(current[k], state.mask):
+            self._interactions.pop((name, k), None)
+            return None
+        return state
+
+    def _automatic_low_res(self, name: str, k: int, mode: str):
+        """The memoised automatic logits of (class, slice) when the slice still shows the automatic
+        result: the first semi refine then starts from it, as SAM's loop starts from its last mask."""
+        import torch
+
+        if mode != "semi" or (name, k) not in self._results or name not in self.masks:
+            return None
+        logits = self._results[(name, k)][1].float()
+        shown = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
+        if not np.array_equal(shown, self.masks[name][k]):
+            return None
+        return logits.to(self.backbone.device, torch.float32)[None, None]
 
     def _manual_prompts(self, points, point_labels, box):
         t = self.transform
@@ -595,7 +700,8 @@ class Engine:
 
         SAM 2 backbones use their memory (the video predictor over slices); SAM backbones seed
         each next slice with the previous mask (box + mask prompt, plus the learned tokens when a
-        bundle is loaded). ``direction``: ``"forward"`` (increasing k), ``"backward"`` or
+        bundle is loaded); box-only backbones (LiteMedSAM) teach a one-class class map from the
+        seed slice in seconds and prompt the next slices with it. ``direction``: ``"forward"`` (increasing k), ``"backward"`` or
         ``"both"``. All slices written form one undo step. Events carry the slice just written.
         """
         from .propagation import propagate_slices

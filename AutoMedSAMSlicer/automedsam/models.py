@@ -50,6 +50,7 @@ class BackboneSpec:
     package: PackagedWeights | None = None
     resize: str = "bilinear"
     slice_minmax: bool = False
+    box_only: bool = False
     filename: str | None = None
     sha256: str | None = None
     size_bytes: int | None = None

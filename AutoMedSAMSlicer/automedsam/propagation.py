@@ -7,6 +7,8 @@
   back onto the volume's voxels exactly.
 - SAM backbones (no memory): each next slice is prompted with the previous slice's mask (its box
   and the mask as a mask prompt), plus the bundle's learned tokens when a bundle is loaded.
+- Box-only backbones (LiteMedSAM): a one-class class-map prompt network is taught from the seed
+  slice in seconds (:mod:`automedsam.training.oneshot`) and prompts each next slice.
 
 Both stop where the object ends: an empty mask, a mask smaller than ``stop_fraction`` of the
 previous one, or (with a bundle) an objectness logit below the engine's threshold.
@@ -32,10 +34,25 @@ _LOADER_LOCK = threading.Lock()
 def propagate_slices(engine: Engine, name: str, k0: int, steps: Sequence[int], limit: int) -> Iterator[
         tuple[int, np.ndarray]]:
     """Yield ``(k, mask (J, I) bool)`` for each newly propagated slice, direction by direction."""
-    if engine.backbone.spec.family == "sam2":
+    method = propagation_method(engine)
+    if method == "memory":
         yield from _sam2_memory(engine, name, k0, steps, limit)
+    elif method == "learned":
+        yield from _learned(engine, name, k0, steps, limit)
     else:
         yield from _seeded(engine, name, k0, steps, limit)
+
+
+def propagation_method(engine: Engine) -> str:
+    """``engine.config.propagation``, or for ``"auto"``: SAM 2's memory, one-shot learned prompts for
+    box-only backbones (LiteMedSAM drifts when seeded slice by slice: 3-D DSC 0.65 / 0.87 for
+    spleen / liver on the shared CT against 0.87 / 0.90 learned), seeding for SAM and MedSAM."""
+    method = engine.config.propagation
+    if method != "auto":
+        return method
+    if engine.backbone.spec.family == "sam2":
+        return "memory"
+    return "learned" if engine.backbone.spec.box_only else "seeded"
 
 
 def _ends(mask: np.ndarray, previous_area: int, fraction: float) -> bool:
@@ -62,8 +79,11 @@ def _seeded_slice(engine: Engine, name: str, k: int, previous: np.ndarray) -> np
     backbone, t = engine.backbone, engine.transform
     jj, ii = np.nonzero(previous)
     box = t.box_to_model(np.array([ii.min(), jj.min(), ii.max(), jj.max()], float))[None]
-    low = t.mask_to_model(previous, out_size=backbone.mask_size)
-    mask_prompt = torch.from_numpy(np.where(low, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).astype(np.float32))[None, None]
+    mask_prompt = None
+    if not backbone.spec.box_only:  # a box-only model (LiteMedSAM) does worse with mask prompts
+        low = t.mask_to_model(previous, out_size=backbone.mask_size)
+        logits = np.where(low, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).astype(np.float32)
+        mask_prompt = torch.from_numpy(logits)[None, None]
     with torch.inference_mode():
         feats = engine.features(k)
         sparse, dense = backbone.embed_prompts(boxes=box, masks=mask_prompt)
@@ -75,6 +95,37 @@ def _seeded_slice(engine: Engine, name: str, k: int, previous: np.ndarray) -> np
         out = backbone.decode(feats, sparse, dense)
         logits = out.mask_logits[0, 0].float().cpu()
     return (t.logits_to_slice(logits) > engine.config.mask_threshold).numpy()
+
+
+# ------------------------------------------------------------------ one-shot learned prompts
+def _learned(engine: Engine, name: str, k0: int, steps: Sequence[int], limit: int):
+    """Teach a one-class class map from the seed slice (seconds), then prompt each next slice with
+    it; a slice's mask must overlap the previous one (one 3-D object, no jump to a look-alike)."""
+    import torch
+
+    from .generators import decoder_prompts
+    from .training.oneshot import fit_classmap_to_slice
+
+    info = engine.class_info(name)
+    network = fit_classmap_to_slice(engine, k0, engine.masks[name][k0], lateral=info.type_modifier is not None)
+    backbone, t, n = engine.backbone, engine.transform, engine.volume.num_slices
+    one = torch.zeros(1, dtype=torch.int64, device=backbone.device)
+    for step in steps:
+        previous = engine.masks[name][k0]
+        k, count = k0 + step, 0
+        while 0 <= k < n and count < limit:
+            with torch.inference_mode():
+                feats = engine.features(k)
+                gen = network(feats.embeddings, None, one)
+                if float(gen.object_logit[0]) <= 0:
+                    break
+                sparse, dense = decoder_prompts(backbone, gen)
+                logits = backbone.decode(feats, sparse, dense).mask_logits[0, 0].float().cpu()
+            mask = (t.logits_to_slice(logits) > engine.config.mask_threshold).numpy()
+            if _ends(mask, int(previous.sum()), engine.config.stop_fraction) or not (mask & previous).any():
+                break
+            yield k, mask
+            previous, k, count = mask, k + step, count + 1
 
 
 # ---------------------------------------------------------------------------- SAM 2: memory

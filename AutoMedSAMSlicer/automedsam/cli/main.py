@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         bench_cmd,
         demo_cmd,
         evaluate_cmd,
+        evaluate_interactive_cmd,
         inspect_cmd,
         models_cmd,
         segment_cmd,
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.register(sub)
     bench_cmd.register(sub)
     evaluate_cmd.register(sub)
+    evaluate_interactive_cmd.register(sub)
     train_cmd.register(sub)
     serve_cmd.register(sub)
     return parser

@@ -38,6 +38,7 @@ def run_list(args: argparse.Namespace) -> int:
     for spec in catalog.all():
         cached = catalog.cached_path(spec)
         rows.append(spec.to_dict() | {
+            "provenance": spec.provenance(),
             "cached": cached is not None,
             "path": str(cached or (catalog.expected_path(spec) if not spec.test_only else "")) or None,
         })
@@ -47,6 +48,9 @@ def run_list(args: argparse.Namespace) -> int:
     for r in rows:
         state = "TEST ONLY (random weights)" if r["test_only"] else ("cached" if r["cached"] else "not downloaded")
         print(f"{r['id']:<18} {r['display_name']:<40} input {r['input_size']:>4}  {r['license']:<11} {state}")
+        if not r["test_only"]:
+            p = r["provenance"]
+            print(f"{'':<18} from {p['source']}; sha256 {p['sha256'] or 'not pinned'}; upstream {p['upstream']}")
     return 0
 
 

@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--val-slices", default="0::3", help="held-out slices: start:stop[:step] or a list (default 0::3)")
     p.add_argument("--train-slices", help="instead of --val-slices: the slices to learn from; the rest validate")
     p.add_argument("--val-cases", default="", help="comma list of case indices (0-based) held out whole")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, help="generator learning rate (default: the paper's recipe)")
     p.add_argument("--decoder-lr", type=float, default=1e-5,

@@ -34,17 +34,20 @@ class GeneratedPrompts:
 
 
 def decoder_prompts(backbone: Backbone, generated: GeneratedPrompts | None, points=None, labels=None, box=None,
-                    batch_size: int = 1):
+                    batch_size: int = 1, masks=None):
     """Combine learned and manual prompts into the decoder's sparse and dense embeddings.
 
     Modes:
         - ``generated`` None: manual only (plain SAM): the backbone's prompt encoder embeds the
           points ``(B, N, 2)`` with ``labels`` ``(B, N)`` and/or ``box`` ``(B, 4)`` (model pixels).
-        - PPN output (has ``box``/``mask_prompt``): the predicted box (or the user's box, which
+        - PPN or class-map output (has ``box``/``mask_prompt``): the predicted box (or the user's box, which
           overrides it) and the predicted mask prompt go through the backbone's prompt encoder, and
           the learned tokens are appended (Sam2Rad's semi-autonomous mode appends manual points).
         - Diffusion output (has ``dense``): its sparse tokens, followed by any manual prompt tokens;
           its dense embedding replaces the prompt encoder's.
+
+    ``masks`` ``(B, 1, L, L)``: mask-prompt logits that replace the generated one (the previous
+    low-resolution logits in an interactive loop); not used with a learned dense embedding.
 
     Returns:
         ``(sparse (B, n, 256), dense (B, 256, E, E))``.
@@ -52,11 +55,12 @@ def decoder_prompts(backbone: Backbone, generated: GeneratedPrompts | None, poin
     import torch
 
     if generated is None:
-        return backbone.embed_prompts(points, labels, box, None, batch_size=batch_size)
-    if generated.dense is None:  # PPN: box + mask prompt through the backbone's prompt encoder
+        return backbone.embed_prompts(points, labels, box, masks, batch_size=batch_size)
+    if generated.dense is None:  # PPN / class map: box + mask prompt through the backbone's prompt encoder
         size = backbone.input_size
         boxes = box if box is not None else generated.box * size
-        sparse, dense = backbone.embed_prompts(points, labels, boxes, generated.mask_prompt)
+        sparse, dense = backbone.embed_prompts(points, labels, boxes,
+                                               masks if masks is not None else generated.mask_prompt)
         return torch.cat([sparse, generated.sparse.to(sparse.dtype)], dim=1), dense
     sparse = generated.sparse
     if points is not None or box is not None:

@@ -54,6 +54,7 @@ class RefineRequest(BaseModel):
     point_labels: list[int] | None = None
     box: list[float] | None = Field(None, min_length=4, max_length=4)
     mode: Literal["semi", "manual"] | None = None
+    reset: bool = False
 
 
 class ClassRequest(BaseModel):
@@ -62,7 +63,7 @@ class ClassRequest(BaseModel):
 
 class TrainRequest(BaseModel):
     classes: dict[str, int] = Field(..., min_length=1, description="class name -> label value in the labels")
-    generator: Literal["ppn", "diffusion"] = "ppn"
+    generator: Literal["classmap", "ppn", "diffusion"] = "classmap"
     epochs: int = Field(30, ge=1, le=10000)
     train_slices: str | None = None
     val_slices: str | None = "0::3"
@@ -305,7 +306,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         def work():
             with session.lock:
                 return session.engine.refine(req.class_name, req.slice_index, req.points, req.point_labels,
-                                             req.box, req.mode)
+                                             req.box, req.mode, req.reset)
 
         return {"slice_index": req.slice_index, "mask": mask_to_json(worker.run(work))}
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import AutoMedSAMError, InvalidInputError
+from ..models import DEFAULT_BACKBONE
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class WorkerState:
                 elif backbone:
                     weights = "random" if backbone.startswith("tiny-") else None
                     self.models[key] = (build_backbone(backbone, weights=weights, device=device), None)
-                else:
-                    raise InvalidInputError("a session needs a model bundle path or a backbone id")
+                else:  # manual mode on the default backbone
+                    self.models[key] = (build_backbone(DEFAULT_BACKBONE, device=device), None)
             bb, bun = self.models[key]
             return Engine(bb, bun)
 

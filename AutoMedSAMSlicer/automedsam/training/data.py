@@ -112,7 +112,7 @@ def split_slices(cases: list[Case], val_slices: str | None, val_cases: list[int]
     return out
 
 
-def _affine(rng: np.random.Generator, cfg: AugmentConfig, flips: bool) -> np.ndarray:
+def random_affine(rng: np.random.Generator, cfg: AugmentConfig, flips: bool) -> np.ndarray:
     """A 2x3 matrix in torch's normalised coordinates for ``affine_grid``."""
     a = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg))
     s = rng.uniform(*cfg.scale)
@@ -186,7 +186,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     folder = cache_root / hashlib.sha256(key_src.encode()).hexdigest()[:24]
     rng = np.random.default_rng(seed)
     plan = [(ci, k, c) for ci, s in enumerate(split) for k in s.train_slices for c in range(augment.copies + 1)]
-    thetas = [_affine(rng, augment, flips) if c else None for _, _, c in plan]
+    thetas = [random_affine(rng, augment, flips) if c else None for _, _, c in plan]
     e, low = backbone.embedding_size, backbone.mask_size
     shapes = {"embeddings": (256, e, e)}
     if backbone.spec.family == "sam2":

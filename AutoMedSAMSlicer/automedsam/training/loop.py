@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..classes import canonical_class_mapping
 from ..errors import InvalidInputError
 from ..generators import DEFAULT_GENERATOR
 from ..models import DEFAULT_BACKBONE
@@ -55,7 +56,7 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     device: str = "auto"
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 4
     lr: float | None = None
     decoder_lr: float = 1e-5
@@ -75,6 +76,7 @@ class TrainConfig:
     name: str = "automedsam-model"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", canonical_class_mapping(self.classes))
         if self.generator not in RECIPES:
             raise InvalidInputError(f"generator must be one of {', '.join(RECIPES)}, got {self.generator!r}")
         if self.generator == "classmap" and self.finetune_decoder:

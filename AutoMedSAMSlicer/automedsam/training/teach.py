@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..generators import DEFAULT_GENERATOR
 from .data import Case
 from .loop import TrainConfig, TrainEvent, train
 
@@ -18,7 +19,7 @@ def labelled_slices(labels: np.ndarray) -> list[int]:
     return [int(k) for k in np.nonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))[0]]
 
 
-def teach_config(engine, classes: dict[str, int], *, generator: str = "ppn", epochs: int = 30,
+def teach_config(engine, classes: dict[str, int], *, generator: str = DEFAULT_GENERATOR, epochs: int = 40,
                  train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
                  decoder_lr: float = 1e-5, name: str = "taught-in-session") -> TrainConfig:
     """A :class:`TrainConfig` on ``engine``'s backbone (same id, same weights or random seed)."""
