@@ -701,8 +701,9 @@ class Engine:
         SAM 2 backbones use their memory (the video predictor over slices); SAM backbones seed
         each next slice with the previous mask (box + mask prompt, plus the learned tokens when a
         bundle is loaded); box-only backbones (LiteMedSAM) teach a one-class class map from the
-        seed slice in seconds and prompt the next slices with it. ``direction``: ``"forward"`` (increasing k), ``"backward"`` or
-        ``"both"``. All slices written form one undo step. Events carry the slice just written.
+        seed slice in seconds and prompt the next slices with it. ``direction``: ``"forward"``
+        (increasing k), ``"backward"`` or ``"both"``. All slices written form one undo step.
+        Events carry the slice just written.
         """
         from .propagation import propagate_slices
 
