@@ -253,9 +253,39 @@ def test_clicks_reach_the_decoder_at_the_clicked_voxel(make_engine, ct_dir):
     engine.set_volume(volume)
     disc_decoder(engine, radius_sq=4.0)
     for i, j in [(30, 40), (100, 20), (61, 77)]:
-        mask = engine.refine("liver", 12, points=[[i, j]], mode="manual")
+        mask = engine.refine("liver", 12, points=[[i, j]], mode="manual", reset=True)
         jj, ii = np.nonzero(mask)
         assert abs(ii.mean() - i) <= 1.0 and abs(jj.mean() - j) <= 1.0
+
+
+def test_refines_on_a_slice_build_on_the_clicks_and_logits_placed_before(make_engine, ct_dir):
+    """As SAM's interactive loop: earlier clicks and the previous low-resolution logits go into the
+    next refine of the same slice; a caller that re-sends every point (Slicer's markups) adds none
+    twice; an edit made elsewhere, or reset, starts a new interaction."""
+    engine = make_engine("tiny-sam2", "ppn")
+    engine.set_volume(read_image(ct_dir / "ct_lowres.nii.gz"))
+    seen = []
+    original = engine.backbone.embed_prompts
+
+    def spy(points=None, labels=None, boxes=None, masks=None, batch_size=1):
+        seen.append((None if points is None else np.asarray(points).copy(), masks is not None))
+        return original(points, labels, boxes, masks, batch_size)
+
+    engine.backbone.embed_prompts = spy
+    engine.refine("liver", 12, points=[[30, 40]], point_labels=[1], mode="manual")
+    assert seen[-1][0].shape == (1, 1, 2) and not seen[-1][1]
+    engine.refine("liver", 12, points=[[60, 50]], point_labels=[0], mode="manual")
+    first = engine.transform.points_to_model(np.array([[30.0, 40.0]]))[0]
+    assert seen[-1][0].shape == (1, 2, 2) and np.allclose(seen[-1][0][0, 0], first) and seen[-1][1]
+    engine.refine("liver", 12, points=[[30, 40], [60, 50], [70, 20]], point_labels=[1, 0, 1], mode="manual")
+    assert seen[-1][0].shape == (1, 3, 2)  # the two placed before are not added twice
+    engine.undo("liver")  # the slice no longer shows what the last refine wrote: start over
+    engine.refine("liver", 12, points=[[70, 20]], point_labels=[1], mode="manual")
+    assert seen[-1][0].shape == (1, 1, 2) and not seen[-1][1]
+    engine.refine("liver", 12, points=[[10, 10]], point_labels=[1], mode="manual", reset=True)
+    assert seen[-1][0].shape == (1, 1, 2)
+    engine.refine("liver", 13, points=[[10, 10]], point_labels=[1], mode="manual")  # another slice
+    assert seen[-1][0].shape == (1, 1, 2)
 
 
 def test_propagation_with_sam_seeding_stops_where_the_object_ends(make_engine):

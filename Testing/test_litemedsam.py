@@ -110,10 +110,10 @@ def test_next_click_goes_deepest_into_the_largest_error():
     ref = np.zeros((20, 30), bool)
     ref[2:18, 2:28] = True
     pred = ref.copy()
-    pred[5:12, 5:16] = False  # a 7 x 11 hole: + click at its centre
+    pred[5:12, 9:16] = False  # a 7 x 7 hole: + click at its centre
     pred[0, 0] = True  # a 1-voxel false positive: smaller
     (i, j), label = next_click(pred, ref)
-    assert label == 1 and (i, j) == (10, 8)
+    assert label == 1 and (i, j) == (12, 8)
     assert next_click(ref, ref) is None
 
 

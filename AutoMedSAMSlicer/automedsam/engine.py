@@ -157,8 +157,30 @@ class _Interaction:
     points: np.ndarray | None  # (1, N, 2) model (x, y)
     labels: np.ndarray | None  # (1, N)
     box: np.ndarray | None  # (1, 4) model (x0, y0, x1, y1)
-    logits: torch.Tensor  # (1, 1, L, L) low-resolution logits, the next mask prompt
+    logits: torch.Tensor | None  # (1, 1, L, L) low-resolution logits, the next mask prompt
     mask: np.ndarray  # (J, I) bool: what the refine wrote
+
+
+def _without_placed(points, labels, state: _Interaction):
+    """``(1, N, 2)`` model points and ``(1, N)`` labels minus those already placed in ``state``."""
+    if points is None or state.points is None:
+        return points, labels
+    placed = state.points[0]
+    fresh = [n for n, p in enumerate(points[0])
+             if not any(np.allclose(p, q, atol=1e-6) and labels[0, n] == state.labels[0, m]
+                        for m, q in enumerate(placed))]
+    if not fresh:
+        return None, None
+    return points[:, fresh], labels[:, fresh]
+
+
+def _placed(state: _Interaction | None, points, labels):
+    """All points of the interaction: the earlier ones, then the new ones."""
+    if state is None or state.points is None:
+        return points, labels
+    if points is None:
+        return state.points, state.labels
+    return np.concatenate([state.points, points], axis=1), np.concatenate([state.labels, labels], axis=1)
 
 
 @dataclass(frozen=True)
@@ -525,22 +547,29 @@ class Engine:
             raise InvalidInputError("semi-automatic refine needs a model bundle; use mode='manual'")
         name = self.class_info(class_name).name
         new_points, new_labels, new_box = self._manual_prompts(points, point_labels, box)
-        if new_points is not None and self.backbone.spec.box_only:
-            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box, reset)
-            self._set_slices(name, {k: mask})
-            return mask
         state = None if reset else self._interaction(name, k, mode)
-        pts, lbl = new_points, new_labels
-        if state is not None and state.points is not None:
-            pts = state.points if pts is None else np.concatenate([state.points, pts], axis=1)
-            lbl = state.labels if lbl is None else np.concatenate([state.labels, lbl], axis=1)
+        if state is not None:  # a caller that re-sends every point it placed (Slicer's markups) adds none twice
+            new_points, new_labels = _without_placed(new_points, new_labels, state)
+            if new_box is not None and state.box is not None and np.allclose(new_box, state.box):
+                new_box = None
+        if self.backbone.spec.box_only and (new_points is not None or (state is not None and new_box is None)):
+            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box, state)
+            self._set_slices(name, {k: mask})
+            pts, lbl = _placed(state, new_points, new_labels)
+            box_now = new_box if new_box is not None else (state.box if state is not None else None)
+            self._interactions[(name, k)] = _Interaction(mode, pts, lbl, box_now, None, mask.copy())
+            return mask
+        pts, lbl = _placed(state, new_points, new_labels)
         bx = new_box if new_box is not None else (state.box if state is not None else None)
+        if self.backbone.spec.box_only:  # a new box starts over: no points, no logits as mask prompt
+            pts = lbl = state = None
         if mode == "manual" and pts is None and bx is None:
             raise InvalidInputError("manual refine needs at least one point or a box")
         with torch.inference_mode():
             feats = self.features(k)
             gen = self._generated_cached(name, k, feats) if mode == "semi" else None
-            previous = state.logits if state is not None else self._automatic_low_res(name, k, mode)
+            previous = state.logits if state is not None else (
+                None if self.backbone.spec.box_only else self._automatic_low_res(name, k, mode))
             sparse, dense = decoder_prompts(self.backbone, gen, pts, lbl, bx, masks=previous)
             # A single click alone is ambiguous (SAM's advice): decode 3 candidates and keep the best.
             multimask = gen is None and bx is None and previous is None and pts is not None and pts.shape[1] == 1
@@ -552,14 +581,17 @@ class Engine:
         self._interactions[(name, k)] = _Interaction(mode, pts, lbl, bx, logits[None, None], mask.copy())
         return mask
 
-    def _click_edits(self, name: str, k: int, mode: str, points, labels, box, reset: bool) -> np.ndarray:
+    def _click_edits(self, name: str, k: int, mode: str, points, labels, box,
+                     state: _Interaction | None) -> np.ndarray:
         """Clicks on a backbone trained with boxes only (LiteMedSAM), whose masks get worse with
-        point prompts or its own logits as a mask prompt: each click edits the current mask
-        locally. The model proposes the region at the click (its best of three candidates for that
+        point prompts or its own logits as a mask prompt: each click edits the slice's current
+        mask locally. The model proposes the region at the click (its best of three candidates for that
         single point); a + click adds the part of it outside the mask that touches the click, a -
-        click removes the part inside the mask that touches the click (a 2-voxel disc where the
-        proposal misses the click). Far parts of the mask never change. The start is the slice's
-        current mask, or the box (or the learned prompts in semi mode) decoded when there is none.
+        click removes the part inside the mask that touches the click, both within twice the
+        click's distance to the mask's edge plus 2 voxels (and at least the click's voxel). Far
+        parts of the mask never change. The start is the slice's current mask, or what the box
+        (or, in semi mode, the learned prompts) decodes to when a box is given or the slice is
+        empty.
         """
         import torch
         from scipy import ndimage
@@ -567,7 +599,7 @@ class Engine:
         from .generators import decoder_prompts
 
         current = self.masks.get(name)
-        mask = None if reset or current is None or not current[k].any() or box is not None else current[k].copy()
+        mask = current[k].copy() if box is None and current is not None and current[k].any() else None
         with torch.inference_mode():
             feats = self.features(k)
             if mask is None and (box is not None or mode == "semi"):
@@ -577,6 +609,8 @@ class Engine:
                 mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
             if mask is None:
                 mask = np.zeros(self.transform.height_width, bool)
+            if points is None:
+                return mask
             voxels = self.transform.points_from_model(points[0])
             jj, ii = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
             for (x, y), (fi, fj), label in zip(points[0], voxels, labels[0], strict=True):

@@ -9,18 +9,22 @@ from .main import emit_json
 
 
 def register(sub) -> None:
+    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
+
     p = sub.add_parser(
         "bench", help="measure encoder, click-to-mask and whole-volume speed (JSON)",
-        description="Benchmarks each backbone (random weights by default, so nothing is downloaded) on a phantom "
+        description="Benchmarks each backbone (real weights where they are at hand offline, LiteMedSAM's always; "
+                    "random ones otherwise, so nothing is downloaded) on a phantom "
                     "or given volume: encoder ms/slice, refine latency p50/p95 next to the stock predictor, "
                     "1- and 5-class whole-volume time, the naive per-slice-per-class baseline, re-segmenting from "
                     "the embedding cache, peak memory.")
-    p.add_argument("--backbones", default="sam2.1_hiera_t,sam_vit_b", help="comma-separated backbone ids")
+    p.add_argument("--backbones", default="litemedsam,sam2.1_hiera_t,sam_vit_b", help="comma-separated backbone ids")
     p.add_argument("--slices", type=int, default=6, help="number of slices (default 6)")
     p.add_argument("--repeats", type=int, default=20, help="refine/predict repetitions (default 20)")
     p.add_argument("--image", help="volume to use (its first --slices slices) instead of the phantom")
-    p.add_argument("--weights", default="random", help="'random' (default) or 'cached' for downloaded weights")
-    p.add_argument("--generator", default="ppn", choices=["ppn", "diffusion"], help="prompt generator")
+    p.add_argument("--weights", default="auto", choices=["auto", "random", "cached"],
+                   help="auto (default): the real weights where they are cached or ship in a package, else random")
+    p.add_argument("--generator", default=DEFAULT_GENERATOR, choices=GENERATOR_KINDS, help="prompt generator")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
@@ -45,10 +49,22 @@ def run(args: argparse.Namespace) -> int:
     for backbone_id in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         print(f"bench {backbone_id} ...", file=sys.stderr)
         results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
-                                      weights=None if args.weights == "cached" else "random",
+                                      weights=_weights(backbone_id, args.weights),
                                       generator=args.generator, service=not args.no_service))
     emit_json(environment(device) | {"volume": volume.name, "results": results})
     return 0
+
+
+def _weights(backbone_id: str, choice: str) -> str | None:
+    """``None`` (the real, cached weights) or ``"random"`` for ``build_backbone``."""
+    from ..models import BackboneCatalog
+
+    if choice != "auto":
+        return None if choice == "cached" else "random"
+    catalog = BackboneCatalog.load()
+    spec = catalog.get(backbone_id)
+    available = not spec.test_only and (spec.package is not None or catalog.cached_path(spec) is not None)
+    return None if available else "random"
 
 
 def _first(volume, n: int):
