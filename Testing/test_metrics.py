@@ -81,3 +81,10 @@ def test_evaluate_compares_in_physical_space(ct_dir, tmp_path, capsys):
     assert liver["dsc"] == pytest.approx(dice(eroded.array == 5, raw.array == 5), abs=1e-4)
     assert liver["nsd"] == pytest.approx(independent_nsd(eroded.array == 5, raw.array == 5, sp, 0.5), abs=0.02)
     assert run(["evaluate", "--pred", str(tmp_path / "pred.nrrd"), "--ref", str(ref_path), "--classes", "liver"]) == 2
+    # Several cases: per case, and per class the mean over the cases.
+    assert run(["evaluate", "--pred", str(tmp_path / "pred.nrrd"), "--ref", str(ref_path),
+                "--pred", str(tmp_path / "eroded.nii.gz"), "--ref", str(ref_path),
+                "--classes", "liver=5", "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [c["classes"]["liver"]["dsc"] for c in both["cases"]] == [1.0, liver["dsc"]]
+    assert both["classes"]["liver"]["dsc"] == pytest.approx((1.0 + liver["dsc"]) / 2, abs=1e-4)

@@ -14,8 +14,9 @@ def register(sub) -> None:
                     "so their voxel orders may differ). Classes: name=value pairs (the label value in both files; in "
                     "a .seg.nrrd the segment of that name is used), or by default every label value of REF. "
                     "Empty vs empty scores 1, empty vs non-empty 0.")
-    p.add_argument("--pred", required=True, help="predicted label map or .seg.nrrd")
-    p.add_argument("--ref", required=True, help="reference label map or .seg.nrrd")
+    p.add_argument("--pred", action="append", required=True,
+                   help="predicted label map or .seg.nrrd (repeat with --ref for more cases)")
+    p.add_argument("--ref", action="append", required=True, help="reference label map or .seg.nrrd for each --pred")
     p.add_argument("--classes", help="e.g. liver=5,spleen=1 (default: all reference labels)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -25,13 +26,18 @@ def register(sub) -> None:
 def class_masks(seg, classes: dict[str, int], grid) -> dict:
     """Boolean masks on ``grid`` per class: the segment of that name if the file has one (a
     .seg.nrrd), else the voxels with that label value; brought onto ``grid`` in physical space."""
+    from ..classes import default_class_catalog
     from ..resample import labels_onto_grid
 
+    catalog = default_class_catalog()
     by_name = {key.lower(): s for s in seg.segments for key in (s.name, s.segment_id)}
     merged = None
     out = {}
     for name, value in classes.items():
-        info = by_name.get(name.lower())
+        # The name as given, else its catalog spelling or display name (kidney_right -> right_kidney).
+        known = catalog.get(name) if name in catalog else None
+        keys = [name] + ([known.name, known.display_name] if known else [])
+        info = next((by_name[k.lower()] for k in keys if k.lower() in by_name), None)
         if info is not None:
             layer = seg.layers[info.layer]
             mask = layer.with_array((layer.array == info.label_value).astype("uint8"))
@@ -45,25 +51,40 @@ def class_masks(seg, classes: dict[str, int], grid) -> dict:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..errors import InvalidInputError
     from ..io import read_segmentation
     from ..metrics import evaluate_masks
-
-    ref = read_segmentation(args.ref)
-    pred = read_segmentation(args.pred)
     from ..training.data import parse_class_mapping
 
-    classes = parse_class_mapping(args.classes) if args.classes else None
-    if classes is None:
-        values = [int(v) for v in np.unique(ref.label_volume().array) if v > 0]
-        classes = {f"label_{v}": v for v in values}
-    grid = ref.grid
-    report = evaluate_masks(class_masks(pred, classes, grid), class_masks(ref, classes, grid),
-                            tuple(reversed(grid.spacing)), args.tolerance_mm)
-    report |= {"pred": args.pred, "ref": args.ref}
+    if len(args.pred) != len(args.ref):
+        raise InvalidInputError(f"{len(args.pred)} --pred but {len(args.ref)} --ref; give one reference per prediction")
+    given = parse_class_mapping(args.classes) if args.classes else None
+    cases = []
+    for pred_path, ref_path in zip(args.pred, args.ref, strict=True):
+        ref = read_segmentation(ref_path)
+        pred = read_segmentation(pred_path)
+        classes = given
+        if classes is None:
+            values = [int(v) for v in np.unique(ref.label_volume().array) if v > 0]
+            classes = {f"label_{v}": v for v in values}
+        grid = ref.grid
+        report = evaluate_masks(class_masks(pred, classes, grid), class_masks(ref, classes, grid),
+                                tuple(reversed(grid.spacing)), args.tolerance_mm)
+        cases.append(report | {"pred": pred_path, "ref": ref_path})
+    if len(cases) == 1:
+        report = cases[0]
+    else:  # per case, and per class the mean over the cases that have it
+        names = list(dict.fromkeys(n for c in cases for n in c["classes"]))
+        classes_mean = {n: {m: round(float(np.mean([c["classes"][n][m] for c in cases if n in c["classes"]])), 4)
+                            for m in ("dsc", "nsd")} for n in names}
+        report = {"cases": cases, "classes": classes_mean, "tolerance_mm": args.tolerance_mm,
+                  "mean": {m: round(float(np.mean([v[m] for v in classes_mean.values()])), 4) for m in ("dsc", "nsd")}}
     if args.json:
         emit_json(report)
-    else:
-        for name, c in report["classes"].items():
-            print(f"{name:<20} DSC {c['dsc']:.4f}  NSD@{args.tolerance_mm:g}mm {c['nsd']:.4f}")
-        print(f"{'mean':<20} DSC {report['mean']['dsc']:.4f}  NSD {report['mean']['nsd']:.4f}")
+        return 0
+    for case in cases if len(cases) > 1 else []:
+        print(f"{case['pred']} vs {case['ref']}: mean DSC {case['mean']['dsc']:.4f}  NSD {case['mean']['nsd']:.4f}")
+    for name, c in report["classes"].items():
+        print(f"{name:<20} DSC {c['dsc']:.4f}  NSD@{args.tolerance_mm:g}mm {c['nsd']:.4f}")
+    print(f"{'mean':<20} DSC {report['mean']['dsc']:.4f}  NSD {report['mean']['nsd']:.4f}")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cases import add_case_arguments, check_case_arguments, load_cases
 from .main import emit_json
 
 
@@ -20,9 +21,7 @@ def register(sub) -> None:
                     "region); every refine builds on the earlier clicks and the previous low-resolution logits. "
                     "With --propagation, also propagate from the middle reference slice of each class both ways "
                     "and score the volume in 3-D.")
-    p.add_argument("--image", action="append", required=True, help="image (repeat with --labels for more cases)")
-    p.add_argument("--labels", action="append", required=True, help="reference label map for each --image")
-    p.add_argument("--classes", required=True, help="name=label_value pairs, e.g. liver=5,spleen=1")
+    add_case_arguments(p, "reference label map for each --image")
     p.add_argument("--model", help="model bundle (needed for --start auto)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
                    help=f"backbone without --model (manual mode; default {DEFAULT_BACKBONE})")
@@ -58,16 +57,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ..classes import canonical_class_mapping
-    from ..errors import InvalidInputError
     from ..interactive_eval import ClickProtocol, evaluate_clicks, evaluate_propagation
     from ..selection import parse_slices
-    from ..training import load_case, parse_class_mapping
+    from ..training import parse_class_mapping
 
-    if len(args.image) != len(args.labels):
-        raise InvalidInputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one per image")
+    check_case_arguments(args)
     protocol = ClickProtocol(clicks=args.clicks, start=args.start)
     classes = canonical_class_mapping(parse_class_mapping(args.classes))
-    cases = [load_case(img, lab) for img, lab in zip(args.image, args.labels, strict=True)]
+    cases = load_cases(args)
     engine = _engine(args)
     if engine.generator is not None:
         for name in classes:

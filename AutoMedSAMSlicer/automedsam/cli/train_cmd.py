@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cases import add_case_arguments, check_case_arguments, load_cases
 from .main import emit_json
 
 
@@ -19,9 +20,7 @@ def register(sub) -> None:
                     "class prompt encoder) on a frozen backbone (the mask decoder too with --finetune-decoder), "
                     "validating on held-out slices or cases with the real engine, and writes the best epoch as a "
                     "model bundle.")
-    p.add_argument("--image", action="append", required=True, help="image (repeat with --labels for more cases)")
-    p.add_argument("--labels", action="append", required=True, help="label map / .seg.nrrd for each --image")
-    p.add_argument("--classes", required=True, help="name=label_value pairs, e.g. liver=5,spleen=1")
+    add_case_arguments(p, "label map / .seg.nrrd for each --image")
     p.add_argument("--generator", choices=GENERATOR_KINDS, default=DEFAULT_GENERATOR,
                    help=f"prompt generator (default {DEFAULT_GENERATOR})")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone id (default {DEFAULT_BACKBONE})")
@@ -53,12 +52,10 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..errors import InvalidInputError
     from ..preprocess import IntensityConfig
     from ..training import AugmentConfig, TrainConfig, parse_class_mapping
 
-    if len(args.image) != len(args.labels):
-        raise InvalidInputError(f"{len(args.image)} --image but {len(args.labels)} --labels; give one per image")
+    check_case_arguments(args)
     intensity = IntensityConfig.mr() if args.window == "mr" else IntensityConfig.ct(args.window)
     val_cases = tuple(int(v) for v in args.val_cases.split(",") if v.strip()) if args.val_cases else ()
     weights = args.weights if args.weights not in (None, "cached") else None
@@ -109,13 +106,12 @@ def run_training(config, cases, quiet: bool = False):
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidInputError
-    from ..training import load_case
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise InvalidInputError(f"{out} exists; pass --overwrite to replace it")
     config = config_from_args(args)
-    cases = [load_case(img, lab) for img, lab in zip(args.image, args.labels, strict=True)]
+    cases = load_cases(args)
     final = run_training(config, cases)
     path = final.bundle.save(out)
     training = final.bundle.manifest["training"]
