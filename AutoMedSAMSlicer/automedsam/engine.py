@@ -533,6 +533,9 @@ class Engine:
         (its earlier points, its box unless a new one is given, and the previous low-resolution
         logits as the mask prompt), as long as the slice still holds the mask that refine wrote;
         an edit made elsewhere (segment, undo, propagate, ``set_masks``) starts a new interaction.
+        Points (and a box) placed before are not added twice when a caller re-sends them all, as
+        Slicer's markups do. On a box-only backbone (LiteMedSAM) points edit the current mask
+        locally instead (see :meth:`_click_edits`) and a new box starts over.
         Decoder-only on the cached embedding. The previous slice mask goes on the undo stack.
         """
         import torch
@@ -548,7 +551,7 @@ class Engine:
         name = self.class_info(class_name).name
         new_points, new_labels, new_box = self._manual_prompts(points, point_labels, box)
         state = None if reset else self._interaction(name, k, mode)
-        if state is not None:  # a caller that re-sends every point it placed (Slicer's markups) adds none twice
+        if state is not None:  # a caller that re-sends every point (Slicer's markups) adds none twice
             new_points, new_labels = _without_placed(new_points, new_labels, state)
             if new_box is not None and state.box is not None and np.allclose(new_box, state.box):
                 new_box = None

@@ -70,20 +70,21 @@ def run(args: argparse.Namespace) -> int:
         for name in classes:
             engine.class_info(name)  # classes the bundle does not know fail before any model work
     report: dict = {"start": args.start, "clicks": args.clicks, "target_dsc": protocol.target_dsc,
-                    "backbone": engine.backbone.id, "model": args.model, "cases": {}}
-    for case in cases:
+                    "backbone": engine.backbone.id, "model": args.model, "cases": []}
+    for case, image_path, labels_path in zip(cases, args.image, args.labels, strict=True):
         print(f"evaluating {case.name} ...", file=sys.stderr)
         engine.set_volume(case.image)
         slices = parse_slices(args.slices, case.image.num_slices) if args.slices else None
         labels = case.labels.array
-        entry = {"classes": evaluate_clicks(engine, labels, classes, protocol, slices)}
+        entry = {"name": case.name, "image": image_path, "labels": labels_path,
+                 "classes": evaluate_clicks(engine, labels, classes, protocol, slices)}
         if args.propagation:
             entry["propagation"] = evaluate_propagation(engine, labels, classes)
-        report["cases"][case.name] = entry
+        report["cases"].append(entry)
     # Over all cases: the mean of the per-case figures, per class.
     overall = {}
     for name in classes:
-        rows = [c["classes"][name] for c in report["cases"].values() if c["classes"][name].get("slices")]
+        rows = [c["classes"][name] for c in report["cases"] if c["classes"][name].get("slices")]
         if rows:
             overall[name] = {
                 "dsc_by_click": [round(float(v), 4) for v in np.mean([r["dsc_by_click"] for r in rows], axis=0)],
@@ -101,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
     for name, r in overall.items():
         row = "  ".join(f"{v:6.3f}" for v in r["dsc_by_click"])
         print(f"{name:<16}               {row}   {r['clicks_to_target']:>14.2f}   {r['ms_per_interaction_p50']:>6}")
-    for case_name, entry in report["cases"].items():
+    for entry in report["cases"]:
         for name, prop in entry.get("propagation", {}).items():
             if prop.get("dsc") is not None:
-                print(f"propagation {case_name} {name}: 3-D DSC {prop['dsc']:.3f} from slice {prop['from_slice']}")
+                print(f"propagation {entry['image']} {name}: 3-D DSC {prop['dsc']:.3f} from slice {prop['from_slice']}")
     return 0
