@@ -56,3 +56,13 @@ def test_offline_demo_exits_3_fast_with_what_to_download(tmp_path, monkeypatch, 
     assert "example_ct_sm.nii.gz" in capsys.readouterr().err
     assert run(["demo", "--backbone", "sam2.1_hiera_t", "--out", str(tmp_path / "o")]) == 3  # not cached
     assert "models download sam2.1_hiera_t" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_single_slice_with_a_clear_message(ct_dir, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    for name in ("ct_lowres.nii.gz", "ct_lowres_labels.nii.gz"):
+        sitk.WriteImage(sitk.ReadImage(str(ct_dir / name))[:, :, 15], str(tmp_path / name))
+    assert run(["demo", "--smoke", "--image", str(tmp_path / "ct_lowres.nii.gz"), "--labels",
+                str(tmp_path / "ct_lowres_labels.nii.gz"), "--out", str(tmp_path / "o")]) == 2
+    assert "has 1 slice(s)" in capsys.readouterr().err and not (tmp_path / "o").exists()

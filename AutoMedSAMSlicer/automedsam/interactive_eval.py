@@ -171,8 +171,9 @@ def evaluate_propagation(engine, labels: np.ndarray, classes: dict[str, int]) ->
     for name, value in classes.items():
         ref = labels == value
         ks = np.flatnonzero(ref.any(axis=(1, 2)))
-        if not len(ks):
-            out[name] = {"dsc": None, "note": "the class is not in this volume"}
+        if not len(ks) or labels.shape[0] < 2:
+            out[name] = {"dsc": None, "note": "the class is not in this volume" if not len(ks) else
+                         "a single slice: nothing to propagate to"}
             continue
         k0 = int(ks[len(ks) // 2])
         seed = np.zeros(ref.shape, bool)

@@ -119,8 +119,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("fetching the demo CT (TotalSegmentator test files, pinned by sha256) ...", file=sys.stderr)
         image_path, labels_path = fetch_demo_data(automedsam_home())
-    out.mkdir(parents=True, exist_ok=True)
     case = load_case(str(image_path), str(labels_path))
+    if case.image.num_slices < 3:
+        raise InvalidInputError(
+            f"{image_path} has {case.image.num_slices} slice(s); the demo teaches from some slices of a volume and "
+            "scores the others, so it needs a 3-D image (a CT series or a NIfTI/NRRD volume), not a single slice")
+    out.mkdir(parents=True, exist_ok=True)
     random_backbone = backbone_id.startswith("tiny-")
     epochs = args.epochs or (3 if args.smoke else 40)
     config = TrainConfig(
