@@ -23,7 +23,7 @@ SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 
 @pytest.fixture(scope="module")
-def lite(tmp_path_factory):
+def lite():
     return build_backbone("litemedsam", device="cpu")
 
 

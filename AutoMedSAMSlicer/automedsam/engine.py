@@ -556,7 +556,7 @@ class Engine:
             if new_box is not None and state.box is not None and np.allclose(new_box, state.box):
                 new_box = None
         if self.backbone.spec.box_only and (new_points is not None or (state is not None and new_box is None)):
-            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box, state)
+            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box)
             self._set_slices(name, {k: mask})
             pts, lbl = _placed(state, new_points, new_labels)
             box_now = new_box if new_box is not None else (state.box if state is not None else None)
@@ -584,12 +584,11 @@ class Engine:
         self._interactions[(name, k)] = _Interaction(mode, pts, lbl, bx, logits[None, None], mask.copy())
         return mask
 
-    def _click_edits(self, name: str, k: int, mode: str, points, labels, box,
-                     state: _Interaction | None) -> np.ndarray:
+    def _click_edits(self, name: str, k: int, mode: str, points, labels, box) -> np.ndarray:
         """Clicks on a backbone trained with boxes only (LiteMedSAM), whose masks get worse with
         point prompts or its own logits as a mask prompt: each click edits the slice's current
-        mask locally. The model proposes the region at the click (its best of three candidates for that
-        single point); a + click adds the part of it outside the mask that touches the click, a -
+        mask locally. The model proposes the region at the click (its best of three candidates for
+        that single point); a + click adds the part of it outside the mask that touches the click, a -
         click removes the part inside the mask that touches the click, both within twice the
         click's distance to the mask's edge plus 2 voxels (and at least the click's voxel). Far
         parts of the mask never change. The start is the slice's current mask, or what the box
@@ -611,7 +610,7 @@ class Engine:
                 logits = self.backbone.decode(feats, sparse, dense).mask_logits[0, 0].float().cpu()
                 mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
             if mask is None:
-                mask = np.zeros(self.transform.height_width, bool)
+                mask = np.zeros(self._require_volume().array.shape[1:3], bool)
             if points is None:
                 return mask
             voxels = self.transform.points_from_model(points[0])

@@ -158,11 +158,6 @@ class SliceTransform:
             raise InvalidInputError(f"interpolation must be bilinear or area, got {self.interpolation!r}")
 
     @property
-    def height_width(self) -> tuple[int, int]:
-        """(J, I): the slice's shape."""
-        return (self.height, self.width)
-
-    @property
     def resized_shape(self) -> tuple[int, int]:
         """(rows, columns) of the resized slice inside the padded input (SAM's rounding)."""
         scale = self.size / max(self.height, self.width)
