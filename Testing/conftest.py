@@ -24,6 +24,14 @@ def ct_dir() -> Path:
     return CT_DIR
 
 
+@pytest.fixture(scope="session")
+def ct(ct_dir):
+    """The shared low-resolution abdominal CT as a Volume (30 slices, 3 mm)."""
+    from automedsam.io import read_image
+
+    return read_image(ct_dir / "ct_lowres.nii.gz")
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch) -> Path:
     """Every test gets its own empty AUTOMEDSAM_HOME so no test touches the user's cache."""

@@ -2,7 +2,8 @@
 
 Paths: ``/ok/NAME`` serves with Range support; ``/drop-once/NAME`` closes the connection half-way
 through the first response; ``/norange/NAME`` ignores Range headers; ``/slow/NAME`` stalls before the
-body; anything else is 404. ``server.requests`` records (path, Range header) pairs.
+body; ``/loop/...`` redirects to itself forever; anything else is 404. ``server.requests`` records
+(path, Range header) pairs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         range_header = self.headers.get("Range")
         srv.requests.append((self.path, range_header))
+        if self.path.startswith("/loop/"):  # a redirect to itself, forever
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         match = re.fullmatch(r"/(ok|drop-once|norange|slow)/(.+)", self.path)
         if not match or match.group(2) not in srv.files:
             self.send_error(404, "Not Found")

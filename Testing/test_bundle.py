@@ -92,3 +92,39 @@ def test_finetuned_decoder_travels_with_the_bundle(tmp_path):
     loaded = load_bundle(bundle.save(tmp_path / "ft.zip"))
     fresh = backbone_for_bundle(loaded, "cpu")
     torch.testing.assert_close(fresh.mask_decoder.iou_token.weight, backbone.mask_decoder.iou_token.weight)
+
+
+def test_diverged_weights_never_become_a_bundle(tiny_sam2):
+    classes = [default_class_catalog().get("liver")]
+    gen = build_generator("classmap", default_config("classmap", tiny_sam2, 1))
+    with torch.no_grad():
+        next(gen.parameters()).fill_(float("nan"))
+    with pytest.raises(InvalidInputError, match="NaN or infinite"):
+        create_bundle(tiny_sam2, gen, classes, IntensityConfig.ct(), name="diverged")
+
+
+def test_save_replaces_only_bundles_and_swaps_folders_whole(make_bundle, tmp_path):
+    from automedsam.bundle import check_bundle_destination
+
+    bundle = load_bundle(make_bundle())
+    folder = bundle.save(tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "weights.safetensors"]
+    assert bundle.save(folder) == folder and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert check_bundle_destination(folder, overwrite=True) == folder
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("mine")
+    (tmp_path / "data.zip").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: no manifest
+    with zipfile.ZipFile(tmp_path / "webapp.zip", "w") as z:  # manifest.json is a common name
+        z.writestr("manifest.json", json.dumps({"name": "my web app"}))
+        z.writestr("weights.safetensors", b"not ours")
+    for target in (notes, tmp_path / "data.zip", tmp_path / "webapp.zip"):
+        with pytest.raises(InvalidInputError, match="not a model bundle"):
+            bundle.save(target)
+        with pytest.raises(InvalidInputError, match="not a model bundle"):
+            check_bundle_destination(target, overwrite=True)
+    assert (notes / "a.txt").read_text() == "mine" and (tmp_path / "data.zip").stat().st_size == 22
+    with pytest.raises(InvalidInputError, match="exists; pass --overwrite"):
+        check_bundle_destination(folder, overwrite=False)
+    zipped = bundle.save(tmp_path / "model.zip")
+    assert load_bundle(bundle.save(zipped)).name == bundle.name  # a zip bundle is replaced in place

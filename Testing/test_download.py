@@ -10,7 +10,7 @@ import pytest
 
 from automedsam.cli.main import run
 from automedsam.download import download_backbone, download_file, import_backbone, sha256_file
-from automedsam.errors import ChecksumMismatchError, DownloadError, WeightsUnavailableError
+from automedsam.errors import ChecksumMismatchError, DownloadError, InvalidInputError, WeightsUnavailableError
 from automedsam.models import BackboneCatalog, weights_dir
 
 from http_fixture import FaultyFileServer
@@ -140,3 +140,31 @@ def test_import_refuses_a_file_with_the_wrong_hash(tmp_path):
     with pytest.raises(ChecksumMismatchError, match="was not imported"):
         import_backbone("sam_vit_b", bad)
     assert BackboneCatalog.load().cached_path(BackboneCatalog.load().get("sam_vit_b")) is None
+
+
+def test_a_request_with_another_hash_never_removes_the_verified_file(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AUTOMEDSAM_CATALOG", _site_catalog(tmp_path, f"{server.url}/ok/w.pth", None))
+    cached = download_backbone("site_sam", sha256=SHA)
+    with pytest.raises(ChecksumMismatchError, match="sha256 mismatch"):
+        download_backbone("site_sam", sha256="2" * 64)
+    assert cached.read_bytes() == DATA  # still there, still verified
+    assert run(["models", "download", "site_sam", "--sha256", "3" * 64]) == 3
+    assert "sha256 mismatch" in capsys.readouterr().err and cached.read_bytes() == DATA
+    assert not cached.with_name(cached.name + ".part").exists()
+
+
+def test_redirect_loops_file_urls_and_the_deadline_are_clear_errors(server, tmp_path, monkeypatch, capsys):
+    with pytest.raises(DownloadError, match="TooManyRedirects"):
+        download_file(f"{server.url}/loop/w.pth", tmp_path / "w.pth", SHA)
+    for url in ("file:///etc/passwd", "ftp://example.org/w.pth", "no-scheme"):
+        with pytest.raises(InvalidInputError, match="only http:// and https://"):
+            download_file(url, tmp_path / "w.pth", SHA)
+    with pytest.raises(DownloadError, match=r"deadline of 0\.3 s"):
+        download_file(f"{server.url}/slow/w.pth", tmp_path / "w.pth", SHA, deadline_s=0.3)
+    assert not (tmp_path / "w.pth").exists()
+    monkeypatch.setenv("AUTOMEDSAM_CATALOG", _site_catalog(tmp_path, f"{server.url}/ok/w.pth"))
+    assert run(["models", "download", "site_sam", "--url", f"{server.url}/loop/x"]) == 3
+    assert "TooManyRedirects" in capsys.readouterr().err
+    assert run(["models", "download", "site_sam", "--url", "file:///etc/passwd"]) == 2
+    err = capsys.readouterr().err
+    assert "only http://" in err and "Traceback" not in err

@@ -139,6 +139,24 @@ def test_bad_requests_are_specific(make_engine):
         engine.refine("liver", 1, mode="manual")
     with pytest.raises(InvalidInputError, match="no mask"):
         list(engine.propagate("liver", 1))
+    for points, box in (([[np.nan, 3.0]], None), ([[2.0, np.inf]], None), (None, [1, 1, np.nan, 5])):
+        with pytest.raises(InvalidInputError, match="finite"):  # NaN passes every < / > range test
+            engine.refine("liver", 1, points=points, box=box, mode="manual")
+    assert "liver" not in engine.masks  # nothing was written
+
+
+def test_segmenting_some_slices_keeps_the_others(make_engine):
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    engine.set_volume(small_volume(5))
+    drawn = np.zeros((5, 40, 50), bool)
+    drawn[:, 5:15, 5:15] = True
+    engine.set_masks("liver", drawn)  # e.g. the user's own work in the Segment Editor
+    result = engine.segment_volume(["liver"], slices=[2])
+    kept = [0, 1, 3, 4]
+    assert np.array_equal(engine.masks["liver"][kept], drawn[kept])
+    assert np.array_equal(result.masks["liver"][kept], drawn[kept])
+    assert not np.array_equal(engine.masks["liver"][2], drawn[2])  # slice 2 was recomputed
+    assert engine.undo("liver") == [0, 1, 2, 3, 4] and np.array_equal(engine.masks["liver"], drawn)
 
 
 def test_refine_and_undo(make_engine):

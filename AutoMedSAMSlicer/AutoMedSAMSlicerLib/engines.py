@@ -77,7 +77,8 @@ class InProcessEngines:
 class RemoteEngines:
     """Engines on a server at ``url`` (a shared GPU workstation running ``automedsam serve``).
 
-    Model paths are paths *on the server*.
+    A model bundle on this machine is uploaded to the server when its session opens; any other model
+    name is a bundle in the server's bundle folders (the server reads no other path).
     """
 
     kind = "remote"

@@ -11,7 +11,8 @@ class AutoMedSAMSlicerParameterNode:
     """
     inputVolume - the CT/MR to segment.
     outputSegmentation - where the masks go (created on first Segment when empty).
-    modelPath - model bundle (.zip or folder) on the machine that runs inference.
+    modelPath - model bundle (.zip or folder) on this machine (uploaded to a worker or server), or
+        the name of a bundle in a remote server's bundle folders.
     backbone - backbone id for manual mode without a bundle (e.g. sam2.1_hiera_t).
     device - auto (CUDA when available), cuda or cpu.
     mode - automatic (learned prompts), semi-automatic (learned + your points/box), manual (your prompts only).

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -116,27 +117,112 @@ class ModelBundle:
 
     # ------------------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to a folder, or to a ``.zip`` if the name ends so; atomic (temp then rename)."""
+        """Write to a folder, or to a ``.zip`` if the name ends so. Atomic: written aside, then
+        swapped in. An existing ``path`` is replaced only if it is a bundle of the same kind."""
         dest = Path(path)
         blob = _weights_blob(self.tensors)
         manifest = dict(self.manifest, weights_sha256=hashlib.sha256(blob).hexdigest())
         load_validated(manifest, "bundle.schema.json")
         text = json.dumps(manifest, indent=2)
+        as_zip = dest.suffix.lower() == ".zip"
+        why = _not_replaceable(dest) if dest.exists() or dest.is_symlink() else None
+        if why:
+            raise InvalidInputError(f"{dest} {why}; only bundles are replaced, so nothing was touched. "
+                                    "Choose another name.")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.suffix.lower() == ".zip":
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                z.writestr(MANIFEST, text)
-                z.writestr(WEIGHTS, blob)
-            os.replace(tmp, dest)
+        if as_zip:
+            fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            try:
+                with zipfile.ZipFile(name, "w", zipfile.ZIP_DEFLATED) as z:
+                    z.writestr(MANIFEST, text)
+                    z.writestr(WEIGHTS, blob)
+                os.replace(name, dest)
+            finally:
+                if os.path.exists(name):
+                    os.unlink(name)
             return dest
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        (tmp_dir / MANIFEST).write_text(text)
-        (tmp_dir / WEIGHTS).write_bytes(blob)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp_dir, dest)
+        try:
+            (tmp_dir / MANIFEST).write_text(text)
+            (tmp_dir / WEIGHTS).write_bytes(blob)
+            if not dest.exists():
+                os.replace(tmp_dir, dest)
+                return dest
+            # Swap: the old bundle moves aside, the new one in (the old one back if that fails).
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+            try:
+                os.replace(tmp_dir, dest)
+            except OSError:
+                os.replace(old / dest.name, dest)
+                raise
+            finally:
+                if (old / dest.name).exists() and dest.exists():
+                    shutil.rmtree(old)
+                elif not any(old.iterdir()):
+                    old.rmdir()
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir)
         return dest
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True for a zip or folder holding exactly a bundle's two files whose manifest says it is an
+    AutoMedSAM bundle (what ``--overwrite`` may replace; ``manifest.json`` alone is a common name)."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            if sorted(c.name for c in p.iterdir()) != sorted((MANIFEST, WEIGHTS)):
+                return False
+            text = (p / MANIFEST).read_bytes()[:MAX_MANIFEST_BYTES]
+        elif p.is_file() and zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                if sorted(z.namelist()) != sorted((MANIFEST, WEIGHTS)):
+                    return False
+                text = _read_member(z, MANIFEST, MAX_MANIFEST_BYTES)
+        else:
+            return False
+        return json.loads(text).get("format") == "automedsam-bundle"
+    except (OSError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error, zipfile.BadZipFile,
+            InvalidInputError, AttributeError):
+        return False
+
+
+def _not_replaceable(dest: Path) -> str | None:
+    """Why an existing ``dest`` must not be replaced by a bundle of the kind its name asks for
+    (None: it is such a bundle, holding nothing but a bundle's files)."""
+    as_zip = dest.suffix.lower() == ".zip"
+    if dest.is_dir() == as_zip or not is_bundle(dest):
+        return (f"exists and is not a model bundle ({'a .zip' if as_zip else 'a folder'} holding only an AutoMedSAM "
+                f"{MANIFEST} and {WEIGHTS})")
+    return None
+
+
+def check_bundle_destination(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Check where a bundle will be written before any work starts.
+
+    Raises:
+        InvalidInputError: no file name, the path exists (without ``overwrite``, or holding
+            anything but a bundle), or its folder cannot be written.
+    """
+    dest = Path(path).expanduser()
+    if dest.name in ("", ".", ".."):
+        raise InvalidInputError(f"output {str(path)!r} names no bundle; give a name such as model.zip or models/liver")
+    if dest.exists() or dest.is_symlink():
+        if not overwrite:
+            raise InvalidInputError(f"{dest} exists; pass --overwrite to replace it (or choose another name)")
+        why = _not_replaceable(dest)
+        if why:
+            raise InvalidInputError(f"{dest} {why}; --overwrite replaces only bundles, so nothing was touched. "
+                                    "Choose another output name.")
+    parent = dest.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write the bundle {dest}: {parent} is not a writable folder")
+    return dest
 
 
 def _weights_blob(tensors: dict) -> bytes:
@@ -156,8 +242,29 @@ def _load_strict(module, state: dict, what: str) -> None:
         raise WeightsLoadError(f"{what}: {exc}") from None
 
 
-def load_bundle(path: str | os.PathLike) -> ModelBundle:
+#: Largest manifest read (a manifest is a few kB; this guards against zip bombs).
+MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+def _read_member(z: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """A zip member's bytes, refusing more than ``limit`` once decompressed (the declared size can
+    lie, so the bytes are counted as they come)."""
+    info = z.getinfo(name)
+    if info.file_size > limit:
+        raise InvalidInputError(f"{name} would unpack to {info.file_size} bytes, more than the {limit} allowed")
+    with z.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidInputError(f"{name} unpacks to more than the {limit} bytes allowed")
+    return data
+
+
+def load_bundle(path: str | os.PathLike, max_weights_bytes: int | None = None) -> ModelBundle:
     """Load a bundle folder or zip.
+
+    Args:
+        max_weights_bytes: refuse weights larger than this once unpacked (the worker passes its
+            upload limit, so a small zip cannot unpack to gigabytes).
 
     Raises:
         InvalidInputError: missing path, not a bundle, newer format, corrupt weights (sha256).
@@ -165,17 +272,28 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
     from safetensors.torch import load as load_bytes
 
     p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise InvalidInputError(f"model bundle path is not usable ({exc.strerror}): {str(p)[:200]}") from None
+    if not exists:
         raise InvalidInputError(f"model bundle not found: {p}")
+    if not (p.is_dir() or p.is_file()):  # stat only: a FIFO or device is never opened
+        raise InvalidInputError(f"{p} is neither a file nor a folder; a model bundle is a .zip or a folder")
+    limit = max_weights_bytes or 2**40
     try:
         if p.is_dir():
-            manifest_text = (p / MANIFEST).read_text()
+            if (p / WEIGHTS).stat().st_size > limit:
+                raise InvalidInputError(f"{WEIGHTS} is larger than the {limit} bytes allowed")
+            manifest_text = (p / MANIFEST).read_text(encoding="utf-8")
             blob = (p / WEIGHTS).read_bytes()
         else:
             with zipfile.ZipFile(p) as z:
-                manifest_text = z.read(MANIFEST).decode()
-                blob = z.read(WEIGHTS)
-    except (OSError, KeyError, zipfile.BadZipFile) as exc:
+                manifest_text = _read_member(z, MANIFEST, MAX_MANIFEST_BYTES).decode("utf-8")
+                blob = _read_member(z, WEIGHTS, limit)
+    # A zip can fail in many ways (bad UTF-8, encryption, unknown compression, corrupt data).
+    except (OSError, KeyError, ValueError, RuntimeError, NotImplementedError, EOFError, zlib.error,
+            zipfile.BadZipFile) as exc:
         raise InvalidInputError(
             f"{p} is not a model bundle (a folder or zip with {MANIFEST} and {WEIGHTS}): {exc}"
         ) from None
@@ -188,13 +306,39 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
             f"bundle {p} has format version {manifest['format_version']}; this automedsam ({__version__}) reads "
             f"up to {FORMAT_VERSION}. Upgrade automedsam."
         )
+    _check_unique_classes(manifest["classes"], f"bundle {p}")
     if hashlib.sha256(blob).hexdigest() != manifest["weights_sha256"]:
         raise InvalidInputError(f"bundle {p}: {WEIGHTS} does not match the sha256 in its manifest (corrupt copy?)")
     try:
         tensors = load_bytes(blob)
     except Exception as exc:  # safetensors raises its own error types for broken headers
         raise InvalidInputError(f"bundle {p}: cannot read {WEIGHTS}: {exc}") from None
+    _check_finite(tensors, f"bundle {p}")
     return ModelBundle(manifest, dict(tensors), p)
+
+
+def _check_unique_classes(classes: list[dict], where: str) -> None:
+    """Every class name, alias and generator index once: a duplicate would make a name answer
+    with another class's masks."""
+    indices = sorted(c["index"] for c in classes)
+    if indices != list(range(len(classes))):
+        raise InvalidInputError(f"{where}: class indices must be 0..{len(classes) - 1} once each, got {indices}")
+    owner: dict[str, str] = {}
+    for c in classes:
+        for key in {c["name"], *c.get("aliases", ())}:  # a class may list its own name as an alias
+            first = owner.setdefault(key.strip().lower().replace(" ", "_"), c["name"])
+            if first != c["name"]:
+                raise InvalidInputError(f"{where}: the class name {key!r} is used twice ({first!r} and "
+                                        f"{c['name']!r}); each name may mean one class only")
+
+
+def _check_finite(tensors: dict, what: str) -> None:
+    import torch
+
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise InvalidInputError(f"{what}: weights {', '.join(bad[:5])} hold NaN or infinite values (training "
+                                "diverged; lower the learning rate); no bundle was made from them")
 
 
 def create_bundle(backbone: Backbone, generator, classes: list[ClassInfo], intensity: IntensityConfig, *,
@@ -204,6 +348,7 @@ def create_bundle(backbone: Backbone, generator, classes: list[ClassInfo], inten
     tensors = {f"generator.{k}": v.detach().cpu() for k, v in generator.state_dict().items()}
     if decoder_finetuned:
         tensors.update({f"mask_decoder.{k}": v.detach().cpu() for k, v in backbone.mask_decoder.state_dict().items()})
+    _check_finite(tensors, f"bundle {name!r}")
     if len(classes) != generator.config.num_classes:
         raise InvalidInputError(f"{len(classes)} classes given for a generator with {generator.config.num_classes}")
     manifest = {
@@ -223,6 +368,7 @@ def create_bundle(backbone: Backbone, generator, classes: list[ClassInfo], inten
         "training": training or {},
         "metrics": metrics or {},
     }
+    _check_unique_classes(manifest["classes"], f"bundle {name!r}")
     return ModelBundle(load_validated(manifest, "bundle.schema.json"), tensors, None)
 
 

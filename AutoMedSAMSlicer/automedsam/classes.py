@@ -4,6 +4,7 @@ uses them (category, type, type modifier such as left/right, optional anatomic r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -144,3 +145,26 @@ def canonical_class_mapping(classes: dict[str, int]) -> dict[str, int]:
     if not out:
         raise InvalidInputError("no classes given (e.g. liver=5,spleen=1)")
     return out
+
+
+def check_classes_present(classes: dict[str, int], label_maps: Sequence[np.ndarray], where: str) -> None:
+    """Refuse classes whose label value occurs in none of ``label_maps`` (a typo in a label value
+    would otherwise train a class from background alone).
+
+    Raises:
+        InvalidInputError: names the absent classes and the label values that do occur.
+    """
+    present: set[int] = set()
+    for labels in label_maps:
+        flat = np.asarray(labels).reshape(-1)
+        if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
+            present.update(np.flatnonzero(np.bincount(flat)).tolist())
+        else:
+            present.update(int(v) for v in np.unique(flat))
+    absent = [f"{name}={value}" for name, value in classes.items() if value not in present]
+    if absent:
+        values = sorted(present - {0})
+        shown = ", ".join(map(str, values[:30])) + (" ..." if len(values) > 30 else "") if values else "none"
+        raise InvalidInputError(
+            f"{', '.join(absent)}: no voxel of {where} has this label value (label values present: {shown}). "
+            "Check the name=value pairs.")

@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -54,8 +55,11 @@ class RemoteEvent(dict):
 
 
 class RemoteEngine:
-    """Talk to a worker at ``url`` with ``token``; ``bundle`` is a bundle path *on the worker's
-    machine* (or ``backbone`` for manual-only sessions)."""
+    """Talk to a worker at ``url`` with ``token``.
+
+    ``bundle`` is a bundle file or folder on *this* machine (uploaded to the worker when the session
+    opens; the worker reads bundles only from its own bundle folders), or the name of a bundle in the
+    worker's bundle folders (``GET /v1/bundles``); ``backbone`` opens a manual-only session."""
 
     def __init__(self, url: str, token: str, *, bundle: str | None = None, backbone: str | None = None,
                  device: str | None = None, timeout: float = 60.0, poll_s: float = 0.1):
@@ -113,9 +117,35 @@ class RemoteEngine:
     # ------------------------------------------------------------------------------ engine API
     def _ensure_session(self) -> str:
         if self.session_id is None:
-            body = self._call("POST", "/v1/sessions", json=self.model, timeout=max(self.timeout, 300)).json()
+            model = dict(self.model)
+            if model.get("bundle"):
+                model["bundle"] = self.upload_bundle(model["bundle"])
+            body = self._call("POST", "/v1/sessions", json=model, timeout=max(self.timeout, 300)).json()
             self.session_id, self.classes = body["session_id"], body["classes"]
         return self.session_id
+
+    def upload_bundle(self, bundle: str) -> str:
+        """The worker's name for ``bundle``: a local bundle zip or folder is uploaded (the worker
+        keeps it under its sha256); anything else is taken as a name on the worker."""
+        import io
+        import zipfile
+
+        from .bundle import MANIFEST, WEIGHTS
+
+        local = Path(bundle).expanduser()
+        if local.is_dir() and (local / MANIFEST).is_file():
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+                for name in (MANIFEST, WEIGHTS):
+                    z.write(local / name, name)
+            data = buffer.getvalue()
+        elif local.is_file() and local.suffix.lower() == ".zip":
+            data = local.read_bytes()
+        else:
+            return str(bundle)
+        reply = self._call("POST", "/v1/bundles", data=data, headers={"Content-Type": "application/octet-stream"},
+                           timeout=max(self.timeout, 300))
+        return reply.json()["bundle"]
 
     def open_session(self) -> list[dict]:
         """Open the session (loads the model on the worker) and return its classes."""
@@ -229,8 +259,9 @@ class RemoteEngine:
         for event in self._follow(job, cancel):
             if event.stage == "done":
                 event["bundle"] = self._call("GET", f"/v1/jobs/{job['id']}/bundle").content
-                if use_now:
-                    self.classes = [{"name": n} for n in classes]
+                if use_now:  # the session now runs the new bundle; a reconnect must open it again
+                    self.classes = event["summary"]["classes"]
+                    self.model = dict(self.model, bundle=event["summary"]["bundle"], backbone=None)
             yield event
 
     def set_masks(self, class_name: str, masks: np.ndarray) -> None:
@@ -270,10 +301,12 @@ class RemoteEngine:
             raise InvalidInputError("no volume set: call set_volume(volume) first")
 
     def _canonical(self, name: str) -> str:
-        for c in self.classes:
-            if name.lower() in (c["name"], *[a.lower() for a in c.get("aliases", [])]):
-                return c["name"]
-        return name
+        """The session's spelling of a class name, resolved like the engine does (case, spaces and
+        aliases); names the session does not know are kept as given (the worker refuses them)."""
+        from .classes import ClassCatalog, ClassInfo
+
+        catalog = ClassCatalog([ClassInfo.from_dict(c) for c in self.classes])
+        return catalog.get(name).name if name in catalog else name
 
     def _local(self, class_name: str) -> np.ndarray:
         name = self._canonical(class_name)

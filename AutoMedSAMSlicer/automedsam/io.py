@@ -110,8 +110,8 @@ def _run_sitk_read(path: Path, read):
         ) from None
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Refuse truncated NIfTI files. ITK's NIfTI reader fills missing voxels silently (seen with
+def _check_nifti(path: Path) -> None:
+    """Refuse truncated NIfTI files and NaN/infinite voxels. ITK's NIfTI reader fills missing voxels silently (seen with
     SimpleITK 2.5), which would be a silent wrong answer; NRRD and MetaImage readers do raise.
     Compares the bytes present (after gunzip, which also checks the gzip CRC) with the header's
     ``vox_offset + voxels * bitpix / 8``."""
@@ -133,12 +133,12 @@ def _check_nifti_complete(path: Path) -> None:
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = int(struct.unpack(endian + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
             dims = struct.unpack(endian + "8q", header[16:80])
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             offset = struct.unpack(endian + "q", header[168:176])[0]
             break
     else:
@@ -151,6 +151,26 @@ def _check_nifti_complete(path: Path) -> None:
             f"{path} is truncated: its header announces {expected} bytes of image data, the file holds {total}. "
             "Copy or export it again."
         )
+    # ITK's NIfTI reader turns NaN voxels into 0 (seen with SimpleITK 2.5): a silent wrong answer,
+    # so float data are checked here (float32/64 and complex, by their real and imaginary parts).
+    item = {16: "f4", 32: "f4", 64: "f8", 1792: "f8"}.get(int(datatype))
+    if item is None:
+        return
+    dtype = np.dtype(endian + item)
+    bad = 0
+    with opener(path, "rb") as f:
+        f.seek(max(offset, 348))
+        remaining = (expected - max(offset, 348)) // dtype.itemsize
+        while remaining > 0:
+            block = np.frombuffer(f.read(min(remaining, 1 << 22) * dtype.itemsize), dtype)
+            if block.size == 0:
+                break
+            bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+            remaining -= block.size
+    if bad:
+        raise InvalidInputError(
+            f"{path} holds {bad} NaN or infinite voxel value(s); replace them (e.g. with the background value) "
+            "before segmenting")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -176,7 +196,7 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume
         raise InvalidInputError(f"{p} is a Slicer segmentation; read it with read_segmentation(), not as an image")
     is_picture = suffix in PICTURE_SUFFIXES
     if suffix in (".nii", ".nii.gz"):
-        _check_nifti_complete(p)
+        _check_nifti(p)
     image = _run_sitk_read(p, lambda: sitk.ReadImage(str(p)))
     return sitk_to_volume(image, name=p.name, allow_rgb=is_picture)
 
@@ -200,9 +220,40 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         if len(series) > 1:
             log.warning("%s holds %d DICOM series; reading %s (most files)", folder, len(series), chosen)
     files = reader.GetGDCMSeriesFileNames(str(folder), chosen)
+    _check_even_slices(folder, files)
     reader.SetFileNames(files)
     image = _run_sitk_read(folder, reader.Execute)
     return sitk_to_volume(image, name=folder.name)
+
+
+def _check_even_slices(folder: Path, files: list[str]) -> None:
+    """Refuse a series whose slices are not evenly spaced along the slice normal (a missing or
+    duplicated file). ITK would spread the slices evenly over the whole extent and report a wrong
+    spacing (2.111 mm instead of 2.0 with one slice missing), a silent geometry error."""
+    import SimpleITK as sitk
+
+    if len(files) < 3:
+        return
+    positions, normal = [], None
+    for name in files:
+        header = sitk.ImageFileReader()
+        header.SetFileName(name)
+        _run_sitk_read(Path(name), header.ReadImageInformation)
+        if normal is None:
+            normal = np.array(header.GetDirection(), float).reshape(3, 3)[:, 2]
+        positions.append(float(np.dot(header.GetOrigin(), normal)))
+    order = np.argsort(positions)
+    gaps = np.diff(np.asarray(positions)[order])
+    step = float(np.median(gaps))
+    tolerance = max(0.01, 0.01 * abs(step))  # mm: DICOM positions carry rounding, not 1 % errors
+    bad = np.flatnonzero(np.abs(gaps - step) > tolerance)
+    if step <= tolerance or bad.size:
+        n = int(bad[0]) if bad.size else 0
+        first, second = Path(files[order[n]]).name, Path(files[order[n + 1]]).name
+        raise InvalidInputError(
+            f"the DICOM series in {folder} is not evenly spaced: {gaps[n]:.3f} mm between {first} and {second}, "
+            f"{step:.3f} mm between most slices ({bad.size} uneven gap(s) in {len(files)} files). A slice is "
+            "probably missing or duplicated; export the complete series (or resample it to even spacing first).")
 
 
 def as_label_array(array: np.ndarray, name: str = "label map") -> np.ndarray:
@@ -293,6 +344,24 @@ def _prepare_output(path: str | os.PathLike) -> Path:
         raise InvalidInputError(f"output path {p} is a folder; give a file name such as {p / 'out.nrrd'}")
     if not p.parent.exists():
         raise InvalidInputError(f"output folder {p.parent} does not exist; create it first")
+    return p
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, segmentation: bool = True) -> Path:
+    """Check an output file before any work starts: its kind (by name), its folder (exists and is
+    writable) and, without ``overwrite``, that nothing is there yet.
+
+    Raises:
+        InvalidInputError: says what to change.
+    """
+    p = _prepare_output(path)
+    allowed = (SEG_NRRD_SUFFIX, *VOLUME_SUFFIXES) if segmentation else VOLUME_SUFFIXES
+    if _suffix(p) not in allowed:
+        raise InvalidInputError(f"cannot write {p.name}: the name must end in one of {', '.join(allowed)}")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"cannot write into {p.parent}: no permission; choose another output folder")
+    if (p.exists() or p.is_symlink()) and not overwrite:
+        raise InvalidInputError(f"output {p} exists; pass --overwrite to replace it (or choose another name)")
     return p
 
 

@@ -49,8 +49,8 @@ def normalized_surface_dice(pred: np.ndarray, ref: np.ndarray, spacing: Sequence
     pred, ref = _check(pred, ref)
     if len(spacing) != pred.ndim:
         raise InvalidInputError(f"spacing {tuple(spacing)} must have one value per array axis ({pred.ndim})")
-    if tolerance_mm < 0:
-        raise InvalidInputError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
+    if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise InvalidInputError(f"tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
     p_any, r_any = bool(pred.any()), bool(ref.any())
     if not p_any and not r_any:
         return 1.0
@@ -70,13 +70,21 @@ def evaluate_masks(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spac
                    tolerance_mm: float = 2.0) -> dict:
     """Per-class DSC/NSD and their means, as the papers' tables report them.
 
+    A class empty in both prediction and reference (e.g. a mistyped label value) says nothing
+    about the model: it is listed under ``absent`` and left out of ``classes`` and the means.
+
     Returns:
         ``{"classes": {name: {"dsc", "nsd", "pred_voxels", "ref_voxels"}}, "mean": {"dsc", "nsd"},
-        "tolerance_mm": t}``.
+        "absent": [names], "tolerance_mm": t}`` (means are None when no class is present).
     """
-    classes = {}
+    if not (np.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise InvalidInputError(f"tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
+    classes, absent = {}, []
     for name in ref:
         p, r = pred[name], ref[name]
+        if not np.any(p) and not np.any(r):
+            absent.append(name)
+            continue
         classes[name] = {
             "dsc": round(dice(p, r), 4),
             "nsd": round(normalized_surface_dice(p, r, spacing, tolerance_mm), 4),
@@ -85,4 +93,4 @@ def evaluate_masks(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spac
         }
     mean = {m: round(float(np.mean([c[m] for c in classes.values()])), 4) if classes else None
             for m in ("dsc", "nsd")}
-    return {"classes": classes, "mean": mean, "tolerance_mm": tolerance_mm}
+    return {"classes": classes, "mean": mean, "absent": absent, "tolerance_mm": tolerance_mm}

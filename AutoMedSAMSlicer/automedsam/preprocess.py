@@ -198,8 +198,10 @@ class SliceTransform:
         return np.concatenate([b[:2] / s[:2], (b[2:] + 1) / s[2:] - 1])
 
     def check_points(self, points_ij: np.ndarray, what: str = "point") -> None:
-        """Raise :class:`InvalidInputError` if any (i, j) lies outside the slice."""
+        """Raise :class:`InvalidInputError` if any (i, j) is NaN/infinite or lies outside the slice."""
         pts = np.asarray(points_ij, dtype=np.float64).reshape(-1, 2)
+        if not np.all(np.isfinite(pts)):
+            raise InvalidInputError(f"{what} coordinates must be finite numbers (i, j), got {pts.tolist()}")
         bad = (pts[:, 0] < -0.5) | (pts[:, 0] > self.width - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > self.height - 0.5)
         if np.any(bad):
             raise InvalidInputError(

@@ -6,7 +6,9 @@ where other users could read it); the worker binds 127.0.0.1 and reports its por
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -17,6 +19,8 @@ import time
 from pathlib import Path
 
 from .client import RemoteEngine, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
 
 
 class LocalWorker:
@@ -40,6 +44,8 @@ class LocalWorker:
         self.url: str | None = None
         self._token_dir = tempfile.mkdtemp(prefix="automedsam-worker-")
         self._token_file = Path(self._token_dir) / "token"
+        #: The worker's last stderr lines (its log), kept for error messages.
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=200)
         fd = os.open(self._token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
@@ -50,10 +56,22 @@ class LocalWorker:
                "--device", self.device, *self.extra_args]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                         env=self.env)
+        # Both pipes are read for the worker's whole life: an unread pipe fills (~64 KB) and then
+        # blocks the worker on its next log line while alive() still says True.
+        self.log_tail.clear()
+        threading.Thread(target=_drain, args=(self.process.stderr, self.log_tail), daemon=True).start()
         line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout)
+
+        def read_ready_line(stdout) -> None:
+            line.append(stdout.readline())
+            _drain(stdout, None)
+
+        threading.Thread(target=read_ready_line, args=(self.process.stdout,), daemon=True).start()
+        ready_by = time.monotonic() + timeout
+        while not line and time.monotonic() < ready_by and self.process.poll() is None:
+            time.sleep(0.02)
+        if not line:
+            time.sleep(0.05)  # a worker that just exited may still be writing its last line
         if not line or not line[0].strip():
             err = self._stderr_tail()
             self.stop()
@@ -64,9 +82,13 @@ class LocalWorker:
         return self.url
 
     def _stderr_tail(self) -> str:
+        time.sleep(0.1)  # let the drain thread take the last lines of a process that just ended
+        tail = "".join(self.log_tail).strip()[-500:]
+        if tail:
+            return tail
         if self.process is None or self.process.poll() is None:
             return "no ready line"
-        return (self.process.stderr.read() or "").strip()[-500:] or f"exit code {self.process.returncode}"
+        return f"exit code {self.process.returncode}"
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -109,6 +131,17 @@ class LocalWorker:
             os.rmdir(self._token_dir)
         except (OSError, AttributeError):
             pass
+
+
+def _drain(stream, keep: collections.deque | None) -> None:
+    """Read ``stream`` until it closes, keeping the last lines in ``keep``."""
+    try:
+        for text in stream:
+            if keep is not None:
+                keep.append(text)
+                log.debug("worker: %s", text.rstrip())
+    except (OSError, ValueError):  # closed by stop()
+        pass
 
 
 def wait_until(predicate, timeout: float, every: float = 0.05) -> bool:

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io import write_segmentation
     from ..metrics import evaluate_masks
     from ..models import automedsam_home
+    from ..rescue import save_or_rescue
     from ..training import AugmentConfig, TrainConfig, embedding_cache_dir, load_case
     from .progress import run_segment
     from .train_cmd import run_training
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"teaching {', '.join(DEMO_CLASSES)} from slices {args.train_slices} of {case.name} "
           f"({case.image.num_slices} slices) with {backbone_id} + {args.generator}", file=sys.stderr)
     final = run_training(config, [case])
-    bundle_path = final.bundle.save(out / "demo_bundle.zip")
+    bundle_path = save_or_rescue(final.bundle, out / "demo_bundle.zip")
     taught = final.bundle.manifest["training"]["train_slices"][case.name]
     held_out = [k for k in range(case.image.num_slices) if k not in set(taught)]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .main import emit_json
 
@@ -49,6 +50,8 @@ def class_masks(seg, classes: dict[str, int], grid) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+
     import numpy as np
 
     from ..errors import InvalidInputError
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.pred) != len(args.ref):
         raise InvalidInputError(f"{len(args.pred)} --pred but {len(args.ref)} --ref; give one reference per prediction")
+    if not (math.isfinite(args.tolerance_mm) and args.tolerance_mm >= 0):
+        raise InvalidInputError(f"--tolerance-mm must be a finite number of mm >= 0, got {args.tolerance_mm}")
     given = parse_class_mapping(args.classes) if args.classes else None
     cases = []
     for pred_path, ref_path in zip(args.pred, args.ref, strict=True):
@@ -70,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         grid = ref.grid
         report = evaluate_masks(class_masks(pred, classes, grid), class_masks(ref, classes, grid),
                                 tuple(reversed(grid.spacing)), args.tolerance_mm)
+        for name in report["absent"]:
+            print(f"warning: class {name} (label {classes[name]}) is in neither {pred_path} nor {ref_path}; it is "
+                  "left out of the mean (a typo in --classes?)", file=sys.stderr)
         cases.append(report | {"pred": pred_path, "ref": ref_path})
     if len(cases) == 1:
         report = cases[0]
@@ -78,12 +86,18 @@ def run(args: argparse.Namespace) -> int:
         classes_mean = {n: {m: round(float(np.mean([c["classes"][n][m] for c in cases if n in c["classes"]])), 4)
                             for m in ("dsc", "nsd")} for n in names}
         report = {"cases": cases, "classes": classes_mean, "tolerance_mm": args.tolerance_mm,
-                  "mean": {m: round(float(np.mean([v[m] for v in classes_mean.values()])), 4) for m in ("dsc", "nsd")}}
+                  "absent": [n for n in dict.fromkeys(a for c in cases for a in c["absent"]) if n not in names],
+                  "mean": {m: round(float(np.mean([v[m] for v in classes_mean.values()])), 4) if names else None
+                           for m in ("dsc", "nsd")}}
+    if not report["classes"]:
+        raise InvalidInputError("none of the classes occurs in the predictions or the references; nothing to score. "
+                                "Check --classes (name=label_value)")
     if args.json:
         emit_json(report)
         return 0
     for case in cases if len(cases) > 1 else []:
-        print(f"{case['pred']} vs {case['ref']}: mean DSC {case['mean']['dsc']:.4f}  NSD {case['mean']['nsd']:.4f}")
+        if case["classes"]:
+            print(f"{case['pred']} vs {case['ref']}: mean DSC {case['mean']['dsc']:.4f}  NSD {case['mean']['nsd']:.4f}")
     for name, c in report["classes"].items():
         print(f"{name:<20} DSC {c['dsc']:.4f}  NSD@{args.tolerance_mm:g}mm {c['nsd']:.4f}")
     print(f"{'mean':<20} DSC {report['mean']['dsc']:.4f}  NSD {report['mean']['nsd']:.4f}")

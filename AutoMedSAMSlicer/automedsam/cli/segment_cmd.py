@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,14 +33,17 @@ def run(args: argparse.Namespace) -> int:
     from ..bundle import backbone_for_bundle, load_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
-    from ..io import read_image, write_segmentation
+    from ..io import check_output, read_image, write_segmentation
     from ..selection import parse_slices
     from .progress import run_segment
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise InvalidInputError(f"output {out} exists; pass --overwrite to replace it (or choose another name)")
+    out = check_output(args.output, args.overwrite)  # before segmenting, not after
+    if out.exists() and Path(args.input).exists() and os.path.samefile(out, args.input):
+        raise InvalidInputError(f"the output {out} is the input image; --overwrite never replaces the input. "
+                                "Choose another output name.")
     names = [c.strip() for c in args.classes.split(",") if c.strip()]
+    if not names:
+        raise InvalidInputError("--classes names no class; give e.g. liver,spleen")
     volume = read_image(args.input)
     slices = parse_slices(args.slices, volume.num_slices)
     bundle = load_bundle(args.model)

@@ -7,6 +7,7 @@ import json
 import secrets
 import socket
 import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -15,15 +16,42 @@ def register(sub) -> None:
         description="Starts the worker and prints one JSON line on stdout once it accepts requests: url, port, "
                     "protocol, device and, if it generated one, the token. Binds 127.0.0.1 unless told otherwise.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: a free one, reported on stdout)")
+    p.add_argument("--port", type=_bounded(0, 65535), default=0,
+                   help="port (default 0: a free one, reported on stdout)")
     p.add_argument("--token", help="bearer token clients must send (default: a random one)")
     p.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--max-upload-mb", type=int, default=1024, help="largest accepted volume upload (MB)")
-    p.add_argument("--max-sessions", type=int, default=8)
-    p.add_argument("--max-queued-jobs", type=int, default=16)
-    p.add_argument("--session-ttl-s", type=float, default=3600.0, help="idle sessions expire after this")
+    p.add_argument("--max-upload-mb", type=_bounded(1, 1 << 20), default=1024,
+                   help="largest accepted volume, labels or masks upload (MB)")
+    p.add_argument("--max-bundle-mb", type=_bounded(1, 1 << 20), default=1024,
+                   help="largest accepted bundle upload (MB)")
+    p.add_argument("--max-sessions", type=_bounded(1, 10000), default=8)
+    p.add_argument("--max-queued-jobs", type=_bounded(1, 100000), default=16)
+    p.add_argument("--session-ttl-s", type=_bounded(1, 10**9, float), default=3600.0,
+                   help="idle sessions expire after this")
+    p.add_argument("--bundle-dir", action="append", default=[],
+                   help="a folder sessions may load bundles from (repeatable; the first also receives uploaded and "
+                        "trained bundles; default $AUTOMEDSAM_HOME/bundles)")
+    p.add_argument("--mirror", action="append", default=[],
+                   help="URL prefix downloads may use besides the catalog's URLs (repeatable)")
+    p.add_argument("--download-deadline-s", type=_bounded(1, 10**7, float), default=3600.0,
+                   help="overall time limit of one weights download")
     p.set_defaults(handler=run)
+
+
+def _bounded(low, high, kind=int):
+    """An argparse type: a number of ``kind`` in ``low..high`` (a usage error, exit 2, otherwise)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text} is not in {low}..{high}")
+        return value
+
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,8 +77,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("the token must have at least 16 characters")
     device = str(resolve_device(args.device))
     settings = ServiceSettings(token=token, device=device, max_upload_mb=args.max_upload_mb,
+                               max_bundle_mb=args.max_bundle_mb,
                                max_sessions=args.max_sessions, max_queued_jobs=args.max_queued_jobs,
-                               session_ttl_s=args.session_ttl_s)
+                               session_ttl_s=args.session_ttl_s,
+                               bundle_dirs=tuple(str(Path(d).expanduser().resolve()) for d in args.bundle_dir),
+                               mirrors=tuple(args.mirror),
+                               download_deadline_s=args.download_deadline_s)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

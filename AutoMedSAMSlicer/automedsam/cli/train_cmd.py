@@ -52,12 +52,18 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..errors import InvalidInputError
     from ..preprocess import IntensityConfig
     from ..training import AugmentConfig, TrainConfig, parse_class_mapping
 
     check_case_arguments(args)
     intensity = IntensityConfig.mr() if args.window == "mr" else IntensityConfig.ct(args.window)
-    val_cases = tuple(int(v) for v in args.val_cases.split(",") if v.strip()) if args.val_cases else ()
+    try:
+        val_cases = tuple(int(v) for v in args.val_cases.split(",") if v.strip()) if args.val_cases else ()
+    except ValueError:
+        raise InvalidInputError(f"--val-cases {args.val_cases!r} must be case indices such as 0 or 1,3") from None
+    if any(not 0 <= n < len(args.image) for n in val_cases):
+        raise InvalidInputError(f"--val-cases {args.val_cases!r}: there are cases 0..{len(args.image) - 1}")
     weights = args.weights if args.weights not in (None, "cached") else None
     if weights is None and args.backbone.startswith("tiny-"):
         weights = "random"
@@ -67,7 +73,7 @@ def config_from_args(args: argparse.Namespace):
         finetune_decoder=args.finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
         train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
         intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-        name=args.name or Path(args.output).stem)
+        name=args.name or Path(args.output).expanduser().resolve().stem)
 
 
 def run_training(config, cases, quiet: bool = False):
@@ -105,15 +111,16 @@ def run_training(config, cases, quiet: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import InvalidInputError
+    from ..bundle import check_bundle_destination
+    from ..rescue import save_or_rescue
 
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise InvalidInputError(f"{out} exists; pass --overwrite to replace it")
+    out = check_bundle_destination(args.output, args.overwrite)  # before hours of training, not after
     config = config_from_args(args)
     cases = load_cases(args)
     final = run_training(config, cases)
-    path = final.bundle.save(out)
+    if final is None or final.bundle is None:
+        return 130  # cancelled: nothing to write
+    path = save_or_rescue(final.bundle, out)
     training = final.bundle.manifest["training"]
     summary = {"bundle": str(path), "generator": config.generator, "backbone": config.backbone,
                "validation": final.metrics, "best_epoch": training["best_epoch"], "seconds": training["seconds"],

@@ -21,10 +21,11 @@ def pack_mask(mask: np.ndarray) -> bytes:
 
 def unpack_mask(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     n = int(np.prod(shape))
-    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n)
-    if bits.size != n:
-        raise InvalidInputError(f"mask data holds {bits.size} values, expected {n} for shape {shape}")
-    return bits.astype(bool).reshape(shape)
+    expected = (n + 7) // 8
+    if len(data) != expected:  # exact: np.unpackbits would pad a short body with zeros
+        raise InvalidInputError(f"mask data has {len(data)} bytes, but a mask of shape {list(shape)} packs into "
+                                f"{expected}")
+    return np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(shape)
 
 
 def mask_to_json(mask: np.ndarray) -> dict:

@@ -7,7 +7,9 @@ work and read job state, so the server answers status requests while a job runs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import secrets
 import threading
 import time
@@ -37,9 +39,30 @@ class ServiceSettings:
     token: str
     device: str = "auto"
     max_upload_mb: int = 1024
+    max_bundle_mb: int = 1024
     max_sessions: int = 8
     max_queued_jobs: int = 16
     session_ttl_s: float = 3600.0
+    #: Folders sessions may load bundles from (the first also receives uploads and trained
+    #: bundles); empty: ``$AUTOMEDSAM_HOME/bundles``.
+    bundle_dirs: tuple[str, ...] = ()
+    #: URL prefixes a download request may name besides the catalog's own URLs.
+    mirrors: tuple[str, ...] = ()
+    #: Overall deadline of one weights download (seconds).
+    download_deadline_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        from ..download import check_mirror
+
+        for mirror in self.mirrors:
+            check_mirror(mirror)
+
+    def bundle_folders(self) -> list:
+        from pathlib import Path
+
+        from ..models import automedsam_home
+
+        return [Path(d) for d in self.bundle_dirs] or [automedsam_home() / "bundles"]
 
 
 @dataclass
@@ -84,11 +107,19 @@ class WorkerState:
         self.jobs: dict[str, Job] = {}
         self.models: dict[tuple, tuple] = {}
         self.lock = threading.Lock()
+        self._creating = 0  # sessions being built: they count against the limit already
+        from .bundles import BundleStore
+
+        self.bundles = BundleStore(settings.bundle_folders(), settings.max_bundle_mb * 2**20)
 
     # ------------------------------------------------------------------------- model thread
     def run(self, fn, *args, timeout: float | None = None):
         """Run ``fn`` on the model thread and wait for it."""
         return self.executor.submit(fn, *args).result(timeout)
+
+    async def run_async(self, fn, *args):
+        """Run ``fn`` on the model thread without blocking the event loop."""
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
     def shutdown(self) -> None:
         for job in self.jobs.values():
@@ -99,42 +130,62 @@ class WorkerState:
     def expire(self) -> None:
         now = time.monotonic()
         with self.lock:
-            for sid in [s.id for s in self.sessions.values() if now - s.last_used > self.settings.session_ttl_s]:
+            expired = [s.id for s in self.sessions.values() if now - s.last_used > self.settings.session_ttl_s]
+            for sid in expired:
                 log.info("session %s expired", sid)
                 self.sessions.pop(sid, None)
+            if expired:
+                self._forget_unused_models()
 
     def create_session(self, bundle: str | None, backbone: str | None, device: str | None) -> Session:
-        from ..engine import Engine
-
+        """Build a session's engine on the model thread. The slot is reserved under the lock
+        before the (slow) build, so parallel requests cannot pass the session limit."""
         self.expire()
         with self.lock:
-            if len(self.sessions) >= self.settings.max_sessions:
+            if len(self.sessions) + self._creating >= self.settings.max_sessions:
                 raise ServiceLimitError(f"the worker holds its maximum of {self.settings.max_sessions} sessions; "
                                         "delete one or wait for idle ones to expire")
-        device = device or self.settings.device
-        key = (bundle, backbone, device)
-
-        def build():
-            if key not in self.models:
-                from ..backbones import build_backbone
-                from ..bundle import backbone_for_bundle, load_bundle
-
-                if bundle:
-                    b = load_bundle(bundle)
-                    self.models[key] = (backbone_for_bundle(b, device), b)
-                elif backbone:
-                    weights = "random" if backbone.startswith("tiny-") else None
-                    self.models[key] = (build_backbone(backbone, weights=weights, device=device), None)
-                else:  # manual mode on the default backbone
-                    self.models[key] = (build_backbone(DEFAULT_BACKBONE, device=device), None)
-            bb, bun = self.models[key]
-            return Engine(bb, bun)
-
-        engine = self.run(build)
-        session = Session(secrets.token_hex(8), engine, key)
-        with self.lock:
-            self.sessions[session.id] = session
+            self._creating += 1
+        try:
+            path = str(self.bundles.resolve(bundle)) if bundle else None
+            engine, key = self.run(self._build_engine, path, backbone, device or self.settings.device)
+            session = Session(secrets.token_hex(8), engine, key)
+            with self.lock:
+                self.sessions[session.id] = session
+        finally:
+            with self.lock:
+                self._creating -= 1
         return session
+
+    def _build_engine(self, bundle_path: str | None, backbone: str | None, device: str):
+        """An engine on a cached model (model thread only); returns it with its cache key."""
+        from ..engine import Engine
+
+        # A bundle rewritten under the same name (a class taught again) is a new model.
+        stamp = (os.stat(bundle_path).st_mtime_ns, os.stat(bundle_path).st_size) if bundle_path else None
+        key = (bundle_path, stamp, backbone, device)
+        entry = self.models.get(key)  # a local reference: a session deleted meanwhile may evict the key
+        if entry is None:
+            from ..backbones import build_backbone
+            from ..bundle import backbone_for_bundle, load_bundle
+
+            if bundle_path:
+                b = load_bundle(bundle_path, self.bundles.max_weights_bytes)
+                entry = (backbone_for_bundle(b, device), b)
+            elif backbone:
+                weights = "random" if backbone.startswith("tiny-") else None
+                entry = (build_backbone(backbone, weights=weights, device=device), None)
+            else:  # manual mode on the default backbone
+                entry = (build_backbone(DEFAULT_BACKBONE, device=device), None)
+            self.models[key] = entry
+        return Engine(*entry), key
+
+    def _forget_unused_models(self) -> None:
+        """Drop cached models no session uses any more (called with ``self.lock`` held), so memory
+        follows the open sessions instead of every bundle ever opened."""
+        used = {s.model_key for s in self.sessions.values()}
+        for key in [k for k in self.models if k not in used]:
+            self.models.pop(key, None)
 
     def session(self, sid: str) -> Session:
         self.expire()
@@ -149,6 +200,7 @@ class WorkerState:
         with self.lock:
             if self.sessions.pop(sid, None) is None:
                 raise NotFoundError(f"no session {sid!r}")
+            self._forget_unused_models()
         for job in self.jobs.values():
             if job.session_id == sid:
                 job.cancel.set()
@@ -178,7 +230,7 @@ class WorkerState:
                 if job.state == "running":
                     job.state = "done"
             except AutoMedSAMError as exc:
-                job.state, job.error = "failed", {"code": _code(exc), "message": str(exc)}
+                job.state, job.error = "failed", {"code": error_status(exc)[1], "message": str(exc)}
             except Exception as exc:  # reported to the client, the worker keeps serving
                 log.exception("job %s failed", job.id)
                 job.state, job.error = "failed", {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
@@ -227,14 +279,22 @@ def _check_gpu_memory(engine, job: Job) -> None:
         job.message = f"low GPU memory ({free // 2**20} MB free): the job may run in smaller batches or on the CPU"
 
 
-def _code(exc: Exception) -> str:
+def error_status(exc: AutoMedSAMError) -> tuple[int, str]:
+    """HTTP status and stable code of an error raised on purpose (routes answer it, jobs report it)."""
     from ..errors import WeightsUnavailableError
+    from .limits import BodyTooLargeError
 
+    if isinstance(exc, NotFoundError):
+        return 404, "not_found"
+    if isinstance(exc, ServiceLimitError):
+        return 429, "busy"
+    if isinstance(exc, BodyTooLargeError):
+        return 413, "too_large"
     if isinstance(exc, InvalidInputError):
-        return "invalid_input"
+        return 422, "invalid_input"
     if isinstance(exc, WeightsUnavailableError):
-        return "weights_unavailable"
-    return "error"
+        return 424, "weights_unavailable"
+    return 500, "error"
 
 
 def masks_of(engine, name: str) -> np.ndarray:

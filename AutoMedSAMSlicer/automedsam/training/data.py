@@ -67,13 +67,22 @@ def load_case(image_path: str, labels_path: str) -> Case:
     return Case(image, labels, Path(str(image_path)).name)
 
 
+#: Largest label value a label map can hold (uint32).
+MAX_LABEL_VALUE = 2**32 - 1
+
+
 def parse_class_mapping(spec: str) -> dict[str, int]:
     """``"liver=5,spleen=1"`` -> ``{"liver": 5, "spleen": 1}`` (label values of the label maps)."""
     out: dict[str, int] = {}
     for part in spec.split(","):
         name, _, value = part.strip().partition("=")
-        if not name.strip() or not value.strip().isdigit() or int(value) < 1:
-            raise InvalidInputError(f"class mapping entry {part!r} must look like name=label_value (e.g. liver=5)")
+        value = value.strip()
+        # ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+        if not name.strip() or not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_LABEL_VALUE:
+            raise InvalidInputError(f"class mapping entry {part!r} must look like name=label_value with a label value "
+                                    f"1..{MAX_LABEL_VALUE} (e.g. liver=5)")
+        if name.strip() in out:
+            raise InvalidInputError(f"class {name.strip()!r} is given twice in {spec!r}; name each class once")
         out[name.strip()] = int(value)
     if not out:
         raise InvalidInputError("no classes given (e.g. --classes liver=5,spleen=1)")

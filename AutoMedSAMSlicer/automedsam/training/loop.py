@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..classes import canonical_class_mapping
-from ..errors import InvalidInputError
+from ..classes import canonical_class_mapping, check_classes_present
+from ..errors import InvalidInputError, TrainingFailedError
 from ..generators import DEFAULT_GENERATOR
 from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
+from ..rescue import rescue_folder
 from .data import AugmentConfig, Case, encode_training_items, split_slices
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         missing = [n for n, v in config.classes.items() if not (case.labels.array == v).any()]
         if len(missing) == len(names):
             raise InvalidInputError(f"none of the classes {names} (values {values}) occurs in {case.name}'s labels")
+    check_classes_present(config.classes, [c.labels.array for c in cases],
+                          "the label maps" if len(cases) > 1 else f"{cases[0].name}'s label map")
     split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
     backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed)
     device = backbone.device
@@ -201,14 +204,20 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
             engines.append((e, s))
 
     start_epoch, best, history = 1, None, []
+    run = {"classes": config.classes, "generator": config.generator, "backbone": backbone.id,
+           "weights": backbone.weights_fingerprint, "finetune_decoder": config.finetune_decoder}
     ckpt_path = Path(config.checkpoint_dir) / "last.pt" if config.checkpoint_dir else None
     if config.resume and ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        generator.load_state_dict(state["generator"])
-        backbone.mask_decoder.load_state_dict(state["decoder"])
-        if weighting is not None:
-            weighting.load_state_dict(state["weighting"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = _load_checkpoint(ckpt_path, run)
+        try:
+            generator.load_state_dict(state["generator"])
+            backbone.mask_decoder.load_state_dict(state["decoder"])
+            if weighting is not None:
+                weighting.load_state_dict(state["weighting"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InvalidInputError(f"checkpoint {ckpt_path} does not fit this run ({exc}); resume with the options "
+                                    "it was written with, or give another --checkpoint-dir") from None
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -216,71 +225,146 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         yield TrainEvent("checkpoint", epoch=state["epoch"], epochs=config.epochs, message=f"resumed from {ckpt_path}")
 
-    pe = backbone.dense_pe().detach()
-    if config.generator == "classmap":
-        step_fn = _ClassMapSteps(generator, data, labels, values, device)
-    else:
-        step_fn = _PairSteps(generator, backbone, data, labels, values, device, pe, weighting, config)
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs + 1):
-        generator.train()
-        batches = step_fn.batches(rng, config.batch_size)
-        steps = len(batches)
-        sums: dict[str, float] = {}
-        for step, batch in enumerate(batches):
-            if cancel is not None and cancel.is_set():
-                yield TrainEvent("cancelled", epoch, config.epochs, step, steps, "cancelled; no bundle written")
-                return
-            losses = step_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            mean = {k: round(v / (step + 1), 5) for k, v in sums.items()}
-            yield TrainEvent("step", epoch, config.epochs, step + 1, steps, losses=mean)
-        record = {"epoch": epoch, "losses": mean, "seconds": round(time.perf_counter() - t0, 1)}
-        if engines and (epoch % config.validate_every == 0 or epoch == config.epochs):
-            metrics = _validate(engines, generator, backbone, classes, config, names)
-            record["validation"] = metrics
-            score = float(np.mean([m["dsc"] for m in metrics.values()]))
-            if scheduler is not None:
-                scheduler.step(1.0 - score)
-            if best is None or score > best["score"]:
-                best = {"score": score, "epoch": epoch, "metrics": metrics,
-                        "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
-                        "decoder": {k: v.detach().cpu().clone() for k, v in backbone.mask_decoder.state_dict().items()}}
-            yield TrainEvent("validate", epoch, config.epochs, steps, steps, losses=mean, metrics=metrics)
-        history.append(record)
-        yield TrainEvent("epoch", epoch, config.epochs, steps, steps, losses=mean, metrics=record.get("validation", {}))
-        if ckpt_path is not None:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            state = {"generator": generator.state_dict(), "decoder": backbone.mask_decoder.state_dict(),
-                     "weighting": weighting.state_dict() if weighting is not None else {},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
-                     "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state, "epoch": epoch,
-                     "best": best, "history": history}
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(ckpt_path)
-            yield TrainEvent("checkpoint", epoch, config.epochs, message=str(ckpt_path))
+    def checkpoint(epoch: int) -> dict:
+        return {"generator": generator.state_dict(), "decoder": backbone.mask_decoder.state_dict(),
+                "weighting": weighting.state_dict() if weighting is not None else {},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
+                "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state, "epoch": epoch,
+                "best": best, "history": history, "run": run}
 
-    if best is not None:  # the bundle holds the best validation epoch
-        generator.load_state_dict(best["generator"])
-        backbone.mask_decoder.load_state_dict(best["decoder"])
-    training = {
-        "recipe": config.generator, "config": config.to_dict(), "cases": [c.name for c in cases],
-        "train_slices": {s.case.name: s.train_slices for s in split},
-        "val_slices": {s.case.name: s.val_slices for s in split},
-        "best_epoch": best["epoch"] if best else config.epochs, "history": history,
-        "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
-    }
-    bundle = create_bundle(backbone, generator.eval(), classes, config.intensity, name=config.name,
-                           decoder_finetuned=config.finetune_decoder, training=training,
-                           metrics={"validation": best["metrics"] if best else {},
-                                    "tolerance_mm": config.tolerance_mm})
-    yield TrainEvent("done", config.epochs, config.epochs, message="done", metrics=best["metrics"] if best else {},
-                     bundle=bundle)
+    saved_epoch = trained_epoch = start_epoch - 1
+    snapshot = None
+    try:
+        pe = backbone.dense_pe().detach()
+        if config.generator == "classmap":
+            step_fn = _ClassMapSteps(generator, data, labels, values, device)
+        else:
+            step_fn = _PairSteps(generator, backbone, data, labels, values, device, pe, weighting, config)
+        t0 = time.perf_counter()
+        for epoch in range(start_epoch, config.epochs + 1):
+            generator.train()
+            batches = step_fn.batches(rng, config.batch_size)
+            steps = len(batches)
+            sums: dict[str, float] = {}
+            for step, batch in enumerate(batches):
+                if cancel is not None and cancel.is_set():
+                    yield TrainEvent("cancelled", epoch, config.epochs, step, steps, "cancelled; no bundle written")
+                    return
+                losses = step_fn(batch)
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                optimizer.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                mean = {k: round(v / (step + 1), 5) for k, v in sums.items()}
+                yield TrainEvent("step", epoch, config.epochs, step + 1, steps, losses=mean)
+            record = {"epoch": epoch, "losses": mean, "seconds": round(time.perf_counter() - t0, 1)}
+            if engines and (epoch % config.validate_every == 0 or epoch == config.epochs):
+                metrics = _validate(engines, generator, backbone, classes, config, names)
+                record["validation"] = metrics
+                score = float(np.mean([m["dsc"] for m in metrics.values()]))
+                if scheduler is not None:
+                    scheduler.step(1.0 - score)
+                if best is None or score > best["score"]:
+                    best = {"score": score, "epoch": epoch, "metrics": metrics, "generator": _cpu_copy(generator),
+                            "decoder": _cpu_copy(backbone.mask_decoder)}
+                yield TrainEvent("validate", epoch, config.epochs, steps, steps, losses=mean, metrics=metrics)
+            history.append(record)
+            yield TrainEvent("epoch", epoch, config.epochs, steps, steps, losses=mean,
+                             metrics=record.get("validation", {}))
+            trained_epoch = epoch
+            # A CPU copy of the finished epoch: what a failure later on keeps (the live weights may
+            # be half-way through the next epoch, or on a GPU that just failed).
+            snapshot = _to_cpu(checkpoint(epoch))
+            if ckpt_path is not None:
+                _save_checkpoint(snapshot, ckpt_path)
+                saved_epoch = epoch
+                yield TrainEvent("checkpoint", epoch, config.epochs, message=str(ckpt_path))
+
+        if best is not None:  # the bundle holds the best validation epoch
+            generator.load_state_dict(best["generator"])
+            backbone.mask_decoder.load_state_dict(best["decoder"])
+        training = {
+            "recipe": config.generator, "config": config.to_dict(), "cases": [c.name for c in cases],
+            "train_slices": {s.case.name: s.train_slices for s in split},
+            "val_slices": {s.case.name: s.val_slices for s in split},
+            "best_epoch": best["epoch"] if best else config.epochs, "history": history,
+            "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
+        }
+        bundle = create_bundle(backbone, generator.eval(), classes, config.intensity, name=config.name,
+                               decoder_finetuned=config.finetune_decoder, training=training,
+                               metrics={"validation": best["metrics"] if best else {},
+                                        "tolerance_mm": config.tolerance_mm})
+        yield TrainEvent("done", config.epochs, config.epochs, message="done", metrics=best["metrics"] if best else {},
+                         bundle=bundle)
+    except GeneratorExit:  # the caller stopped reading: a cancel, not a failure
+        raise
+    except BaseException as exc:
+        if trained_epoch < 1 or isinstance(exc, InvalidInputError):  # nothing trained yet, or diverged weights
+            raise
+        # Never lose finished epochs: keep the last one (and the best epoch so far), from the
+        # checkpoint already on disk or in a rescue folder, and say where.
+        if ckpt_path is None or saved_epoch != trained_epoch:
+            try:
+                ckpt_path = rescue_folder(config.name) / "last.pt"
+                _save_checkpoint(snapshot, ckpt_path)
+            except Exception as again:
+                raise TrainingFailedError(
+                    f"training failed after epoch {trained_epoch}: {type(exc).__name__}: {exc}; keeping its state "
+                    f"failed too ({type(again).__name__}: {again})") from exc
+        how = (f"run the same command with --checkpoint-dir {ckpt_path.parent} --resume to finish "
+               f"(epoch {trained_epoch} of {config.epochs} is kept in {ckpt_path})")
+        if not isinstance(exc, Exception):  # Ctrl-C: stop as asked, but say how to go on
+            log.warning("training interrupted; %s", how)
+            raise
+        raise TrainingFailedError(f"training failed after epoch {trained_epoch}: {type(exc).__name__}: {exc}. "
+                                  f"Nothing is lost: {how}.") from exc
+
+
+def _cpu_copy(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _to_cpu(value):
+    """A deep copy with every tensor cloned to the CPU (a checkpoint that later steps cannot change)."""
+    import copy
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _save_checkpoint(state: dict, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, run: dict) -> dict:
+    """A checkpoint of this run (same classes, generator, backbone and weights), else a clear error."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        raise InvalidInputError(f"cannot read checkpoint {path}: {exc}") from None
+    theirs = state.get("run") if isinstance(state, dict) else None
+    if theirs is not None and theirs != run:
+        diff = ", ".join(f"{k} {theirs.get(k)!r} (now {v!r})" for k, v in run.items() if theirs.get(k) != v)
+        raise InvalidInputError(f"checkpoint {path} belongs to another run: {diff}. Resume with the same options, or "
+                                "give another --checkpoint-dir to start afresh")
+    return state
 
 
 class _ClassMapSteps:
