@@ -4,13 +4,14 @@ The Widget only wires the UI; the Logic (AutoMedSAMSlicerLib/logic.py) turns MRM
 objects and back. Nothing here imports torch: it is installed on first use, after asking.
 """
 
+from __future__ import annotations  # Slicer 5.8's Python 3.9 must still read this file to show its message
+
 import logging
+import sys
 
 import qt
 import slicer
 import vtk
-from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
-from AutoMedSAMSlicerLib.parameterNode import AutoMedSAMSlicerParameterNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
@@ -25,6 +26,20 @@ __all__ = ["AutoMedSAMSlicer", "AutoMedSAMSlicerLogic", "AutoMedSAMSlicerParamet
 
 #: Milliseconds between two steps of a running job (each step is a short poll of the worker).
 JOB_TICK_MS = 100
+
+
+def pythonVersionProblem(version=sys.version_info) -> str | None:
+    """Why this Slicer cannot run AutoMedSAM, or None. Slicer 5.8 ships Python 3.9 and 5.10 ships
+    3.12 (Slicer_REQUIRED_PYTHON_VERSION in Slicer's CMakeLists.txt); the core needs 3.10+."""
+    if tuple(version[:2]) >= (3, 10):
+        return None
+    return _("AutoMedSAM needs 3D Slicer 5.10 or later (Python 3.10+); this Slicer runs Python {v}. "
+             "Install a current Slicer from download.slicer.org.").format(v=".".join(map(str, version[:3])))
+
+
+if pythonVersionProblem() is None:  # the Lib uses Python 3.10+ syntax: on older Slicer, only the message loads
+    from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+    from AutoMedSAMSlicerLib.parameterNode import AutoMedSAMSlicerParameterNode
 
 
 class AutoMedSAMSlicer(ScriptedLoadableModule):
@@ -62,13 +77,23 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = pythonVersionProblem()
+        if problem:
+            label = qt.QLabel(problem)
+            label.setWordWrap(True)
+            self.layout.addWidget(label)
+            logging.error(problem)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/AutoMedSAMSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AutoMedSAMSlicerLogic()
 
+        # Single-shot, re-armed after each step: a repeating timer would keep firing while a step
+        # waits in a modal dialog (which runs its own event loop).
         self._jobTimer = qt.QTimer()
+        self._jobTimer.setSingleShot(True)
         self._jobTimer.setInterval(JOB_TICK_MS)
         self._jobTimer.connect("timeout()", self.onJobTick)
 
@@ -101,7 +126,8 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.shutdown()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic is not None:  # None on a Slicer too old to run AutoMedSAM
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -248,8 +274,9 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer.start()
 
     def onJobTick(self) -> None:
-        if self._job is not None:
-            self._job.step()
+        job = self._job
+        if job is not None and job.step() and self._job is job:
+            self._jobTimer.start()  # the next step once this one is over
 
     def onJobProgress(self, fraction, message) -> None:
         self.ui.progressBar.value = round(100 * fraction)
@@ -393,70 +420,68 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class AutoMedSAMSlicerTest(ScriptedLoadableModuleTest):
-    """Runs in real Slicer, offline: a tiny random-weight bundle, a generated volume with an LPS
-    (DICOM-like) geometry, segment, refine with a point, undo; checks geometry and segments."""
+    """Runs in real Slicer, offline, on the default backbone (LiteMedSAM with its real weights from
+    the installed package) and a generated volume with an LPS (DICOM-like) geometry: a box refine in
+    manual mode, undo, teaching one epoch from a drawn segment, then segmenting with the taught
+    bundle. Skips, naming what is missing, when any model dependency is not installed."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_SegmentRefineUndo()
+        from AutoMedSAMSlicerLib.dependencies import missingModelDependencies
 
-    def test_SegmentRefineUndo(self):
+        missing = missingModelDependencies()
+        if missing:
+            self.delayDisplay(f"Skipped: not installed: {', '.join(missing)}. Open the module and let it install "
+                              "its dependencies first.")
+            return
+        self.test_DefaultModelBoxUndoTeachSegment()
+
+    def test_DefaultModelBoxUndoTeachSegment(self):
         import tempfile
 
         import numpy as np
 
-        try:
-            import torch  # noqa: F401  (installed by the PyTorch extension)
-
-            from automedsam.backbones import build_backbone
-        except ImportError as exc:
-            self.delayDisplay(f"Skipped: {exc}. Open the module and install its dependencies first.")
-            return
-        from automedsam.bundle import create_bundle
-        from automedsam.classes import default_class_catalog
-        from automedsam.generators import build_generator, default_config
-        from automedsam.preprocess import IntensityConfig
-
-        self.delayDisplay("Building a tiny random-weight bundle")
-        backbone = build_backbone("tiny-sam2", weights="random", device="cpu")
-        classes = [default_class_catalog().get(n) for n in ("liver", "spleen")]
-        generator = build_generator("ppn", default_config("ppn", backbone, len(classes)))
-        bundlePath = create_bundle(backbone, generator, classes, IntensityConfig.ct(), name="selftest").save(
-            tempfile.mkdtemp() + "/selftest.zip")
-
-        array = np.full((6, 40, 48), -80, np.int16)
-        array[:, 10:30, 12:36] = 150
+        array = np.full((8, 48, 56), -100, np.int16)
+        array[:, 12:36, 14:42] = 160  # a bright block: the "organ"
         ijkToRas = np.array([[-0.8, 0, 0, 20.0], [0, -0.7, 0, 30.0], [0, 0, 3.0, -10.0], [0, 0, 0, 1]])
         volumeNode = slicer.util.addVolumeFromArray(array, ijkToRas, "AutoMedSAM self-test volume")
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "AutoMedSAM self-test")
+        segmentationNode.CreateDefaultDisplayNodes()
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
 
         logic = AutoMedSAMSlicerLogic()
         logic.configureBackend("inprocess", device="cpu")
         try:
-            segmentationNode = logic.segment(volumeNode, ["liver", "spleen"], model=str(bundlePath))
-            segmentation = segmentationNode.GetSegmentation()
-            self.assertEqual(segmentation.GetNumberOfSegments(), 2)
-            liverId = segmentation.GetSegmentIdBySegmentName("Liver")
-            self.assertTrue(liverId)
-            self.assertIn("10200004", segmentation.GetSegment(liverId).GetTerminology())
-            before = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode).copy()
-            self.assertEqual(before.shape, array.shape)
-
-            # A + point at voxel (i, j, k) = (20, 18, 3), given in world RAS as a click would be.
-            pointRas = (ijkToRas @ [20, 18, 3, 1])[:3]
-            k = logic.refine(volumeNode, segmentationNode, "liver", points=[pointRas], pointLabels=[1], mode="manual")
-            self.assertEqual(k, 3)
-            after = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode)
-            others = [n for n in range(array.shape[0]) if n != 3]
-            np.testing.assert_array_equal(after[others], before[others])
+            self.delayDisplay("Manual box on slice 3 with LiteMedSAM")
+            corners = np.array([ijkToRas @ [13, 11, 3, 1], ijkToRas @ [42, 36, 3, 1]])[:, :3]
+            self.assertEqual(logic.refine(volumeNode, segmentationNode, "liver", box=corners, mode="manual"), 3)
+            liverId = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+            self.assertIn("10200004", segmentationNode.GetSegmentation().GetSegment(liverId).GetTerminology())
+            mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode) > 0
+            block = array > 0
+            overlap = (mask[3] & block[3]).sum() / max(1, (mask[3] | block[3]).sum())
+            self.assertGreater(overlap, 0.5, "the box should outline the bright block")
+            self.assertFalse(mask[np.arange(8) != 3].any(), "a refine changes its own slice only")
 
             self.assertTrue(logic.undo(segmentationNode).startswith("refine"))
-            restored = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, liverId, volumeNode)
-            np.testing.assert_array_equal(restored, before)
-            self.assertTrue(logic.undo(segmentationNode).startswith("segment"))
-            self.assertEqual(segmentation.GetNumberOfSegments(), 0)
+            segmentation = segmentationNode.GetSegmentation()
+            self.assertEqual(segmentation.GetNumberOfSegments(), 0, "undo removes the segment the refine made")
+
+            self.delayDisplay("Teaching liver from four drawn slices (one epoch)")
+            drawn = np.zeros(array.shape, np.uint8)
+            drawn[2:6] = block[2:6]
+            drawnId = segmentation.AddEmptySegment("", "Liver", [0.9, 0.5, 0.4])  # as the Segment Editor would
+            slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentationNode, drawnId, volumeNode)
+            bundlePath = logic.teach(volumeNode, segmentationNode, epochs=1,
+                                     outputPath=tempfile.mkdtemp() + "/selftest.zip")
+            self.assertTrue(bundlePath.endswith("selftest.zip"))
+
+            self.delayDisplay("Segmenting with the taught bundle")
+            result = logic.segment(volumeNode, ["liver"], model=logic.defaultModel)
+            self.assertTrue(result.GetSegmentation().GetSegmentIdBySegmentName("Liver"))
         finally:
             logic.shutdown()
         self.delayDisplay("Test passed")

@@ -82,6 +82,35 @@ class FakeVolumeNode(FakeNode):
         outLocal[:] = list(p[:3])
 
 
+class FakeLabelMapVolumeNode(FakeVolumeNode):
+    """An empty label map until ExportVisibleSegmentsToLabelmapNode fills it."""
+
+    MRML_CLASS = "vtkMRMLLabelMapVolumeNode"
+
+    def __init__(self, name="labels"):
+        super().__init__(np.zeros((0, 0, 0), np.uint8), np.eye(4), name)
+
+
+class FakeSegmentationsLogic:
+    """``slicer.modules.segmentations.logic()``."""
+
+    MRML_CLASS = "vtkSlicerSegmentationsModuleLogic"
+
+    @staticmethod
+    def ExportVisibleSegmentsToLabelmapNode(segmentationNode, labelmapNode, referenceVolumeNode=None):
+        """As vtkSlicerSegmentationsModuleLogic does without a color table: segment n (in the
+        segmentation's order) gets label value n + 1, on the reference volume's geometry."""
+        shape = referenceVolumeNode.array.shape[:3]
+        labels = np.zeros(shape, np.uint8)
+        segmentation = segmentationNode.GetSegmentation()
+        for n in range(segmentation.GetNumberOfSegments()):
+            mask = _Util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentation.GetNthSegmentID(n),
+                                                        referenceVolumeNode)
+            labels[mask > 0] = n + 1
+        labelmapNode.array, labelmapNode.ijkToRas = labels, referenceVolumeNode.ijkToRas.copy()
+        return True
+
+
 class FakeSegment:
     MRML_CLASS = "vtkSegment"
 
@@ -180,8 +209,12 @@ class FakeScene:
     def __init__(self):
         self.nodes = []
 
+    def Clear(self, removeSingletons=False):
+        self.nodes.clear()
+
     def AddNewNodeByClass(self, className, name=""):
-        node = {"vtkMRMLSegmentationNode": FakeSegmentationNode}[className](name)
+        node = {"vtkMRMLSegmentationNode": FakeSegmentationNode,
+                "vtkMRMLLabelMapVolumeNode": FakeLabelMapVolumeNode}[className](name)
         self.nodes.append(node)
         return node
 
@@ -229,6 +262,39 @@ class _Util(types.ModuleType):
     def arrayFromMarkupsControlPoints(markupsNode, world=False):
         return markupsNode.points.copy()
 
+    @staticmethod
+    def addVolumeFromArray(narray, ijkToRAS=None, name=None, nodeClassName=None):
+        node = FakeVolumeNode(np.array(narray), np.eye(4) if ijkToRAS is None else ijkToRAS, name or "Volume")
+        sys.modules["slicer"].mrmlScene.nodes.append(node)
+        return node
+
+    @staticmethod
+    def loadVolume(filename, properties=None, returnNode=False):
+        """Slicer's readers, stood in for by SimpleITK; like loadNodeFromFile (Base/Python/slicer/util.py)
+        a file that cannot be read raises RuntimeError instead of returning None."""
+        from automedsam.errors import InvalidInputError
+        from automedsam.io import read_image
+
+        try:
+            volume = read_image(filename)
+        except InvalidInputError:
+            raise RuntimeError(f"Failed to load node from file: {filename}") from None
+        return _Util.addVolumeFromArray(volume.array, volume.ijk_to_ras(), volume.name)
+
+    @staticmethod
+    def saveNode(node, filename, properties=None):
+        """Writes label map volumes (the only kind the tests save), with their geometry; True on success."""
+        from automedsam.io import write_volume
+        from automedsam.volume import Volume
+
+        if not isinstance(node, FakeVolumeNode):
+            raise NotImplementedError("the fake saves volume nodes only")
+        try:
+            write_volume(Volume.from_ijk_to_ras(node.array, node.ijkToRas, node.name), filename)
+        except (OSError, ValueError):
+            return False
+        return True
+
 
 class ScriptedLoadableModuleLogic:
     def __init__(self):
@@ -256,6 +322,7 @@ def install() -> types.ModuleType:
     slicer = types.ModuleType("slicer")
     slicer.util = _Util("slicer.util")
     slicer.mrmlScene = FakeScene()
+    slicer.modules = types.SimpleNamespace(segmentations=types.SimpleNamespace(logic=FakeSegmentationsLogic))
     for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode",
                  "vtkMRMLMarkupsROINode"):
         setattr(slicer, name, type(name, (), {}))

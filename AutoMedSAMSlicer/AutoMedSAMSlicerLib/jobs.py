@@ -53,15 +53,28 @@ class Job:
         self.finished = False
         self.cancelled = False
         self.doneCallbacks: list[Callable[[Job], None]] = []
+        # True while a step runs: a modal prompt inside ``finish`` runs Qt's event loop, and a timer
+        # firing then must not step (and finish) the job a second time.
+        self._stepping = False
 
     def cancel(self) -> None:
         """Ask the run to stop at its next event; nothing is written to the scene."""
         self.cancelEvent.set()
 
     def step(self) -> bool:
-        """Advance by one event; returns True while the job is still running."""
+        """Advance by one event; returns True while the job is still running. Re-entrant calls
+        (from an event loop run inside this step) do nothing."""
         if self.finished:
             return False
+        if self._stepping:
+            return True
+        self._stepping = True
+        try:
+            return self._step()
+        finally:
+            self._stepping = False
+
+    def _step(self) -> bool:
         try:
             event = next(self._events)
         except StopIteration:

@@ -349,10 +349,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         if hasattr(engine, "class_info"):
             return [engine.class_info(n) for n in names]
         catalog = self._catalog(engine)
-        if not catalog.classes and engine.model.get("backbone"):  # manual mode: any name
-            from automedsam.classes import custom_class
+        if not catalog.classes and engine.model.get("backbone"):  # manual mode: catalog classes or new ones
+            from automedsam.classes import resolve_class
 
-            return [custom_class(_className(n)) for n in names]
+            return [resolve_class(_className(n)) for n in names]
         return [catalog.get(n) for n in names]
 
     @staticmethod

@@ -15,7 +15,13 @@ from .errors import InvalidInputError
 
 Code = tuple[str, str, str]  # (coding scheme designator, code value, code meaning)
 
-_SLICER_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: Slicer's terminology lists (the ``SegmentationCategoryTypeContextName`` of the files in Slicer's
+#: Modules/Loadable/Terminologies/Resources): a segment's entry must name the list that holds its
+#: type code, or Slicer's terminology selector cannot resolve it.
+TERMINOLOGY_CONTEXTS = {
+    "general_anatomy": "Segmentation category and type - 3D Slicer General Anatomy list",
+    "dicom_master": "Segmentation category and type - DICOM master list",
+}
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 
@@ -31,6 +37,8 @@ class ClassInfo:
         type_modifier: e.g. ``("SCT", "7771000", "Left")``.
         anatomic_region, anatomic_region_modifier: where a lesion sits (brain tumour -> Brain).
         aliases: other accepted names (``kidney_left`` as TotalSegmentator calls it).
+        terminology_context: the Slicer terminology list holding ``type`` (a key of
+            :data:`TERMINOLOGY_CONTEXTS`).
     """
 
     name: str
@@ -42,6 +50,7 @@ class ClassInfo:
     anatomic_region: Code | None = None
     anatomic_region_modifier: Code | None = None
     aliases: tuple[str, ...] = ()
+    terminology_context: str = "general_anatomy"
 
     @property
     def color_float(self) -> tuple[float, float, float]:
@@ -55,7 +64,7 @@ class ClassInfo:
             return "^".join(code) if code else "^^"
 
         return "~".join([
-            _SLICER_CONTEXT, fmt(self.category), fmt(self.type), fmt(self.type_modifier),
+            TERMINOLOGY_CONTEXTS[self.terminology_context], fmt(self.category), fmt(self.type), fmt(self.type_modifier),
             _ANATOMIC_CONTEXT, fmt(self.anatomic_region), fmt(self.anatomic_region_modifier),
         ])
 
@@ -67,6 +76,8 @@ class ClassInfo:
                 d[key] = list(getattr(self, key))
         if self.aliases:
             d["aliases"] = list(self.aliases)
+        if self.terminology_context != "general_anatomy":
+            d["terminology_context"] = self.terminology_context
         return d
 
     @classmethod
@@ -76,7 +87,8 @@ class ClassInfo:
 
         return cls(d["name"], d["display_name"], tuple(d["color"]), tuple(d["category"]),  # type: ignore[arg-type]
                    tuple(d["type"]), code("type_modifier"), code("anatomic_region"),  # type: ignore[arg-type]
-                   code("anatomic_region_modifier"), tuple(d.get("aliases", ())))
+                   code("anatomic_region_modifier"), tuple(d.get("aliases", ())),
+                   d.get("terminology_context", "general_anatomy"))
 
 
 def custom_class(name: str, display_name: str | None = None,
@@ -125,6 +137,13 @@ def default_class_catalog() -> ClassCatalog:
     return ClassCatalog.load()
 
 
+def resolve_class(name: str) -> ClassInfo:
+    """A class by name as every entry point resolves it: the shipped catalog's entry (names,
+    aliases, case and spaces as :meth:`ClassCatalog.get`), else a new custom class."""
+    catalog = default_class_catalog()
+    return catalog.get(name) if name in catalog else custom_class(name)
+
+
 def canonical_class_mapping(classes: dict[str, int]) -> dict[str, int]:
     """Class names as the class catalog spells them (``kidney_right``, ``Right Kidney`` ->
     ``right_kidney``), so every later lookup (bundle, validation, engine) agrees; names the
@@ -133,10 +152,9 @@ def canonical_class_mapping(classes: dict[str, int]) -> dict[str, int]:
     Raises:
         InvalidInputError: a name is given twice (also as synonyms), or a label value is < 1.
     """
-    catalog = default_class_catalog()
     out: dict[str, int] = {}
     for name, value in classes.items():
-        canonical = catalog.get(name).name if name in catalog else custom_class(name).name
+        canonical = resolve_class(name).name
         if canonical in out:
             raise InvalidInputError(f"class {name!r} is given twice (as {canonical!r}); name each class once")
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .classes import ClassCatalog, ClassInfo, custom_class
+from .classes import ClassCatalog, ClassInfo, resolve_class
 from .errors import AutoMedSAMError, InvalidInputError
 from .preprocess import IntensityConfig, normalize_intensity
 from .segmentation import Segmentation, SegmentInfo
@@ -378,7 +378,8 @@ class Engine:
 
     # ---------------------------------------------------------------------------- classes
     def class_info(self, name: str) -> ClassInfo:
-        """The bundle's class for a name or alias (manual mode also accepts new names)."""
+        """The bundle's class for a name or alias. Manual mode also accepts other names: the shipped
+        class catalog's (so "liver" is SNOMED-coded Liver there too), else a new custom class."""
         if name in self.class_catalog:
             return self.class_catalog.get(name)
         if self.generator is not None and name not in self._extra_classes:
@@ -386,7 +387,7 @@ class Engine:
                 f"class {name!r} is not one the model knows; it has: {', '.join(self.class_catalog.names())}"
             )
         if name not in self._extra_classes:
-            self._extra_classes[name] = custom_class(name)
+            self._extra_classes[name] = resolve_class(name)
         return self._extra_classes[name]
 
     def _generated(self, names: Sequence[str], feats: ImageFeatures) -> GeneratedPrompts:

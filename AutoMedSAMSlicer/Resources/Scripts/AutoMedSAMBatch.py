@@ -1,7 +1,14 @@
 """Segment a volume headless with AutoMedSAM and save the segmentation.
 
-    Slicer --no-main-window --python-script AutoMedSAMBatch.py \\
+    Slicer --no-main-window --python-script AutoMedSAMBatch.py -- \\
         --input CT.nrrd --classes liver,spleen --model bundle.zip --output seg.seg.nrrd
+
+The ``--`` keeps Slicer from reading the script's options as its own (Slicer's command-line parser
+consumes every option it knows, ``--help`` included, wherever it stands; see
+Base/QTCore/qSlicerCoreCommandOptions.cxx and its ``--ignore-rest``). ``--input`` may be an image
+file Slicer reads or a DICOM series folder (read with SimpleITK, refusing uneven slice spacing).
+``--output`` ending in ``.seg.nrrd`` keeps named, coloured segments; ``.nrrd``, ``.nii.gz``,
+``.nii`` or ``.mha`` writes a label map (values 1..N in the order of ``--classes``).
 
 Exit codes (as the ``automedsam`` CLI): 0 done, 1 failed, 2 bad input or arguments,
 3 model weights unavailable (download them first).
@@ -18,19 +25,70 @@ import slicer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
+LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 def parseArguments(argv):
     parser = argparse.ArgumentParser(
-        prog="Slicer --no-main-window --python-script AutoMedSAMBatch.py",
+        prog="Slicer --no-main-window --python-script AutoMedSAMBatch.py --",
         description="Segment organ/lesion classes of a volume with an AutoMedSAM model bundle.")
-    parser.add_argument("--input", required=True, help="image file or DICOM folder Slicer can load")
+    parser.add_argument("--input", required=True, help="image file, or a DICOM series folder")
     parser.add_argument("--classes", required=True, help="comma-separated class names, e.g. liver,spleen")
     parser.add_argument("--model", required=True, help="model bundle (.zip or folder)")
-    parser.add_argument("--output", required=True, help="output segmentation (.seg.nrrd, or .nii.gz/.nrrd labelmap)")
+    parser.add_argument("--output", required=True,
+                        help="output .seg.nrrd (segments), or a label map: .nrrd, .nii.gz, .nii, .mha")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--slices", default=None, help="k-slices to segment, e.g. 10:80 or 3,7,9 (default: all)")
+    if argv and argv[0] == "--":  # the separator, if Slicer passed it on
+        argv = argv[1:]
     return parser.parse_args(argv)
+
+
+def loadInput(path: Path):
+    """A scalar volume node for an image file (Slicer's readers) or a DICOM folder (SimpleITK)."""
+    if path.is_dir():
+        from automedsam.io import read_image
+
+        volume = read_image(path)  # refuses folders without a series and unevenly spaced slices
+        return slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras(), volume.name or path.name)
+    try:
+        return slicer.util.loadVolume(str(path))
+    except RuntimeError as exc:  # loadNodeFromFile raises on failure (Base/Python/slicer/util.py)
+        from automedsam.errors import InvalidInputError
+
+        raise InvalidInputError(f"Slicer could not load {path} as a volume: {exc}") from None
+
+
+def saveOutput(segmentationNode, volumeNode, output: Path, classNames) -> None:
+    if output.name.lower().endswith(".seg.nrrd"):
+        node = segmentationNode
+    else:  # one label map on the input's grid, values in the order of the classes
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{output.name} labels")
+        if not slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(
+                segmentationNode, node, volumeNode):
+            raise RuntimeError("exporting the segments to a label map failed")
+        for value, name in enumerate(classNames, start=1):
+            print(f"label {value}: {name}")
+    if not slicer.util.saveNode(node, str(output)):
+        raise RuntimeError(f"could not write {output} (folder missing or not writable?)")
+
+
+def checkPaths(args) -> str | None:
+    """What is wrong with the paths, checked before any work, or None."""
+    output = Path(args.output)
+    if not Path(args.input).exists():
+        return f"--input {args.input} does not exist"
+    if not Path(args.model).exists():
+        return f"--model {args.model} does not exist (a model bundle .zip or folder)"
+    name = output.name.lower()
+    if not (name.endswith(".seg.nrrd") or name.endswith(LABELMAP_SUFFIXES)):
+        return f"--output {output.name} must end in .seg.nrrd or one of {', '.join(LABELMAP_SUFFIXES)}"
+    if not output.parent.is_dir():
+        return f"--output folder {output.parent} does not exist"
+    if output.exists() and not args.overwrite:
+        return f"--output {output} exists; pass --overwrite to replace it"
+    return None
 
 
 def main(argv) -> int:
@@ -38,37 +96,31 @@ def main(argv) -> int:
         args = parseArguments(argv)
     except SystemExit as exc:  # --help (0) or bad arguments (2)
         return int(exc.code or 0)
+    problem = checkPaths(args)
+    if problem:
+        sys.stderr.write(f"error: {problem}\n")
+        return EXIT_BAD_INPUT
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
-    from automedsam.errors import WeightsUnavailableError
+    from automedsam.errors import InvalidInputError, WeightsUnavailableError
     from automedsam.selection import parse_slices
 
-    if not Path(args.input).exists():
-        sys.stderr.write(f"error: --input {args.input} does not exist\n")
-        return EXIT_BAD_INPUT
-    if not Path(args.model).exists():
-        sys.stderr.write(f"error: --model {args.model} does not exist (a model bundle .zip or folder)\n")
-        return EXIT_BAD_INPUT
     logic = AutoMedSAMSlicerLogic()
     try:
-        volumeNode = slicer.util.loadVolume(args.input)
-        if not volumeNode:
-            sys.stderr.write(f"error: Slicer could not load {args.input} as a volume\n")
-            return EXIT_BAD_INPUT
+        volumeNode = loadInput(Path(args.input))
         logic.configureBackend("inprocess", device=args.device)
         slices = None
         if args.slices:
             slices = parse_slices(args.slices, slicer.util.arrayFromVolume(volumeNode).shape[0])
+        classNames = [c.strip() for c in args.classes.split(",") if c.strip()]
         segmentationNode = logic.segment(
-            volumeNode, args.classes, model=args.model, slices=slices,
+            volumeNode, classNames, model=args.model, slices=slices,
             progressCallback=lambda fraction, message: logging.info("%3d%% %s", round(100 * fraction), message))
-        if not slicer.util.saveNode(segmentationNode, args.output):
-            sys.stderr.write(f"error: could not write {args.output} (folder missing or not writable?)\n")
-            return EXIT_FAILED
+        saveOutput(segmentationNode, volumeNode, Path(args.output), classNames)
     except WeightsUnavailableError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_WEIGHTS
-    except ValueError as exc:  # bad input, including automedsam's InvalidInputError
+    except (InvalidInputError, ValueError) as exc:  # bad input
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_INPUT
     except Exception as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import socket
 import sys
@@ -106,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
                 return
             time.sleep(0.02)
         host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-        line = {"url": f"http://{host}:{port}", "port": port, "protocol": PROTOCOL, "device": device}
+        # pid: the process that holds the port and the GPU, which a launcher (Slicer's PythonSlicer)
+        # may have started as its child; LocalWorker watches and stops this one.
+        line = {"url": f"http://{host}:{port}", "port": port, "protocol": PROTOCOL, "device": device,
+                "pid": os.getpid()}
         if generated:
             line["token"] = generated
         print(json.dumps(line), flush=True)

@@ -144,7 +144,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
 
     from ..backbones import build_backbone
     from ..bundle import create_bundle
-    from ..classes import custom_class, default_class_catalog
+    from ..classes import resolve_class
     from ..engine import Engine, EngineConfig
     from ..generators import build_generator, default_config
     from .losses import DIFFUSION_TERMS, UncertaintyWeights
@@ -152,8 +152,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     names, values = list(config.classes), list(config.classes.values())
-    catalog = default_class_catalog()
-    classes = [catalog.get(n) if n in catalog else custom_class(n) for n in names]
+    classes = [resolve_class(n) for n in names]
     lateral = any(c.type_modifier is not None for c in classes)
     for case in cases:
         missing = [n for n, v in config.classes.items() if not (case.labels.array == v).any()]
