@@ -264,6 +264,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------------------ jobs
     def startJob(self, job, onResult) -> None:
+        job.background = True  # the model and the worker are waited for on the job's thread, never here
         self._job = job
         job.progressCallback = self.onJobProgress
         job.doneCallbacks.append(lambda j: self.onJobDone(j, onResult))

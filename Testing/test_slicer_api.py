@@ -63,7 +63,7 @@ def violations(path: Path, api: dict) -> list[str]:
     all_mrml = set().union(*(set(v["methods"]) for v in api["cpp"].values())) | VTK_OBJECT_METHODS
     slm = api["python"]["slicer.ScriptedLoadableModule"]["classes"]
     modules = {"slicer", "qt", "vtk", "ctk", "np", "logging", "threading", "os", "sys", "PyTorchUtils", "tempfile",
-               "argparse", "tomllib", "hashlib", "json", "nodes"}
+               "argparse", "tomllib", "hashlib", "json", "nodes", "queue"}
     bad = []
 
     def report(node, what):

@@ -436,3 +436,88 @@ def test_the_in_slicer_self_test_passes_against_the_fake_with_real_litemedsam(sl
     test = module["AutoMedSAMSlicerTest"]("test_DefaultModelBoxUndoTeachSegment")
     test.runTest()
     assert shown[-1] == "Test passed", shown
+
+
+def test_a_background_job_never_makes_the_gui_thread_wait(slicer):
+    """The panel's jobs run their generator on a thread: a step only collects what arrived, so it
+    returns at once even while the model or the worker takes its time; progress and the result
+    (which writes MRML) still happen on the calling (GUI) thread."""
+    import threading
+    import time
+
+    from AutoMedSAMSlicerLib.jobs import Job
+
+    main = threading.current_thread()
+    cancel = threading.Event()
+
+    def slow(n):
+        for k in range(n):
+            time.sleep(0.3)  # a poll of a busy worker, or an encoder pass
+            if cancel.is_set():
+                yield {"stage": "cancelled", "done": k, "total": n}
+                return
+            yield {"stage": "segment", "done": k + 1, "total": n, "message": f"slice {k}"}
+        yield {"stage": "done", "done": n, "total": n}
+
+    seen, threads = [], []
+    job = Job("segment", slow(4), lambda last: threads.append(threading.current_thread()) or "written",
+              lambda f, m: seen.append((f, threading.current_thread())), background=True)
+    slowest = 0.0
+    while True:
+        t0 = time.perf_counter()
+        running = job.step()
+        slowest = max(slowest, time.perf_counter() - t0)
+        if not running:
+            break
+        time.sleep(0.02)  # the panel's timer tick
+    assert slowest < 0.05, slowest
+    assert job.result == "written" and threads == [main] and {t for _, t in seen} == {main}
+    assert [round(f, 2) for f, _ in seen] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cancel.clear()
+    stopped = Job("segment", slow(20), lambda last: "written", lambda f, m: f < 0.1, cancel, background=True)
+    with pytest.raises(Exception, match="cancelled"):
+        stopped.wait()
+    assert stopped.result is None
+
+    def broken():
+        yield {"stage": "segment", "done": 1, "total": 2}
+        raise RuntimeError("the worker went away")
+
+    failed = Job("segment", broken(), lambda last: "written", background=True)
+    with pytest.raises(RuntimeError, match="went away"):
+        failed.wait()
+
+
+def test_segmenting_while_a_slow_worker_starts_never_blocks_the_caller(slicer, make_bundle, tmp_path):
+    """Starting the worker (slowed down here by 3 s), loading the model and uploading the volume are
+    part of the segmentation job: the call returns at once and no step waits longer than a tick."""
+    import time
+
+    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+
+    slow = tmp_path / "slow-python"
+    slow.write_text(f"#!/bin/sh\nsleep 3\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    logic = AutoMedSAMSlicerLogic(WorkerEngines(python=str(slow), device="cpu"))
+    try:
+        volume_node, _ = sphere_volume("lps")
+        bundle = str(make_bundle("tiny-sam2", "ppn"))
+        t0 = time.perf_counter()
+        job = logic.segment(volume_node, ["liver"], model=bundle, waitForCompletion=False)
+        job.background = True  # as the panel runs it
+        longest = time.perf_counter() - t0
+        t_start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            running = job.step()
+            longest = max(longest, time.perf_counter() - t0)
+            if not running:
+                break
+            time.sleep(0.02)
+        assert job.error is None, job.error
+        assert time.perf_counter() - t_start > 3.0  # the worker's start really was slow ...
+        assert longest < 0.1, longest  # ... and no call made the caller wait for it
+        assert job.result.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    finally:
+        logic.shutdown()

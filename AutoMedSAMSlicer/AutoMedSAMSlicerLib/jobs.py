@@ -8,7 +8,9 @@ the worker, so the GUI stays responsive), the console and batch scripts call :me
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 
@@ -38,11 +40,19 @@ class Job:
 
     ``progressCallback(fraction, message)`` is called for every event; if it returns ``False`` the
     job is cancelled (nothing is written).
+
+    With ``background=True`` (the panel) the generator runs on a thread of its own and
+    :meth:`step` only collects the events that arrived, so a step never waits for the model or the
+    worker; ``progressCallback`` and ``finish`` still run on the thread that calls :meth:`step`
+    (Slicer's main thread, the only one that may touch MRML).
     """
 
     def __init__(self, name: str, events: Iterator, finish: Callable, progressCallback: Callable | None = None,
-                 cancelEvent: threading.Event | None = None):
+                 cancelEvent: threading.Event | None = None, background: bool = False):
         self.name = name
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._arrived: queue.SimpleQueue = queue.SimpleQueue()
         self._events = events
         self._finish = finish
         self.progressCallback = progressCallback
@@ -70,9 +80,38 @@ class Job:
             return True
         self._stepping = True
         try:
-            return self._step()
+            return self._collect() if self.background else self._step()
         finally:
             self._stepping = False
+
+    def _produce(self) -> None:
+        """The generator, run to its end on the job's thread; its events go to the queue."""
+        try:
+            for event in self._events:
+                self._arrived.put(("event", event))
+        except Exception as exc:
+            self._arrived.put(("error", exc))
+            return
+        self._arrived.put(("end", None))
+
+    def _collect(self) -> bool:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, name=f"AutoMedSAM {self.name}", daemon=True)
+            self._thread.start()
+        while True:
+            try:
+                kind, payload = self._arrived.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "event":
+                self._take(payload)
+            elif kind == "error":
+                self.error = payload
+                self._end()
+                return False
+            else:
+                self._complete()
+                return False
 
     def _step(self) -> bool:
         try:
@@ -84,6 +123,10 @@ class Job:
             self.error = exc
             self._end()
             return False
+        self._take(event)
+        return True
+
+    def _take(self, event) -> None:
         self.lastEvent = event
         if eventStage(event) == "cancelled":
             self.cancelled = True
@@ -91,7 +134,6 @@ class Job:
                                                                                    eventMessage(event))
         if keepGoing is False:
             self.cancel()
-        return True
 
     def _complete(self) -> None:
         try:
@@ -115,7 +157,8 @@ class Job:
         """Run to the end (blocking); returns the result, raises the run's error, or
         :class:`automedsam.engine.CancelledError` when cancelled."""
         while self.step():
-            pass
+            if self.background:
+                time.sleep(0.01)  # the work runs on the job's thread
         if self.error is not None:
             raise self.error
         if self.cancelled:

@@ -108,18 +108,30 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         :class:`.jobs.Job` to step/cancel (its ``result`` is the node). Undo with :meth:`undo`.
         """
         names = self._classNames(classes)
-        engine = self.engine(model, device)
-        infos = self._classInfos(engine, names)
-        self._ensureVolume(engine, volumeNode)
+        key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
         cancel = threading.Event()
-        events = self._call(engine, lambda e: e.segment([i.name for i in infos], slices, cancel=cancel))
+        ready = {}
+
+        def events():
+            # Starting the worker, loading the model and sending the volume can take minutes: they are
+            # part of the job, so the panel (which steps jobs on a thread) shows progress and Cancel.
+            yield {"stage": "prepare", "done": 0, "total": 1, "message": "starting AutoMedSAM, sending the volume"}
+            engine = self.engine(model, device)
+            ready["infos"] = self._classInfos(engine, names)
+            self._sendVolume(engine, key, volume)
+            if cancel.is_set():
+                yield {"stage": "cancelled", "done": 0, "total": 1, "message": "cancelled; nothing was changed"}
+                return
+            yield from self._call(engine, lambda e: e.segment([i.name for i in ready["infos"]], slices,
+                                                              cancel=cancel))
 
         def finish(last):
+            infos = ready["infos"]
             masks = last.result.masks if getattr(last, "result", None) is not None else last["masks"]
             return self._writeResults(volumeNode, segmentationNode, infos, masks, onEditedSegment,
                                       f"segment {', '.join(i.display_name for i in infos)}")
 
-        job = Job("segmentation", events, finish, progressCallback, cancel)
+        job = Job("segmentation", events(), finish, progressCallback, cancel)
         return job.wait() if waitForCompletion else job
 
     def _writeResults(self, volumeNode, segmentationNode, infos, masks: dict, onEditedSegment, label: str):
@@ -252,28 +264,34 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         slices with any of them are used. The new bundle is saved to ``outputPath`` (default: the
         AutoMedSAM home's ``bundles`` folder) and used at once. Returns the bundle path (or a Job).
         """
-        engine = self.engine(model, device)
-        self._ensureVolume(engine, volumeNode)
+        key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
         labels, classes = self._labelMap(volumeNode, segmentationNode, segments)
         from automedsam.training.teach import labelled_slices
 
         trainSlices = ",".join(str(k) for k in labelled_slices(labels))
         cancel = threading.Event()
-        if self.engines.kind == "inprocess":
-            from automedsam.training.teach import teach, teach_config
+        ready = {}
 
-            config = teach_config(engine, classes, generator=generator, epochs=epochs, train_slices=trainSlices,
-                                  decoder_lr=decoderLearningRate, name="taught-in-slicer")
-            events = teach(engine, labels, config, cancel=cancel)
-        else:
-            events = self._call(engine, lambda e: e.train(labels, classes, generator=generator, epochs=epochs,
-                                                          train_slices=trainSlices, decoder_lr=decoderLearningRate,
-                                                          cancel=cancel))
+        def events():
+            # Reaching the engine (perhaps starting the worker) and sending the volume are part of the job.
+            yield {"stage": "prepare", "done": 0, "total": 1, "message": "starting AutoMedSAM, sending the volume"}
+            engine = ready["engine"] = self.engine(model, device)
+            self._sendVolume(engine, key, volume)
+            if self.engines.kind == "inprocess":
+                from automedsam.training.teach import teach, teach_config
+
+                config = teach_config(engine, classes, generator=generator, epochs=epochs, train_slices=trainSlices,
+                                      decoder_lr=decoderLearningRate, name="taught-in-slicer")
+                yield from teach(engine, labels, config, cancel=cancel)
+            else:
+                yield from self._call(engine, lambda e: e.train(labels, classes, generator=generator, epochs=epochs,
+                                                                train_slices=trainSlices,
+                                                                decoder_lr=decoderLearningRate, cancel=cancel))
 
         def finish(last):
-            return self._adoptTaughtBundle(engine, last, outputPath, device)
+            return self._adoptTaughtBundle(ready["engine"], last, outputPath, device)
 
-        job = Job("teaching", events, finish, progressCallback, cancel)
+        job = Job("teaching", events(), finish, progressCallback, cancel)
         return job.wait() if waitForCompletion else job
 
     def _adoptTaughtBundle(self, engine, last, outputPath, device) -> str:
@@ -283,9 +301,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         target.parent.mkdir(parents=True, exist_ok=True)
         device = device or self.defaultDevice
         if getattr(last, "bundle", None) is not None:  # in-process
+            from automedsam.rescue import save_or_rescue
             from automedsam.training.teach import engine_with_bundle
 
-            path = str(last.bundle.save(target))
+            path = str(save_or_rescue(last.bundle, target))
             self.engines.adopt(path, device, engine_with_bundle(engine, last.bundle))
         else:  # worker/remote: the session already switched; keep a local copy of the bundle
             target.write_bytes(last["bundle"])
@@ -323,15 +342,32 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def _ensureVolume(self, engine, volumeNode) -> None:
         """Send the volume to the engine when it is new or changed (cheap check per call)."""
-        if volumeNode is None:
-            raise ValueError("no input volume: select a volume node (load a CT or MR first)")
+        key = self._volumeKey(volumeNode)
         if hasattr(engine, "check_protocol"):  # a worker that died since the last call is restarted here
             self._call(engine, lambda e: e.check_protocol())
-        imageData = volumeNode.GetImageData()
-        key = (volumeNode.GetID(), imageData.GetMTime() if imageData is not None else None,
-               tuple(nodes.ijkToRasFromNode(volumeNode).ravel()))
         if self._volumeKeys.get(id(engine)) != key:
             volume = nodes.volumeFromNode(volumeNode)
+            self._call(engine, lambda e: e.set_volume(volume))
+            self._volumeKeys[id(engine)] = key
+
+    @staticmethod
+    def _volumeKey(volumeNode) -> tuple:
+        """What identifies the volume's content and geometry (node, image data version, IJK->RAS)."""
+        if volumeNode is None:
+            raise ValueError("no input volume: select a volume node (load a CT or MR first)")
+        imageData = volumeNode.GetImageData()
+        return (volumeNode.GetID(), imageData.GetMTime() if imageData is not None else None,
+                tuple(nodes.ijkToRasFromNode(volumeNode).ravel()))
+
+    def _volumeSnapshot(self, volumeNode) -> tuple:
+        """The volume's key and a core copy of it, taken on the thread that owns MRML, for
+        :meth:`_sendVolume` to send from any thread."""
+        return self._volumeKey(volumeNode), nodes.volumeFromNode(volumeNode)
+
+    def _sendVolume(self, engine, key: tuple, volume) -> None:
+        if hasattr(engine, "check_protocol"):  # a worker that died since the last call is restarted here
+            self._call(engine, lambda e: e.check_protocol())
+        if self._volumeKeys.get(id(engine)) != key:
             self._call(engine, lambda e: e.set_volume(volume))
             self._volumeKeys[id(engine)] = key
 
