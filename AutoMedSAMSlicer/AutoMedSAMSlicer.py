@@ -73,6 +73,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedMarkups = []
         self._updatingClassList = False
         self._lastRefinedSlice = None
+        self._promptsChangedWhileBusy = False
 
     # ------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -297,6 +298,9 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             onResult(job.result)
         self.updateButtons()
+        if self._promptsChangedWhileBusy:
+            self._promptsChangedWhileBusy = False
+            self.onPromptsChanged()
 
     def onCancel(self) -> None:
         if self._job is not None:
@@ -347,7 +351,10 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPromptsChanged(self, caller=None, event=None) -> None:
         """A point was placed or moved, or the box changed: refine the active class on that slice."""
         p = self._parameterNode
-        if self._job is not None or not (p and p.inputVolume and p.activeClass):
+        if self._job is not None:  # refine with the latest prompts once the running job is over
+            self._promptsChangedWhileBusy = True
+            return
+        if not (p and p.inputVolume and p.activeClass):
             return
         import numpy as np
         from AutoMedSAMSlicerLib.nodes import worldToIjk
@@ -375,14 +382,17 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.ensureReady():
                 return
             mode = "manual" if p.mode == "manual" else "semi"
-            k = self.logic.refine(p.inputVolume, p.outputSegmentation, p.activeClass,
-                                  points=np.array(points) if points else None, pointLabels=labels or None, box=box,
-                                  mode=mode, model=p.modelPath or None, device=p.device)
-            if not p.outputSegmentation:
-                p.outputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
-            self.ui.statusLabel.text = _("Refined {name} on slice {k}.").format(name=p.activeClass, k=k)
-            self._lastRefinedSlice = k
-        self.updateButtons()
+            job = self.logic.refine(p.inputVolume, p.outputSegmentation, p.activeClass,
+                                    points=np.array(points) if points else None, pointLabels=labels or None, box=box,
+                                    mode=mode, model=p.modelPath or None, device=p.device, waitForCompletion=False)
+            self.startJob(job, self.onRefineDone)
+
+    def onRefineDone(self, k) -> None:
+        p = self._parameterNode
+        if not p.outputSegmentation:
+            p.outputSegmentation = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+        self.ui.statusLabel.text = _("Refined {name} on slice {k}.").format(name=p.activeClass, k=k)
+        self._lastRefinedSlice = k
 
     def onPropagate(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):

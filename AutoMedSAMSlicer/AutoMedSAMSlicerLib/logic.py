@@ -167,8 +167,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     # --------------------------------------------------------------------------------- refine
     def refine(self, volumeNode, segmentationNode, className: str, points=None, pointLabels=None, box=None,
                sliceIndex: int | None = None, mode: str | None = None, model: str | None = None,
-               device: str | None = None) -> int:
-        """Correct one k-slice of a class with points and/or a box; returns the slice index k.
+               device: str | None = None, waitForCompletion: bool = True):
+        """Correct one k-slice of a class with points and/or a box; returns the slice index k (or,
+        with ``waitForCompletion=False``, a :class:`.jobs.Job` whose ``result`` is k: the panel's
+        first refine may have to start the worker, which must not freeze Slicer).
 
         Args:
             points: world RAS mm ``(N, 3)``, or a markups fiducial node (all its points).
@@ -179,9 +181,6 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
         Only slice k of the segment changes (undoable); other slices keep any edits.
         """
-        engine = self.engine(model, device)
-        info = self._classInfos(engine, [className])[0]
-        self._ensureVolume(engine, volumeNode)
         ijkPoints, labels, ijkBox = self._promptsToIjk(volumeNode, points, pointLabels, box)
         if ijkPoints is None and ijkBox is None:
             raise ValueError("refine needs at least one point or a box")
@@ -191,11 +190,25 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         if ijkBox is not None:
             bx = [ijkBox[:, 0].min(), ijkBox[:, 1].min(), ijkBox[:, 0].max(), ijkBox[:, 1].max()]
         mode = {"semi-automatic": "semi", "automatic": "semi"}.get(mode, mode)
-        sliceMask = self._call(engine, lambda e: e.refine(info.name, k, points=pts, point_labels=labels, box=bx,
-                                                          mode=mode))
-        label = f"refine {info.display_name} on slice {k}"
-        self._writeSlices(volumeNode, segmentationNode, info, {k: sliceMask}, label)
-        return k
+        key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
+        ready = {}
+
+        def events():
+            engine = self.engine(model, device)
+            info = ready["info"] = self._classInfos(engine, [className])[0]
+            self._sendVolume(engine, key, volume)
+            ready["mask"] = self._call(engine, lambda e: e.refine(info.name, k, points=pts, point_labels=labels,
+                                                                  box=bx, mode=mode))
+            yield {"stage": "done", "done": 1, "total": 1, "message": f"refined slice {k}"}
+
+        def finish(last):
+            info = ready["info"]
+            self._writeSlices(volumeNode, segmentationNode, info, {k: ready["mask"]},
+                              f"refine {info.display_name} on slice {k}")
+            return k
+
+        job = Job("refine", events(), finish)
+        return job.wait() if waitForCompletion else job
 
     def _writeSlices(self, volumeNode, segmentationNode, info, sliceMasks: dict, label: str) -> None:
         segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
@@ -222,19 +235,29 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                   progressCallback: Callable | None = None, model: str | None = None, device: str | None = None):
         """Carry the class's mask on slice ``sliceIndex`` (as it is in the segment now, user edits
         included) to neighbouring slices until the object ends. One undo step."""
-        engine = self.engine(model, device)
-        info = self._classInfos(engine, [className])[0]
-        self._ensureVolume(engine, volumeNode)
-        sid = nodes.segmentId(segmentationNode, info.name, info.display_name) if segmentationNode else None
+        from automedsam.classes import resolve_class
+
+        # On the calling thread: everything read from MRML (the segment as the user left it).
+        guess = resolve_class(_className(className))
+        sid = nodes.segmentId(segmentationNode, guess.name, guess.display_name) if segmentationNode else None
         if sid is None:
-            raise ValueError(f"no {info.display_name!r} segment to propagate: segment or refine it first")
+            raise ValueError(f"no {guess.display_name!r} segment to propagate: segment or refine it first")
         current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
-        self._call(engine, lambda e: e.set_masks(info.name, current))
+        key, volume = self._volumeSnapshot(volumeNode)
         cancel = threading.Event()
-        events = self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), direction, maxSlices,
-                                                          cancel=cancel))
+        ready = {}
+
+        def events():
+            yield {"stage": "prepare", "done": 0, "total": 1, "message": "starting AutoMedSAM, sending the volume"}
+            engine = ready["engine"] = self.engine(model, device)
+            info = ready["info"] = self._classInfos(engine, [className])[0]
+            self._sendVolume(engine, key, volume)
+            self._call(engine, lambda e: e.set_masks(info.name, current))
+            yield from self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), direction, maxSlices,
+                                                                cancel=cancel))
 
         def finish(last):
+            info, engine = ready["info"], ready["engine"]
             partial = last.partial if hasattr(last, "partial") else last.get("partial") or {}
             written = partial.get("slices") or []
             masks = engine.masks[info.name]
@@ -243,7 +266,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                                   f"propagate {info.display_name} from slice {sliceIndex}")
             return written
 
-        job = Job("propagation", events, finish, progressCallback, cancel)
+        job = Job("propagation", events(), finish, progressCallback, cancel)
         return job.wait() if waitForCompletion else job
 
     # ----------------------------------------------------------------------------------- undo
@@ -339,16 +362,6 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     # -------------------------------------------------------------------------------- helpers
     def _call(self, engine, fn):
         return self.engines.call(engine, fn)
-
-    def _ensureVolume(self, engine, volumeNode) -> None:
-        """Send the volume to the engine when it is new or changed (cheap check per call)."""
-        key = self._volumeKey(volumeNode)
-        if hasattr(engine, "check_protocol"):  # a worker that died since the last call is restarted here
-            self._call(engine, lambda e: e.check_protocol())
-        if self._volumeKeys.get(id(engine)) != key:
-            volume = nodes.volumeFromNode(volumeNode)
-            self._call(engine, lambda e: e.set_volume(volume))
-            self._volumeKeys[id(engine)] = key
 
     @staticmethod
     def _volumeKey(volumeNode) -> tuple:
