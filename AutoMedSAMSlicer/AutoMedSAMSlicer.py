@@ -195,7 +195,8 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not set up the AutoMedSAM worker."), waitCursor=True):
             p = self._parameterNode
             self.logic.configureBackend(p.backend, p.serverUrl, self.ui.serverTokenLineEdit.text, p.device)
-            self.showDeviceInfo()
+            # Reaching the worker can take long: Load model does it as a job, with progress and Cancel.
+            self.ui.deviceInfoLabel.text = _("Press Load model to start it and see the device.")
 
     def ensureReady(self) -> bool:
         """Dependencies (asking first) and the backend, on first use."""
@@ -214,12 +215,18 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
             if not self.ensureReady():
                 return
-            classes = self.logic.modelClasses(self._parameterNode.modelPath or None)
-            self.fillClassList(classes)
-            self.showDeviceInfo()
+            job = self.logic.loadModel(self._parameterNode.modelPath or None, self._parameterNode.device,
+                                       waitForCompletion=False)
+            self.startJob(job, self.onModelLoaded)
 
-    def showDeviceInfo(self) -> None:
-        info = self.logic.deviceInfo()
+    def onModelLoaded(self, result) -> None:
+        classes, info = result
+        self.fillClassList(classes)
+        self.showDeviceInfo(info)
+        self.ui.statusLabel.text = _("Model loaded: {n} class(es).").format(n=len(classes))
+
+    def showDeviceInfo(self, info=None) -> None:
+        info = info if info is not None else self.logic.deviceInfo()
         gpu = info.get("gpu")
         self.ui.deviceInfoLabel.text = (_("{name}: {free} of {total} MB free").format(
             name=gpu["name"], free=gpu["free_mb"], total=gpu["total_mb"]) if gpu else _("CPU (no CUDA GPU found)"))

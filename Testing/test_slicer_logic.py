@@ -521,3 +521,31 @@ def test_segmenting_while_a_slow_worker_starts_never_blocks_the_caller(slicer, m
         assert job.result.GetSegmentation().GetSegmentIdBySegmentName("Liver")
     finally:
         logic.shutdown()
+
+
+def test_loading_a_model_is_a_job_that_starts_the_worker_off_the_calling_thread(slicer, make_bundle):
+    import time
+
+    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+
+    logic = AutoMedSAMSlicerLogic(WorkerEngines(python=sys.executable, device="cpu"))
+    try:
+        bundle = str(make_bundle("tiny-sam2", "ppn"))
+        t0 = time.perf_counter()
+        job = logic.loadModel(bundle, waitForCompletion=False)
+        job.background = True
+        longest = time.perf_counter() - t0
+        while True:
+            t0 = time.perf_counter()
+            running = job.step()
+            longest = max(longest, time.perf_counter() - t0)
+            if not running:
+                break
+            time.sleep(0.02)
+        assert job.error is None and longest < 0.1, (job.error, longest)
+        classes, info = job.result
+        assert "liver" in [c.name for c in classes] and info["device"] == "cpu"
+        assert logic.engines.worker.alive()
+    finally:
+        logic.shutdown()

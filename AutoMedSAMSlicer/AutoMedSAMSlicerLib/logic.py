@@ -97,6 +97,20 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         """The model bundle's classes (:class:`automedsam.classes.ClassInfo`: name, display name, colour)."""
         return list(self._catalog(self.engine(model, device)).classes)
 
+    def loadModel(self, model: str | None = None, device: str | None = None, waitForCompletion: bool = True):
+        """Start the engine (the worker, if that is the backend), load ``model`` and describe the
+        machine: ``(classes, deviceInfo)``, or a :class:`.jobs.Job` giving them, so the panel stays
+        responsive while a worker starts and a model loads (minutes the first time)."""
+
+        def events():
+            yield {"stage": "prepare", "done": 0, "total": 2, "message": "starting AutoMedSAM"}
+            classes = self.modelClasses(model, device)
+            yield {"stage": "prepare", "done": 1, "total": 2, "message": "model loaded"}
+            yield {"stage": "done", "done": 2, "total": 2, "message": "ready", "result": (classes, self.deviceInfo())}
+
+        job = Job("model loading", events(), lambda last: last["result"])
+        return job.wait() if waitForCompletion else job
+
     # -------------------------------------------------------------------------------- segment
     def segment(self, volumeNode, classes, segmentationNode=None, model: str | None = None, device: str | None = None,
                 waitForCompletion: bool = True, progressCallback: Callable | None = None,
