@@ -131,6 +131,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def exit(self) -> None:
+        self.removeUnusedPromptNodes()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -157,8 +158,21 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                           slicer.mrmlScene.GetUniqueNameByString(f"AutoMedSAM {role}"))
                 node.CreateDefaultDisplayNodes()
                 node.GetDisplayNode().SetSelectedColor(color)
+                node.SetHideFromEditors(True)  # a working node of this panel, not data of the user's
                 setattr(self._parameterNode, role, node)
         self.observePrompts()
+
+    def removeUnusedPromptNodes(self) -> None:
+        """Leaving the module takes away the prompt nodes it made and nobody used, so opening it
+        leaves no empty markups behind (they are made again on the next visit)."""
+        p = self._parameterNode
+        if not p:
+            return
+        for role in ("positivePoints", "negativePoints"):
+            node = getattr(p, role)
+            if node is not None and node.GetNumberOfControlPoints() == 0:
+                setattr(p, role, None)
+                slicer.mrmlScene.RemoveNode(node)
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -364,6 +378,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not (p and p.inputVolume and p.activeClass):
             return
         import numpy as np
+        from AutoMedSAMSlicerLib import nodes
         from AutoMedSAMSlicerLib.nodes import worldToIjk
 
         points, labels = [], []
@@ -382,7 +397,9 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             keep = np.abs(ks[:-1] - ks[-1]) < 0.5
             points = [pt for pt, kept in zip(points, keep, strict=True) if kept]
             labels = [lb for lb, kept in zip(labels, keep, strict=True) if kept]
-        box = p.promptBox if p.promptBox and p.promptBox.GetNumberOfControlPoints() else None
+        if caller is not None and caller is p.promptBox and not nodes.roiPlaced(caller):
+            return  # the box's first corner: wait for the second click
+        box = p.promptBox if nodes.roiPlaced(p.promptBox) else None
         if not points and box is None:
             return
         with slicer.util.tryWithErrorDisplay(_("Refine failed."), waitCursor=True):

@@ -193,11 +193,21 @@ class FakeMarkupsFiducialNode(FakeNode):
 
 
 class FakeROINode(FakeNode):
+    """A box ROI. ``clicks``: how many placement clicks it had; like vtkMRMLMarkupsROINode.cxx, it
+    requires 2 control points while being placed and, once both are defined, keeps 1 (the centre)."""
+
     MRML_CLASS = "vtkMRMLMarkupsROINode"
 
-    def __init__(self, bounds):
+    def __init__(self, bounds, clicks: int = 2):
         super().__init__("box")
         self.bounds = list(bounds)
+        self.clicks = clicks
+
+    def GetNumberOfDefinedControlPoints(self, includePreview=False):
+        return 1 if self.clicks >= 1 else 0
+
+    def GetRequiredNumberOfControlPoints(self):
+        return 1 if self.clicks >= 2 else 2
 
     def GetRASBounds(self, bounds):
         bounds[:] = self.bounds

@@ -549,3 +549,12 @@ def test_loading_a_model_is_a_job_that_starts_the_worker_off_the_calling_thread(
         assert logic.engines.worker.alive()
     finally:
         logic.shutdown()
+
+
+def test_a_box_counts_only_once_both_corners_are_placed(slicer):
+    from AutoMedSAMSlicerLib.nodes import roiPlaced
+
+    assert not roiPlaced(None)
+    assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=0))
+    assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=1))  # first corner only
+    assert roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=2))

@@ -130,3 +130,12 @@ def prepareSegmentationNode(volumeNode, segmentationNode=None, name: str | None 
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
     return segmentationNode
+
+
+def roiPlaced(roiNode) -> bool:
+    """Whether a box ROI is completely placed. Placing one takes two clicks: after the first the node
+    has one defined control point of the two it requires; after the second it replaces them by one
+    centre point and requires only that one (Libs/MRML/Core/vtkMRMLMarkupsROINode.cxx,
+    UpdateControlPointsFromBoxROI). A refine must wait for the second click."""
+    return (roiNode is not None and roiNode.GetNumberOfDefinedControlPoints() >= 1
+            and roiNode.GetNumberOfDefinedControlPoints() >= roiNode.GetRequiredNumberOfControlPoints())
