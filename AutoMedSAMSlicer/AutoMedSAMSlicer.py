@@ -113,6 +113,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.teachButton.connect("clicked(bool)", self.onTeach)
         self.ui.applyBackendButton.connect("clicked(bool)", self.onApplyBackend)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)
 
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
@@ -201,6 +202,13 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = self.logic.canUndo() and not busy
 
     # ------------------------------------------------------------------------- model/classes
+    def onChooseModelFolder(self) -> None:
+        """Browse picks files (a .zip bundle); a folder bundle is chosen here."""
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a model bundle folder"),
+                                                     self.ui.modelPathLineEdit.currentPath)
+        if folder:
+            self.ui.modelPathLineEdit.currentPath = folder
+
     def onModelPathChanged(self, path) -> None:
         if self._parameterNode:
             self._parameterNode.modelPath = path

@@ -250,3 +250,19 @@ def test_on_slicer_5_8s_python_the_module_loads_and_says_what_it_needs():
     """)
     out = subprocess.run([python39, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_panel_accepts_a_bundle_folder_as_well_as_a_zip():
+    """A name filter of *.zip alone makes the path edit refuse folders and Browse picks files only
+    (CTK's ctkPathLineEdit): the edit accepts files and folders, and a Folder... button picks folders."""
+    import xml.etree.ElementTree as ET
+
+    ui = ET.parse(MODULE_DIR / "Resources" / "UI" / "AutoMedSAMSlicer.ui").getroot()
+    edit = next(w for w in ui.iter("widget") if w.get("name") == "modelPathLineEdit")
+    props = {p.get("name"): p for p in edit.findall("property")}
+    assert "nameFilters" not in props
+    assert {"ctkPathLineEdit::Files", "ctkPathLineEdit::Dirs"} <= set(props["filters"].find("set").text.split("|"))
+    assert any(w.get("name") == "modelFolderButton" for w in ui.iter("widget"))
+    source = (MODULE_DIR / "AutoMedSAMSlicer.py").read_text()
+    assert 'modelFolderButton.connect("clicked(bool)", self.onChooseModelFolder)' in source
+    assert "getExistingDirectory" in source
