@@ -162,31 +162,38 @@ def test_cmake_lists_every_python_file_and_resource():
     assert "EXTENSION_DEPENDS" in top and "PyTorch" in top and "add_subdirectory(AutoMedSAMSlicer)" in top
 
 
+#: Python that puts stand-ins for Slicer's modules in place and the module folder on the path, so
+#: AutoMedSAMSlicer.py can be imported in a plain interpreter.
+STUBBED_SLICER = textwrap.dedent(f"""
+    import sys, types
+    class Anything:
+        def __init__(self, *a, **k): pass
+        def __call__(self, *a, **k): return Anything()
+        def __getattr__(self, name): return Anything()
+    class Stub(types.ModuleType):
+        def __getattr__(self, name):
+            if name in ("parameterNodeWrapper",):
+                return lambda cls: cls
+            if name in ("tr", "translate"):
+                return lambda *a: a[-1]
+            return type(name, (Anything,), {{}})
+    for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule",
+                 "slicer.parameterNodeWrapper", "qt", "ctk", "vtk"):
+        sys.modules[name] = Stub(name)
+    sys.path.insert(0, {str(MODULE_DIR)!r})
+""")
+
+
 def test_the_module_file_imports_without_torch():
     """Slicer imports every module at startup: no torch (or SAM library) may be needed for that."""
-    code = textwrap.dedent(f"""
-        import importlib.abc, sys, types
+    code = textwrap.dedent("""
+        import importlib.abc, sys
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
                 if name.split(".")[0] in ("torch", "torchvision", "segment_anything", "sam2", "fastapi"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-
-        class Anything:
-            def __init__(self, *a, **k): pass
-            def __call__(self, *a, **k): return Anything()
-            def __getattr__(self, name): return Anything()
-        class Stub(types.ModuleType):
-            def __getattr__(self, name):
-                if name in ("parameterNodeWrapper",):
-                    return lambda cls: cls
-                if name in ("tr", "translate"):
-                    return lambda *a: a[-1]
-                return type(name, (Anything,), {{}})
-        for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule",
-                     "slicer.parameterNodeWrapper", "qt", "ctk", "vtk"):
-            sys.modules[name] = Stub(name)
-        sys.path.insert(0, {str(MODULE_DIR)!r})
+    """) + STUBBED_SLICER + textwrap.dedent("""
         import AutoMedSAMSlicer
         for cls in ("AutoMedSAMSlicer", "AutoMedSAMSlicerWidget", "AutoMedSAMSlicerLogic", "AutoMedSAMSlicerTest",
                     "AutoMedSAMSlicerParameterNode"):
@@ -229,20 +236,7 @@ def test_on_slicer_5_8s_python_the_module_loads_and_says_what_it_needs():
                                                                    ).returncode == 0), None)
     if python39 is None:
         pytest.skip("no Python 3.9 interpreter on this machine")
-    code = textwrap.dedent(f"""
-        import sys, types
-        class Anything:
-            def __init__(self, *a, **k): pass
-            def __call__(self, *a, **k): return Anything()
-            def __getattr__(self, name): return Anything()
-        class Stub(types.ModuleType):
-            def __getattr__(self, name):
-                if name in ("tr", "translate"):
-                    return lambda *a: a[-1]
-                return type(name, (Anything,), {{}})
-        for name in ("slicer", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableModule", "qt", "ctk", "vtk"):
-            sys.modules[name] = Stub(name)
-        sys.path.insert(0, {str(MODULE_DIR)!r})
+    code = STUBBED_SLICER + textwrap.dedent("""
         import AutoMedSAMSlicer
         assert "5.10 or later" in AutoMedSAMSlicer.pythonVersionProblem()
         assert not hasattr(AutoMedSAMSlicer, "AutoMedSAMSlicerLogic")
