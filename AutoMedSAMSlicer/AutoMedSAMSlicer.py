@@ -159,7 +159,11 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                           slicer.mrmlScene.GetUniqueNameByString(f"AutoMedSAM {role}"))
                 node.CreateDefaultDisplayNodes()
                 node.GetDisplayNode().SetSelectedColor(color)
-                node.SetHideFromEditors(True)  # a working node of this panel, not data of the user's
+                # A working node of this panel, not the user's data: not listed, not saved with the scene
+                # (the pattern of SegmentEditorExtraEffects' Surface Cut); removed on exit when unused.
+                node.SetHideFromEditors(True)
+                node.SetSaveWithScene(False)
+                node.GetDisplayNode().SetSaveWithScene(False)
                 setattr(self._parameterNode, role, node)
         self.observePrompts()
 
