@@ -57,6 +57,17 @@ class AutoMedSAMSlicer(ScriptedLoadableModule):
             "documentation</a>.")
         self.parent.acknowledgementText = _(
             "Builds on Segment Anything (Meta AI), MedSAM, SAM 2.1, and the Sam2Rad and AutoMedSAM papers.")
+        slicer.app.connect("startupCompleted()", self.loadTerminology)
+
+    def loadTerminology(self) -> None:
+        """Codes no Slicer list holds (Polyp) come from the module's own terminology file, so every
+        class's segment resolves in Slicer's terminology selector (as SlicerTotalSegmentator does)."""
+        import os
+
+        path = os.path.join(os.path.dirname(self.parent.path), "Resources", "Terminology",
+                            "SegmentationCategoryTypeModifier-AutoMedSAM.term.json")
+        if not slicer.modules.terminologies.logic().LoadTerminologyFromFile(path):
+            logging.warning("AutoMedSAM: could not load its terminology file %s", path)
 
 
 class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

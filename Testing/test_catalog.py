@@ -130,14 +130,28 @@ SLICER_LIST_TYPES = {
 }
 
 
+#: The two @schema strings vtkSlicerTerminologiesModuleLogic::LoadTerminologyFromFile accepts.
+TERMINOLOGY_SCHEMAS = {"https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/segment-context-schema.json#",
+                       "https://raw.githubusercontent.com/qiicr/dcmqi/master/doc/schemas/segment-context-schema.json#"}
+
+
 def test_every_class_names_the_slicer_terminology_list_that_holds_its_code():
+    from pathlib import Path
+
     from automedsam.classes import TERMINOLOGY_CONTEXTS, default_class_catalog
 
+    own = json.loads((Path(__file__).resolve().parents[1] / "AutoMedSAMSlicer" / "Resources" / "Terminology"
+                      / "SegmentationCategoryTypeModifier-AutoMedSAM.term.json").read_text())
+    assert own["@schema"] in TERMINOLOGY_SCHEMAS
+    assert own["SegmentationCategoryTypeContextName"] == TERMINOLOGY_CONTEXTS["automedsam"]
+    lists = dict(SLICER_LIST_TYPES, automedsam={(c["CodeValue"], t["CodeValue"])
+                                                for c in own["SegmentationCodes"]["Category"] for t in c["Type"]})
     unresolved = []
     for info in default_class_catalog().classes:
         entry = info.terminology_entry()
         assert entry.startswith(TERMINOLOGY_CONTEXTS[info.terminology_context] + "~")
-        if info.type[1] not in SLICER_LIST_TYPES[info.terminology_context]:
+        known = lists[info.terminology_context]
+        code = (info.category[1], info.type[1]) if info.terminology_context == "automedsam" else info.type[1]
+        if code not in known:
             unresolved.append(info.name)
-    # Polyp (SCT 41329004) is in neither list; it needs the project's own .term.json (open, issue 11).
-    assert unresolved == ["polyp"], unresolved
+    assert unresolved == [], unresolved

@@ -21,6 +21,8 @@ Code = tuple[str, str, str]  # (coding scheme designator, code value, code meani
 TERMINOLOGY_CONTEXTS = {
     "general_anatomy": "Segmentation category and type - 3D Slicer General Anatomy list",
     "dicom_master": "Segmentation category and type - DICOM master list",
+    # Codes in neither list (Polyp): the module's own Resources/Terminology/*.term.json, loaded at startup.
+    "automedsam": "Segmentation category and type - AutoMedSAM",
 }
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
