@@ -158,13 +158,19 @@ def test_refine_rejects_points_on_several_slices(logic_with, make_engine):
         logic.refine(volume_node, seg_node, "liver", points=np.array(points))
 
 
-def test_user_edits_are_never_overwritten_without_a_way_back(slicer, logic_with, make_engine):
+def liver_segmented(logic_with, make_engine):
+    """A Logic whose engine outlines the sphere exactly, and its first Liver segmentation:
+    ``(logic, volume_node, inside, seg_node, liver_id)``."""
     volume_node, inside = sphere_volume("lps")
     engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
     Oracle(engine, inside)
     logic = logic_with(engine)
     seg_node = logic.segment(volume_node, ["liver"], model="test")
-    liver_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    return logic, volume_node, inside, seg_node, seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+
+
+def test_user_edits_are_never_overwritten_without_a_way_back(slicer, logic_with, make_engine):
+    logic, volume_node, inside, seg_node, liver_id = liver_segmented(logic_with, make_engine)
     # Unedited results are simply replaced by a new run.
     logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node)
     assert seg_node.GetSegmentation().GetNumberOfSegments() == 1
@@ -352,12 +358,7 @@ def test_a_job_finishes_once_while_a_modal_prompt_runs_the_event_loop(slicer, lo
     exactly once."""
     from AutoMedSAMSlicerLib.jobs import Job
 
-    volume_node, inside = sphere_volume("lps")
-    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
-    Oracle(engine, inside)
-    logic = logic_with(engine)
-    seg_node = logic.segment(volume_node, ["liver"], model="test")
-    liver_id = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    logic, volume_node, _, seg_node, liver_id = liver_segmented(logic_with, make_engine)
     edited = stored(seg_node, "Liver").labelmap[0].astype(bool)
     edited[2, :5, :5] = True
     slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, liver_id, volume_node)
