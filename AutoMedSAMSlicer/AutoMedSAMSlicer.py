@@ -235,26 +235,48 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # Reaching the worker can take long: Load model does it as a job, with progress and Cancel.
             self.ui.deviceInfoLabel.text = _("Press Load model to start it and see the device.")
 
-    def ensureReady(self) -> bool:
-        """Dependencies (asking first) and the backend, on first use."""
-        from AutoMedSAMSlicerLib.dependencies import ensureDependencies
+    def whenReady(self, action) -> None:
+        """Run ``action`` once the dependencies and the backend are ready. Missing dependencies are
+        installed after asking, as a job (progress and Cancel; Slicer stays usable meanwhile), and
+        ``action`` runs when that job ends."""
+        from AutoMedSAMSlicerLib import dependencies
 
-        if self._parameterNode.backend != "remote" and not ensureDependencies(askConfirmation=True):
-            return False
+        if self._parameterNode.backend != "remote":
+            steps = dependencies.installSteps()
+            if steps:
+                if dependencies.otherInstallRunning():
+                    raise RuntimeError(_("Another extension is installing Python packages now. Try again when it "
+                                         "has finished."))
+                if dependencies.confirmInstall(steps):
+                    job = dependencies.installJob(steps, dependencies.startupEnvironment())
+                    self.startJob(job, lambda restartNeeded: self.onDependenciesInstalled(restartNeeded, action))
+                return
         if self.logic.engines is None:
             p = self._parameterNode
             self.logic.configureBackend(p.backend, p.serverUrl, self.ui.serverTokenLineEdit.text, p.device)
         self.logic.defaultDevice = self._parameterNode.device
         self.logic.defaultBackbone = self._parameterNode.backbone or None
-        return True
+        action()
+
+    def onDependenciesInstalled(self, restartNeeded, action) -> None:
+        from AutoMedSAMSlicerLib import dependencies
+
+        if restartNeeded:
+            slicer.util.infoDisplay(dependencies.restartMessage(restartNeeded), _("AutoMedSAM: restart needed"))
+            self.ui.statusLabel.text = _("Restart Slicer to finish the install.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("AutoMedSAM could not start."), waitCursor=True):
+            stillMissing = dependencies.missingModelDependencies()
+            if stillMissing:  # pip succeeded but the metadata says otherwise: do not ask again in a loop
+                raise RuntimeError(_("These packages are still missing after the install: {names}. See the "
+                                     "application log for pip's output.").format(names=", ".join(stillMissing)))
+            self.whenReady(action)
 
     def onLoadModel(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
-            if not self.ensureReady():
-                return
-            job = self.logic.loadModel(self._parameterNode.modelPath or None, self._parameterNode.device,
-                                       waitForCompletion=False)
-            self.startJob(job, self.onModelLoaded)
+            self.whenReady(lambda: self.startJob(self.logic.loadModel(
+                self._parameterNode.modelPath or None, self._parameterNode.device, waitForCompletion=False),
+                self.onModelLoaded))
 
     def onModelLoaded(self, result) -> None:
         classes, info = result
@@ -367,13 +389,13 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            if not self.ensureReady():
-                return
-            p = self._parameterNode
-            job = self.logic.segment(p.inputVolume, p.selectedClasses, p.outputSegmentation, model=p.modelPath or None,
-                                     device=p.device, waitForCompletion=False,
-                                     onEditedSegment=self.askAboutEditedSegments)
-            self.startJob(job, self.onSegmentDone)
+            self.whenReady(self.startSegment)
+
+    def startSegment(self) -> None:
+        p = self._parameterNode
+        job = self.logic.segment(p.inputVolume, p.selectedClasses, p.outputSegmentation, model=p.modelPath or None,
+                                 device=p.device, waitForCompletion=False, onEditedSegment=self.askAboutEditedSegments)
+        self.startJob(job, self.onSegmentDone)
 
     def onSegmentDone(self, segmentationNode) -> None:
         self._parameterNode.outputSegmentation = segmentationNode
@@ -426,13 +448,11 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not points and box is None:
             return
         with slicer.util.tryWithErrorDisplay(_("Refine failed."), waitCursor=True):
-            if not self.ensureReady():
-                return
             mode = "manual" if p.mode == "manual" else "semi"
-            job = self.logic.refine(p.inputVolume, p.outputSegmentation, p.activeClass,
-                                    points=np.array(points) if points else None, pointLabels=labels or None, box=box,
-                                    mode=mode, model=p.modelPath or None, device=p.device, waitForCompletion=False)
-            self.startJob(job, self.onRefineDone)
+            self.whenReady(lambda: self.startJob(self.logic.refine(
+                p.inputVolume, p.outputSegmentation, p.activeClass, points=np.array(points) if points else None,
+                pointLabels=labels or None, box=box, mode=mode, model=p.modelPath or None, device=p.device,
+                waitForCompletion=False), self.onRefineDone))
 
     def onRefineDone(self, k) -> None:
         p = self._parameterNode
@@ -443,16 +463,16 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPropagate(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
-            if not self.ensureReady():
-                return
-            p = self._parameterNode
-            k = self._lastRefinedSlice
-            if k is None:
+            if self._lastRefinedSlice is None:
                 raise ValueError(_("Refine a slice first (place a point), then propagate it."))
-            job = self.logic.propagate(p.inputVolume, p.outputSegmentation, p.activeClass, k, waitForCompletion=False,
-                                       model=p.modelPath or None, device=p.device)
-            self.startJob(job, lambda written: setattr(self.ui.statusLabel, "text", _(
-                "Propagated to {n} slice(s).").format(n=len(written))))
+            self.whenReady(self.startPropagate)
+
+    def startPropagate(self) -> None:
+        p = self._parameterNode
+        job = self.logic.propagate(p.inputVolume, p.outputSegmentation, p.activeClass, self._lastRefinedSlice,
+                                   waitForCompletion=False, model=p.modelPath or None, device=p.device)
+        self.startJob(job, lambda written: setattr(self.ui.statusLabel, "text", _(
+            "Propagated to {n} slice(s).").format(n=len(written))))
 
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Undo failed."), waitCursor=True):
@@ -462,13 +482,13 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTeach(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Teaching failed."), waitCursor=True):
-            if not self.ensureReady():
-                return
-            p = self._parameterNode
-            job = self.logic.teach(p.inputVolume, p.outputSegmentation, generator=p.teachGenerator,
-                                   epochs=p.teachEpochs, waitForCompletion=False, model=p.modelPath or None,
-                                   device=p.device)
-            self.startJob(job, self.onTeachDone)
+            self.whenReady(self.startTeach)
+
+    def startTeach(self) -> None:
+        p = self._parameterNode
+        job = self.logic.teach(p.inputVolume, p.outputSegmentation, generator=p.teachGenerator, epochs=p.teachEpochs,
+                               waitForCompletion=False, model=p.modelPath or None, device=p.device)
+        self.startJob(job, self.onTeachDone)
 
     def onTeachDone(self, bundlePath) -> None:
         self._parameterNode.modelPath = self.logic.defaultModel

@@ -101,3 +101,13 @@ def make_engine(make_bundle):
         return Engine(backbone_for_bundle(bundle, "cpu"), bundle, EngineConfig(**config))
 
     return make
+
+
+@pytest.fixture()
+def slicer():
+    """The fake ``slicer`` (slicer_fake.py) in sys.modules for one test."""
+    import slicer_fake
+
+    fake = slicer_fake.install()
+    yield fake
+    slicer_fake.uninstall()

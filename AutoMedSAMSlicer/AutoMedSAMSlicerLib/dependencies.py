@@ -1,23 +1,58 @@
-"""Install what AutoMedSAM needs into Slicer's Python: only on first use, only after asking.
+"""Install what AutoMedSAM needs into Slicer's Python: only on first use, only after asking, and
+never on Slicer's main thread.
 
-- torch (+ torchvision) through the PyTorch extension's ``PyTorchUtils`` (it picks the CUDA build
-  that matches the machine's driver);
-- everything else from the ``pyproject.toml`` shipped with the module (the one declaration of the
-  dependencies: core ``dependencies`` plus the ``models`` and ``service`` extras, torch excluded),
-  through ``slicer.packaging.pip_ensure`` on Slicer 5.12+ or ``slicer.util.pip_install`` before;
-- ``sam2``, which has no wheel, with ``pip --no-build-isolation`` so it builds against that torch.
+What is needed comes from the ``pyproject.toml`` shipped with the module (the one declaration of the
+dependencies: core ``dependencies`` plus the ``models`` and ``service`` extras). What is missing or
+too old becomes a list of :class:`InstallStep` (one command each):
+
+- torch and torchvision through light-the-torch, the tool Slicer's PyTorch extension uses, so the
+  CUDA build matches the machine's driver (a CPU build where there is none). light-the-torch is put
+  in a folder of its own rather than into Slicer's Python: it requires ``pip<26.1`` and Slicer 5.12
+  ships pip 26.1.1 (SuperBuild/External_python-pip.cmake), which installing it there would downgrade.
+- the other wheels with ``pip install``;
+- ``sam2``, which has no wheel, with ``pip install --no-build-isolation`` (so it builds against that
+  torch instead of downloading a second one) and ``SAM2_BUILD_CUDA=0``.
+
+:func:`installEvents` runs the steps as child processes and yields progress events, so a
+:class:`~AutoMedSAMSlicerLib.jobs.Job` runs them on its own thread with progress (pip's own download
+counts) and Cancel, like any other long run. ``PyTorchUtils.installTorch`` is not used: it waits on
+the calling thread (``slicer.util.logProcessOutput``) and imports torch into Slicer at its end.
+Nothing here imports torch: versions are read from package metadata.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import slicer
 
-#: Installed by PyTorchUtils, never by pip here (pip would pull a CPU or mismatched CUDA build).
+log = logging.getLogger(__name__)
+
+#: Installed through light-the-torch, never by plain pip (which would pick a CPU or mismatched CUDA build).
 TORCH_PACKAGES = ("torch", "torchvision")
 EXTRAS = ("models", "service")
+#: light-the-torch and the pip it runs, in a folder of their own (see the module docstring).
+LIGHT_THE_TORCH = ("light-the-torch>=0.7", "pip>=22.3,<26.1")
+#: No wheel on PyPI: built from source against the torch already installed. With build isolation,
+#: pip would download a second torch just to build it.
+BUILD_WITHOUT_ISOLATION = ("sam2",)
+#: pip prints "Progress <bytes> of <total>" lines with ``--progress-bar raw`` (pip 24.1 and later;
+#: Slicer 5.10 ships pip 25.1.1).
+RAW_PROGRESS_SINCE = "24.1"
+_PROGRESS_LINE = re.compile(r"^Progress (\d+) of (\d+)$")
+_DOWNLOADING_LINE = re.compile(r"^\s*Downloading (\S+)")
+#: Once pip prints this it is writing into site-packages: stopping it then could leave a package
+#: half installed, so a Cancel waits for the step to end.
+_INSTALLING_LINE = "Installing collected packages"
 
 
 def pyprojectPath() -> Path:
@@ -29,12 +64,16 @@ def pyprojectPath() -> Path:
     raise FileNotFoundError(f"pyproject.toml not found next to {here}")
 
 
-def requirements(path: Path | None = None) -> list[str]:
-    """Requirement strings: core dependencies and the extras Slicer needs, without torch/torchvision."""
-    import tomllib  # Python 3.11+: Slicer 5.10 and later ship 3.12
+def _project(path: Path | None = None) -> dict:
+    import tomllib  # Python 3.11+: Slicer 5.10 and later ship 3.12 (see README, supported versions)
 
     with open(path or pyprojectPath(), "rb") as f:
-        project = tomllib.load(f)["project"]
+        return tomllib.load(f)["project"]
+
+
+def requirements(path: Path | None = None) -> list[str]:
+    """Requirement strings: core dependencies and the extras Slicer needs, without torch/torchvision."""
+    project = _project(path)
     reqs = list(project.get("dependencies", []))
     for extra in EXTRAS:
         reqs += project.get("optional-dependencies", {}).get(extra, [])
@@ -49,11 +88,7 @@ def _name(requirement: str) -> str:
 
 def modelRequirement(name: str, path: Path | None = None) -> str:
     """The version specifier the ``models`` extra gives ``name`` (e.g. ``">=2.5.1"`` for torch)."""
-    import tomllib  # Python 3.11+: Slicer 5.10 and later ship 3.12 (see README, supported versions)
-
-    with open(path or pyprojectPath(), "rb") as f:
-        extra = tomllib.load(f)["project"]["optional-dependencies"]["models"]
-    for requirement in extra:
+    for requirement in _project(path)["optional-dependencies"]["models"]:
         if _name(requirement) == name:
             return requirement[len(_name(requirement)):].strip()
     return ""
@@ -87,29 +122,199 @@ def satisfies(installed: str | None, specifier: str) -> bool:
         return release(installed) >= release(wanted)
 
 
-def ensureTorch(askConfirmation: bool = True) -> bool:
-    """torch (and torchvision) of at least the versions the ``models`` extra asks for, through the
-    PyTorch extension; False when the user declined or the extension is missing. Versions are read
-    from package metadata, so torch is not imported into Slicer's process just to check."""
-    torchSpec, visionSpec = modelRequirement("torch"), modelRequirement("torchvision")
-    if satisfies(installedVersion("torch"), torchSpec) and satisfies(installedVersion("torchvision"), visionSpec):
-        return True
+def unmet(reqs: list[str]) -> list[str]:
+    """The requirements that are not installed, or installed in a version the specifier excludes
+    (requirements whose environment marker does not apply here are left out)."""
+    result = []
+    for requirement in reqs:
+        try:
+            from packaging.requirements import Requirement
+
+            parsed = Requirement(requirement)
+            if parsed.marker is not None and not parsed.marker.evaluate():
+                continue
+            specifier = str(parsed.specifier)
+        except ImportError:
+            specifier = requirement[len(_name(requirement)):].split(";")[0].strip()
+        if not satisfies(installedVersion(_name(requirement)), specifier):
+            result.append(requirement)
+    return result
+
+
+@dataclass(frozen=True)
+class InstallStep:
+    """One installer command. ``packages`` are the requirements it installs into Slicer's Python
+    (shown to the user before anything runs); ``env`` adds variables to Slicer's startup environment."""
+
+    title: str
+    argv: tuple[str, ...]
+    packages: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+    #: A folder only this run needs: removed when the run ends, however it ends.
+    removeAfter: str = ""
+
+
+def installSteps(python: str | None = None, lightTheTorchFolder: str | None = None) -> list[InstallStep]:
+    """What must run for every dependency to be met, in order (torch first: the others build on
+    it); empty when all are. Reads package metadata only. ``python``: Slicer's ``PythonSlicer``
+    by default; ``lightTheTorchFolder``: where light-the-torch goes (a new temporary folder by default)."""
+    if python is None:
+        from AutoMedSAMSlicerLib.engines import slicerPythonExecutable
+
+        python = slicerPythonExecutable()
+    pip = [python, "-m", "pip", "install", *progressArguments()]
+    steps = []
+    torch = unmet([f"{name}{modelRequirement(name)}" for name in TORCH_PACKAGES])
+    if torch:
+        # Both, even if only one is missing: light-the-torch picks builds that belong together.
+        both = tuple(f"{name}{modelRequirement(name)}" for name in TORCH_PACKAGES)
+        # Named, not made: pip --target makes it, and installEvents removes it whatever happens.
+        folder = lightTheTorchFolder or str(Path(tempfile.gettempdir()) / f"automedsam-ltt-{uuid.uuid4().hex}")
+        steps.append(InstallStep("light-the-torch (PyTorch's installer)",
+                                 (*pip, "--target", folder, "--no-warn-script-location", *LIGHT_THE_TORCH), ()))
+        # light-the-torch's folder goes first on sys.path (PYTHONPATH would come after the paths
+        # PythonSlicer's launcher puts there, Slicer's own pip among them); runpy runs it as -m would.
+        bootstrap = ("import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                     "runpy.run_module('light_the_torch', run_name='__main__', alter_sys=True)")
+        steps.append(InstallStep("PyTorch", (python, "-c", bootstrap, folder, "install", *both, *progressArguments()),
+                                 both, removeAfter=folder))
+    reqs = unmet(requirements())
+    wheels = [r for r in reqs if _name(r) not in BUILD_WITHOUT_ISOLATION]
+    if wheels:
+        steps.append(InstallStep("Python packages", (*pip, *wheels), tuple(wheels)))
+    for requirement in reqs:
+        if _name(requirement) in BUILD_WITHOUT_ISOLATION:
+            steps.append(InstallStep(f"{_name(requirement)} (built from source)",
+                                     (*pip, "--no-build-isolation", requirement), (requirement,),
+                                     {"SAM2_BUILD_CUDA": "0"}))  # its CUDA extension needs a compiler and toolkit
+    return steps
+
+
+def progressArguments() -> list[str]:
+    """``--progress-bar raw`` where Slicer's pip has it (download counts on separate lines)."""
+    return ["--progress-bar", "raw"] if satisfies(installedVersion("pip"), f">={RAW_PROGRESS_SINCE}") else []
+
+
+def missingModelDependencies() -> list[str]:
+    """Names of what running the models needs but is not installed or too old (torch included),
+    from package metadata, so nothing heavy is imported to find out."""
+    torch = [f"{name}{modelRequirement(name)}" for name in TORCH_PACKAGES]
+    return sorted({_name(r) for r in unmet([*requirements(), *torch])})
+
+
+def confirmInstall(steps: list[InstallStep]) -> bool:
+    """Ask once, listing every package that will be installed (main thread)."""
+    packages = [p for step in steps for p in step.packages]
+    return slicer.util.confirmOkCancelDisplay(
+        "AutoMedSAM will download and install these Python packages into Slicer's Python:\n\n"
+        + "\n".join(packages) + "\n\nThis may take several minutes (PyTorch alone is a download of up to 2-3 GB). "
+        "You can keep working, and Cancel stops it.", "AutoMedSAM: install dependencies")
+
+
+class PipOutput:
+    """What pip's output lines say so far: a short status, the step's fraction done (downloads count
+    up to 0.8, writing into site-packages is 0.9) and whether it is writing (not to be stopped)."""
+
+    def __init__(self):
+        self.status, self.fraction, self.writing = "starting", 0.0, False
+
+    def take(self, line: str) -> None:
+        counted = _PROGRESS_LINE.match(line.strip())
+        downloading = _DOWNLOADING_LINE.match(line)
+        if counted:
+            done, size = int(counted[1]), int(counted[2])
+            self.fraction = 0.8 * done / size if size else self.fraction
+            self.status = f"{self.status.split(':')[0]}: {done / 1e6:.0f} of {size / 1e6:.0f} MB"
+        elif downloading:
+            self.status = f"downloading {downloading[1].rsplit('/', 1)[-1]}"
+        elif line.strip():
+            self.writing = self.writing or line.startswith(_INSTALLING_LINE)
+            self.fraction = max(self.fraction, 0.9) if self.writing else self.fraction
+            self.status = line.strip()[:120]
+
+
+def installEvents(steps: list[InstallStep], environment: dict | None, cancelEvent: threading.Event,
+                  readTimeout: float = 0.2) -> Iterator[dict]:
+    """Run ``steps`` one after another, yielding progress events (``stage``, ``done``/``total`` in
+    thousandths, ``message``) at least every ``readTimeout`` seconds. Meant for a job's thread.
+
+    ``environment``: the environment to start from, ``slicer.util.startupEnvironment()`` (read on the
+    main thread); None uses this process's. Cancel (``cancelEvent``) stops the running command at
+    once, except while pip writes into site-packages: that step is let finish, then nothing more runs.
+
+    Raises:
+        ProcessFailedError: a step failed; the message names it and ends with its last output lines.
+    """
+    total = 1000 * len(steps)
     try:
-        import PyTorchUtils
-    except ImportError:
-        slicer.util.errorDisplay(
-            "AutoMedSAM needs the PyTorch extension: install 'PyTorch' from the Extensions Manager and restart Slicer.")
-        return False
-    # installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement,
-    # torchvisionVersionRequirement): fepegar/SlicerPyTorch, PyTorchUtils/PyTorchUtils.py.
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=askConfirmation, torchVersionRequirement=torchSpec, torchvisionVersionRequirement=visionSpec)
-    return torch is not None
+        for index, step in enumerate(steps):
+            stopped = yield from _runStep(step, environment, cancelEvent, readTimeout, index, len(steps))
+            if stopped or (cancelEvent.is_set() and index + 1 < len(steps)):
+                finished = index + (not stopped)
+                yield {"stage": "cancelled", "done": 1000 * finished, "total": total,
+                       "message": f"Cancelled: {finished} of {len(steps)} install steps done, the rest not started"}
+                return
+        yield {"stage": "done", "done": total, "total": total, "message": "Dependencies installed"}
+    finally:
+        for step in steps:
+            if step.removeAfter:
+                shutil.rmtree(step.removeAfter, ignore_errors=True)
 
 
-#: No wheel on PyPI: built from source against the torch already installed. With build isolation,
-#: pip would download a second torch just to build it.
-BUILD_WITHOUT_ISOLATION = ("sam2",)
+def _runStep(step: InstallStep, environment: dict | None, cancelEvent: threading.Event, readTimeout: float,
+             index: int, count: int):
+    """Run one step, yielding its progress; returns True when Cancel stopped it before its end."""
+    import os
+
+    from automedsam.processes import ProcessFailedError, StreamedProcess
+
+    env = dict(environment) if environment is not None else None
+    if step.env:
+        env = {**(env if env is not None else os.environ), **step.env}
+    log.info("AutoMedSAM: %s: %s", step.title, " ".join(step.argv))
+    process, output, started = StreamedProcess(step.argv, env=env), PipOutput(), time.monotonic()
+    try:
+        while not process.finished:
+            for line in process.read(readTimeout):
+                log.debug("pip: %s", line)  # the application log (thread-safe), not the console
+                output.take(line)
+            if cancelEvent.is_set() and not output.writing:
+                process.stop()
+                return True
+            waiting = " (finishing the install under way, then stopping)" if cancelEvent.is_set() else ""
+            yield {"stage": "install", "done": round(1000 * (index + output.fraction)), "total": 1000 * count,
+                   "message": f"Installing {step.title} ({index + 1} of {count}, {time.monotonic() - started:.0f} s): "
+                              f"{output.status}{waiting}"}
+        try:
+            process.check(f"Installing {step.title}")
+        except ProcessFailedError as error:
+            raise ProcessFailedError(
+                f"{error}\n\nNothing after this step was installed. The whole output is in the application "
+                "log (Help > Report a bug shows it).", error.returncode, error.tail) from None
+    finally:
+        if not process.finished:  # the job was abandoned (its generator closed) mid-step
+            process.stop()
+    return False
+
+
+def installJob(steps: list[InstallStep], environment: dict | None = None):
+    """A :class:`~AutoMedSAMSlicerLib.jobs.Job` that installs ``steps``; its result is the list of
+    packages that were already imported in this Slicer session (a restart is needed for them)."""
+    from AutoMedSAMSlicerLib.jobs import Job
+
+    cancelEvent = threading.Event()
+    installed = [p for step in steps for p in step.packages]
+    return Job("installing dependencies", installEvents(steps, environment, cancelEvent),
+               lambda lastEvent: alreadyImported(installed), cancelEvent=cancelEvent)
+
+
+def startupEnvironment() -> dict | None:
+    """The environment Slicer was started with (what ``slicer.util.launchConsoleProcess`` uses, so
+    ``PythonSlicer`` sets up its own paths); None outside Slicer. Call on the main thread."""
+    try:
+        return slicer.util.startupEnvironment()
+    except AttributeError:
+        return None
 
 
 def slicerPackaging():
@@ -119,75 +324,38 @@ def slicerPackaging():
         import slicer.packaging as packaging
     except ImportError:
         return None
-    return packaging if hasattr(packaging, "pip_ensure") else None
+    return packaging
+
+
+def otherInstallRunning() -> bool:
+    """Whether another extension runs ``slicer.packaging.pip_install(blocking=False)`` now (5.12+):
+    two pips writing into one site-packages can corrupt it."""
+    packaging = slicerPackaging()
+    return bool(packaging is not None and hasattr(packaging, "isPipInstallInProgress")
+                and packaging.isPipInstallInProgress())
 
 
 def ensureDependencies(askConfirmation: bool = True) -> bool:
-    """Everything AutoMedSAM needs; returns False when the user declined. A restart-needed case
-    (an already imported package was upgraded) is told to the user."""
-    if not ensureTorch(askConfirmation):
+    """Install what is missing and wait (for the Python console and scripts; the panel runs
+    :func:`installJob` instead, so Slicer stays responsive). False when the user declined."""
+    steps = installSteps()
+    if not steps:
+        return True
+    if askConfirmation and not confirmInstall(steps):
         return False
-    reqs = requirements()
-    fromSource = [r for r in reqs if _name(r) in BUILD_WITHOUT_ISOLATION]
-    wheels = [r for r in reqs if r not in fromSource]
-    packaging = slicerPackaging()
-    missing = _missing(reqs)
-    if packaging is not None:
-        try:
-            packaging.pip_ensure(wheels, skip_packages=list(TORCH_PACKAGES), prompt_install=askConfirmation,
-                                 requester="AutoMedSAM")
-        except RuntimeError:  # the user declined
-            return False
-        missingFromSource = _missing(fromSource)
-        if missingFromSource and askConfirmation and not _confirm(missingFromSource):
-            return False
-    else:
-        if not missing:
-            return True
-        if askConfirmation and not _confirm(missing):
-            return False
-        wheelsMissing = [r for r in missing if r not in fromSource]
-        if wheelsMissing:
-            slicer.util.pip_install(wheelsMissing)
-        missingFromSource = [r for r in missing if r in fromSource]
-    for requirement in missingFromSource:
-        pipInstallWithoutBuildIsolation(requirement)
-    logging.info("AutoMedSAM: dependencies ready (%s installed)", ", ".join(missing) or "nothing")
-    if _alreadyImported(missing):
-        slicer.util.infoDisplay("Some packages were upgraded while an older version was in use. Restart Slicer "
-                                "before using AutoMedSAM.", "AutoMedSAM: restart needed")
+    restartNeeded = installJob(steps, startupEnvironment()).wait()
+    if restartNeeded:
+        slicer.util.infoDisplay(restartMessage(restartNeeded), "AutoMedSAM: restart needed")
     return True
 
 
-def _confirm(missing: list[str]) -> bool:
-    return slicer.util.confirmOkCancelDisplay(
-        "AutoMedSAM will download and install these Python packages:\n\n" + "\n".join(missing)
-        + "\n\nThis may take several minutes.", "AutoMedSAM: install dependencies")
+def restartMessage(packages: list[str]) -> str:
+    return ("These packages were upgraded while an older version was in use: " + ", ".join(packages)
+            + ". Restart Slicer before using AutoMedSAM.")
 
 
-def pipInstallWithoutBuildIsolation(requirement: str) -> None:
-    """``pip install --no-build-isolation`` with Slicer's Python (its CPU-only build: SAM2_BUILD_CUDA=0
-    skips sam2's optional CUDA extension, which needs a compiler and CUDA toolkit). Raises on failure."""
-    import shutil
+def alreadyImported(reqs: list[str]) -> list[str]:
+    """The requirements whose package is already imported in this process."""
     import sys
 
-    python = shutil.which("PythonSlicer") or sys.executable  # Slicer's launcher, as sys.executable is
-    proc = slicer.util.launchConsoleProcess([python, "-m", "pip", "install", "--no-build-isolation", requirement],
-                                            updateEnvironment={"SAM2_BUILD_CUDA": "0"})
-    slicer.util.logProcessOutput(proc)  # raises CalledProcessError when pip fails
-
-
-def missingModelDependencies() -> list[str]:
-    """Names of what running the models needs but is not installed (torch included), from package
-    metadata, so nothing heavy is imported to find out."""
-    return sorted({_name(r) for r in [*requirements(), *TORCH_PACKAGES] if installedVersion(_name(r)) is None})
-
-
-def _missing(reqs: list[str]) -> list[str]:
-    return [r for r in reqs if installedVersion(_name(r)) is None]
-
-
-def _alreadyImported(reqs: list[str]) -> bool:
-    import sys
-
-    return any(_name(r).replace("-", "_") in sys.modules for r in reqs)
+    return [r for r in reqs if _name(r).replace("-", "_") in sys.modules]

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from .client import RemoteEngine, ServiceUnavailableError
+from .processes import pid_alive, start_group, stop_tree
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +56,8 @@ class LocalWorker:
         """Start the process, wait for its ready line and health; returns the URL."""
         cmd = [self.python, "-m", "automedsam", "serve", "--port", "0", "--token-file", str(self._token_file),
                "--device", self.device, *self.extra_args]
-        # A group of its own, so stop() reaches the whole tree: Slicer's PythonSlicer is a launcher
-        # (CTK AppLauncher) that runs python-real as a child and does not forward signals to it.
-        if os.name == "nt":
-            group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
-        else:
-            group = {"start_new_session": True}
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=self.env, **group)
+        # A group of its own, so stop() reaches the whole tree (see automedsam.processes).
+        self.process = start_group(cmd, env=self.env)
         self.server_pid = None
         # Both pipes are read for the worker's whole life: an unread pipe fills (~64 KB) and then
         # blocks the worker on its next log line while alive() still says True.
@@ -104,7 +98,7 @@ class LocalWorker:
         """Whether the server itself runs (not only the launcher that started it)."""
         if self.process is None or self.process.poll() is not None:
             return False
-        return self.server_pid is None or _pid_alive(self.server_pid)
+        return self.server_pid is None or pid_alive(self.server_pid)
 
     def restart(self, timeout: float = 180.0) -> str:
         self.stop()
@@ -114,20 +108,7 @@ class LocalWorker:
         """End the whole process tree (launcher and server): terminate, then kill after ``timeout``."""
         if self.process is None:
             return
-        pids = [p for p in (self.process.pid, self.server_pid) if p]
-        _signal_tree(self.process, kill=False)
-        end = time.monotonic() + timeout
-        while any(_pid_alive(p) for p in pids) and time.monotonic() < end:
-            self.process.poll()  # reap the launcher
-            time.sleep(0.05)
-        if any(_pid_alive(p) for p in pids):
-            _signal_tree(self.process, kill=True)
-            for p in pids:
-                if p != self.process.pid and _pid_alive(p):
-                    _kill_pid(p)  # a server that left the group
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if not stop_tree(self.process, [self.server_pid] if self.server_pid else [], timeout):
             log.error("AutoMedSAM worker process %s did not end", self.process.pid)
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:
@@ -153,56 +134,6 @@ class LocalWorker:
             os.rmdir(self._token_dir)
         except (OSError, AttributeError):
             pass
-
-
-def _signal_tree(process: subprocess.Popen, kill: bool) -> None:
-    """Terminate (or kill) the process group started by :meth:`LocalWorker.start`."""
-    if process.poll() is not None and os.name == "nt":
-        return
-    try:
-        if os.name == "nt":  # taskkill /T ends the children too; /F forces
-            subprocess.run(["taskkill", "/T", *(["/F"] if kill else []), "/PID", str(process.pid)],
-                           capture_output=True, check=False, creationflags=subprocess.CREATE_NO_WINDOW)
-        else:
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-
-
-def _kill_pid(pid: int) -> None:
-    try:
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/PID", str(pid)], capture_output=True, check=False,
-                           creationflags=subprocess.CREATE_NO_WINDOW)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
-        pass
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
-    if os.name == "nt":
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _drain(stream, keep: collections.deque | None) -> None:
