@@ -251,7 +251,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     job = dependencies.installJob(steps, dependencies.startupEnvironment())
                     self.startJob(job, lambda restartNeeded: self.onDependenciesInstalled(restartNeeded, action))
                 return
-        if self.logic.engines is None:
+        if self.logic.backend is None:
             p = self._parameterNode
             self.logic.configureBackend(p.backend, p.serverUrl, self.ui.serverTokenLineEdit.text, p.device)
         self.logic.defaultDevice = self._parameterNode.device

@@ -50,7 +50,9 @@ def test_health_is_open_everything_else_needs_the_token(worker):
     r = requests.get(worker.url + "/v1/info", headers={"Authorization": "Bearer wrong-token-wrong-token"}, timeout=10)
     assert r.status_code == 401
     ok = requests.get(worker.url + "/v1/info", headers={"Authorization": f"Bearer {worker.token}"}, timeout=10)
-    assert ok.status_code == 200 and ok.json()["protocol"] == "1"
+    from automedsam.service.protocol import PROTOCOL
+
+    assert ok.status_code == 200 and ok.json()["protocol"] == PROTOCOL
     assert requests.get(worker.url + "/openapi.json", timeout=10).status_code == 401
 
 
@@ -59,13 +61,13 @@ def test_remote_engine_gives_the_same_masks_as_the_in_process_engine(worker, mak
     remote = worker.client(bundle=bundle_path)
     remote.set_volume(ct)
     events = list(remote.segment(["liver", "spleen"], slices=list(range(10, 16)), cleanup="none"))
-    assert events[-1].stage == "done" and events[-1]["summary"]["slices"] == 6
+    assert events[-1].stage == "done" and events[-1].result.slices == list(range(10, 16))
     bundle = load_bundle(bundle_path)
     local = Engine(backbone_for_bundle(bundle, "cpu"), bundle)
     local.set_volume(ct)
     expected = local.segment_volume(["liver", "spleen"], list(range(10, 16)), cleanup="none")
     for name in ("liver", "spleen"):
-        assert np.array_equal(events[-1]["masks"][name], expected.masks[name])
+        assert np.array_equal(events[-1].result.masks[name], expected.masks[name])
     mask = remote.refine("liver", 12, points=[[60, 50], [10, 10]], point_labels=[1, 0])
     expected_refine = local.refine("liver", 12, points=[[60, 50], [10, 10]], point_labels=[1, 0])
     assert np.array_equal(mask, expected_refine)
@@ -110,8 +112,7 @@ def test_cancel_a_running_job(worker, make_bundle, ct_dir):
     stages = []
     for event in remote.segment(["liver"], cancel=cancel):
         stages.append(event.stage)
-        if event.stage in ("queued", "running"):
-            cancel.set()  # at the first event: 112 slices cannot finish before the cancel arrives
+        cancel.set()  # at the first event: 112 slices cannot finish before the cancel arrives
     assert stages[-1] == "cancelled"
     assert "liver" not in remote.masks
     remote.close()
@@ -147,14 +148,13 @@ def test_killed_worker_is_a_clear_error_and_a_restart_restores_the_client_state(
         remote.set_volume(ct)
         mask = remote.refine("liver", 12, box=[40, 30, 90, 80], mode="manual")
         with pytest.raises(ServiceUnavailableError, match="cannot reach the AutoMedSAM worker"):
-            for event in remote.segment(["spleen"]):  # killed while the job runs
-                if event.stage in ("queued", "running"):
-                    w.process.kill()
-                    w.process.wait(10)
+            for _event in remote.segment(["spleen"]):  # killed while the job runs
+                w.process.kill()
+                w.process.wait(10)
         url = w.restart()
         remote.url = url
         remote.reconnect()
-        assert np.array_equal(remote._masks("liver")[12], mask)  # the client's masks went back
+        assert np.array_equal(remote.masks_of("liver")[12], mask)  # the client's masks went back
         assert remote.undo("liver") is None  # undo history lived in the dead worker
         remote.refine("liver", 13, points=[[60, 50]])
     finally:
@@ -221,7 +221,7 @@ def test_schemathesis_finds_no_server_error(worker, make_bundle, ct):
             params["sid"] = remote.session_id
         if "class_name" in params and len(statuses) % 2:
             params["class_name"] = "liver"
-        if case.path.endswith("/train") and isinstance(case.body, dict):
+        if case.path.endswith("/teach") and isinstance(case.body, dict):
             case.body["epochs"] = 1  # keep the model thread free for the other requests
         response = case.call(headers=auth, timeout=60)
         statuses.append(response.status_code)
@@ -238,22 +238,23 @@ def test_schemathesis_finds_no_server_error(worker, make_bundle, ct):
         requests.delete(f"{worker.url}/v1/sessions/{sid}", headers=auth, timeout=10)
 
 
-def test_training_job_teaches_a_class_and_the_session_uses_it(worker, ct, ct_dir):
+def test_teaching_job_teaches_a_class_and_the_session_uses_it(worker, ct, ct_dir, tmp_path):
+    import zipfile
+
     from automedsam.io import read_label_map
 
     remote = worker.client(backbone="tiny-sam2")
     remote.set_volume(ct)
     labels = read_label_map(ct_dir / "ct_lowres_labels.nii.gz").array
-    events = list(remote.train(labels, {"liver": 5}, epochs=1, train_slices="13:15", decoder_lr=3e-4))
+    events = list(remote.teach(labels, {"liver": 5}, tmp_path / "taught.zip", epochs=1, train_slices="13:15",
+                               decoder_lr=3e-4))
     done = events[-1]
-    assert done.stage == "done" and set(done["summary"]["validation"]) == {"liver"}
-    import io
-    import zipfile
-
-    with zipfile.ZipFile(io.BytesIO(done["bundle"])) as z:
+    assert done.stage == "done" and set(done.metrics) == {"liver"} and done.bundle_path == str(tmp_path / "taught.zip")
+    with zipfile.ZipFile(done.bundle_path) as z:
         assert json.loads(z.read("manifest.json"))["classes"][0]["name"] == "liver"
     final = list(remote.segment(["liver"], slices=[14]))[-1]
-    assert final.stage == "done" and final["masks"]["liver"].shape == (30, 101, 122)
+    assert final.stage == "done" and final.result.masks["liver"].shape == (30, 101, 122)
+    assert remote.class_catalog.names() == ["liver"]
     remote.close()
 
 
@@ -273,7 +274,7 @@ def test_download_job_through_the_worker(tmp_path, make_bundle):
             remote = w.client(backbone="tiny-sam")
             job = remote._call("POST", "/v1/models/site_sam/download", json={}).json()
             final = list(remote._follow(job))[-1]
-            assert final.stage == "done" and final["done"] == len(data)
+            assert final["state"] == "done" and final["done"] == len(data)
             listed = remote._call("GET", "/v1/models").json()["backbones"]
             assert next(b for b in listed if b["id"] == "site_sam")["cached"]
     assert (tmp_path / "home" / "weights" / "site_sam.pth").read_bytes() == data

@@ -124,9 +124,9 @@ def test_every_bad_request_is_a_specific_4xx(strict, sid, ct):
         ("POST", f"/v1/sessions/{sid}/propagate", {"json": {"class_name": "liver", "from_slice": k}},
          422, "invalid_input", "out of range"),
         # training options
-        ("POST", f"/v1/sessions/{sid}/train", {"json": {"classes": {"liver": 0}}}, 422, "invalid_request",
+        ("POST", f"/v1/sessions/{sid}/teach", {"json": {"classes": {"liver": 0}}}, 422, "invalid_request",
          "greater than or equal to 1"),
-        ("POST", f"/v1/sessions/{sid}/train", {"data": '{"classes": {"liver": 5}, "decoder_lr": Infinity}',
+        ("POST", f"/v1/sessions/{sid}/teach", {"data": '{"classes": {"liver": 5}, "decoder_lr": Infinity}',
                                                "headers": {"Content-Type": "application/json"}},
          422, "invalid_request", "finite"),
         # bundles: only from the configured folders, and the same answer whether a path exists or not
@@ -169,7 +169,7 @@ def test_a_class_absent_from_the_labels_is_refused_before_training(strict, sid, 
     r = call(strict, "PUT", f"/v1/sessions/{sid}/labels", data=labels.tobytes())
     assert r.status_code == 200 and {1, 2, 3, 5} <= set(r.json()["label_values"]) and 250 not in r.json()[
         "label_values"]
-    r = call(strict, "POST", f"/v1/sessions/{sid}/train", json={"classes": {"liver": 5, "livr": 250}, "epochs": 1})
+    r = call(strict, "POST", f"/v1/sessions/{sid}/teach", json={"classes": {"liver": 5, "livr": 250}, "epochs": 1})
     assert_error(r, 422, "invalid_input", "livr=250: no voxel")
 
 
@@ -244,7 +244,7 @@ def test_uploads_and_mask_puts_never_block_the_event_loop(strict, ct, ct_dir):
         assert upload(strict, a, ct).status_code == 200
         labels = read_label_map(ct_dir / "ct_lowres_labels.nii.gz").array.astype(np.uint16)
         assert call(strict, "PUT", f"/v1/sessions/{a}/labels", data=labels.tobytes()).status_code == 200
-        job = call(strict, "POST", f"/v1/sessions/{a}/train",
+        job = call(strict, "POST", f"/v1/sessions/{a}/teach",
                    json={"classes": {"liver": 5}, "epochs": 10000, "train_slices": "10:20"}).json()
         assert job["state"] in ("queued", "running")
         deadline = time.monotonic() + 60

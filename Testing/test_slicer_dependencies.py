@@ -215,7 +215,7 @@ def test_the_panel_installs_first_then_runs_what_was_asked(slicer, monkeypatch, 
     module = load_module_file(slicer, monkeypatch, [])
     widget = module["AutoMedSAMSlicerWidget"].__new__(module["AutoMedSAMSlicerWidget"])
     widget._parameterNode = type("P", (), {"backend": "inprocess", "device": "cpu", "backbone": ""})()
-    widget.logic = type("L", (), {"engines": object()})()
+    widget.logic = type("L", (), {"backend": object()})()
     started, ran, answers = [], [], []
     widget.startJob = lambda job, on_result: started.append((job, on_result))
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answers.pop(0), raising=False)

@@ -69,14 +69,14 @@ def step_like_the_panel(job) -> float:
 @pytest.fixture()
 def logic_with(slicer, make_engine):
     """``logic_with(engine)`` -> a Logic whose in-process engine for model "test" is ``engine``."""
-    from AutoMedSAMSlicerLib.engines import InProcessEngines
+    from AutoMedSAMSlicerLib.backends import InProcessBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
     def make(engine):
-        engines = InProcessEngines()
+        engines = InProcessBackend()
         engines.adopt("test", "auto", engine)
         logic = AutoMedSAMSlicerLogic(engines)
-        logic.backend, logic.defaultModel = "inprocess", "test"
+        logic.backendName, logic.defaultModel = "inprocess", "test"
         return logic
 
     return make
@@ -197,7 +197,7 @@ def test_segment_job_reports_progress_and_cancels_without_writing(logic_with, ma
     seen = []
     job = logic.segment(volume_node, ["liver", "spleen"], model="test", waitForCompletion=False,
                         progressCallback=lambda f, m: seen.append(f) or (len(seen) < 3))
-    from automedsam.engine import CancelledError
+    from automedsam.contract import CancelledError
 
     with pytest.raises(CancelledError):
         job.wait()
@@ -261,10 +261,10 @@ def test_worker_backend_restarts_after_a_crash_and_nothing_is_lost(slicer, make_
     two actions, it is restarted and the session restored; the scene keeps everything."""
     import sys
 
-    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.backends import WorkerBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
-    engines = WorkerEngines(python=sys.executable, device="cpu")
+    engines = WorkerBackend(python=sys.executable, device="cpu")
     logic = AutoMedSAMSlicerLogic(engines)
     try:
         volume_node, _ = sphere_volume("lps")
@@ -461,13 +461,13 @@ def test_segmenting_while_a_slow_worker_starts_never_blocks_the_caller(slicer, m
     part of the segmentation job: the call returns at once and no step waits longer than a tick."""
     import time
 
-    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.backends import WorkerBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
     slow = tmp_path / "slow-python"
     slow.write_text(f"#!/bin/sh\nsleep 3\nexec {sys.executable} \"$@\"\n")
     slow.chmod(0o755)
-    logic = AutoMedSAMSlicerLogic(WorkerEngines(python=str(slow), device="cpu"))
+    logic = AutoMedSAMSlicerLogic(WorkerBackend(python=str(slow), device="cpu"))
     try:
         volume_node, _ = sphere_volume("lps")
         bundle = str(make_bundle("tiny-sam2", "ppn"))
@@ -486,10 +486,10 @@ def test_segmenting_while_a_slow_worker_starts_never_blocks_the_caller(slicer, m
 def test_loading_a_model_is_a_job_that_starts_the_worker_off_the_calling_thread(slicer, make_bundle):
     import time
 
-    from AutoMedSAMSlicerLib.engines import WorkerEngines
+    from AutoMedSAMSlicerLib.backends import WorkerBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
-    logic = AutoMedSAMSlicerLogic(WorkerEngines(python=sys.executable, device="cpu"))
+    logic = AutoMedSAMSlicerLogic(WorkerBackend(python=sys.executable, device="cpu"))
     try:
         bundle = str(make_bundle("tiny-sam2", "ppn"))
         t0 = time.perf_counter()
@@ -498,7 +498,7 @@ def test_loading_a_model_is_a_job_that_starts_the_worker_off_the_calling_thread(
         assert job.error is None and longest < 0.1, (job.error, longest)
         classes, info = job.result
         assert "liver" in [c.name for c in classes] and info["device"] == "cpu"
-        assert logic.engines.worker.alive()
+        assert logic.backend.worker.alive()
     finally:
         logic.shutdown()
 

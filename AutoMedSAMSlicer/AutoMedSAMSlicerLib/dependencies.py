@@ -159,7 +159,7 @@ def installSteps(python: str | None = None, lightTheTorchFolder: str | None = No
     it); empty when all are. Reads package metadata only. ``python``: Slicer's ``PythonSlicer``
     by default; ``lightTheTorchFolder``: where light-the-torch goes (a new temporary folder by default)."""
     if python is None:
-        from AutoMedSAMSlicerLib.engines import slicerPythonExecutable
+        from AutoMedSAMSlicerLib.backends import slicerPythonExecutable
 
         python = slicerPythonExecutable()
     pip = [python, "-m", "pip", "install", *progressArguments()]

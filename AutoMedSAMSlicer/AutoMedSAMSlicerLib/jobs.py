@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 
 def eventFraction(event) -> float:
-    """Progress 0..1 of a core ``ProgressEvent``/``TrainEvent`` or a worker ``RemoteEvent``."""
+    """Progress 0..1 of a core ``ProgressEvent``/``TrainEvent`` or one of the Logic's own dict events."""
     if isinstance(event, dict):
         done, total = event.get("done") or 0, event.get("total") or 0
     elif hasattr(event, "epochs"):
@@ -155,14 +155,14 @@ class Job:
 
     def wait(self):
         """Run to the end (blocking); returns the result, raises the run's error, or
-        :class:`automedsam.engine.CancelledError` when cancelled."""
+        :class:`automedsam.contract.CancelledError` when cancelled."""
         while self.step():
             if self.background:
                 time.sleep(0.01)  # the work runs on the job's thread
         if self.error is not None:
             raise self.error
         if self.cancelled:
-            from automedsam.engine import CancelledError
+            from automedsam.contract import CancelledError
 
             raise CancelledError(f"{self.name} was cancelled; nothing was changed")
         return self.result

@@ -39,10 +39,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         logic.undo(seg)
     """
 
-    def __init__(self, engines=None) -> None:
+    def __init__(self, backend=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.engines = engines  # created on first use (see configureBackend)
-        self.backend = "worker"
+        self.backend = backend  # created on first use (see configureBackend); see .backends
+        self.backendName = "worker"
         self.serverUrl = ""
         self.serverToken = ""
         self.defaultModel: str | None = None
@@ -59,43 +59,44 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                          device: str | None = None) -> None:
         """Where inference runs: ``worker`` (a local process; keeps Slicer responsive), ``remote``
         (``automedsam serve`` on another machine) or ``inprocess`` (console and batch runs)."""
-        from .engines import makeEngines
+        from .backends import makeBackend
 
-        if self.engines is not None:
-            self.engines.shutdown()
-        self.backend, self.serverUrl, self.serverToken = backend, serverUrl, token
+        if self.backend is not None:
+            self.backend.shutdown()
+        self.backendName, self.serverUrl, self.serverToken = backend, serverUrl, token
         self.defaultDevice = device or self.defaultDevice
-        self.engines = makeEngines(backend, serverUrl, token, self.defaultDevice)
+        self.backend = makeBackend(backend, serverUrl, token, self.defaultDevice)
         self._volumeKeys.clear()
 
     def shutdown(self) -> None:
         """Stop the worker (called when Slicer exits or the module is unloaded)."""
-        if self.engines is not None:
-            self.engines.shutdown()
-            self.engines = None
+        if self.backend is not None:
+            self.backend.shutdown()
+            self.backend = None
 
     def engine(self, model: str | None = None, device: str | None = None):
-        if self.engines is None:
-            self.configureBackend(self.backend, self.serverUrl, self.serverToken)
+        if self.backend is None:
+            self.configureBackend(self.backendName, self.serverUrl, self.serverToken)
         model = str(model) if model else self.defaultModel
         device = device or self.defaultDevice
         from automedsam.models import DEFAULT_BACKBONE
 
         # No bundle: manual mode (box / points) on the chosen backbone, LiteMedSAM by default.
-        engine = self.engines.engine(model, device, None if model else (self.defaultBackbone or DEFAULT_BACKBONE))
+        engine = self.backend.engine(model, device, None if model else (self.defaultBackbone or DEFAULT_BACKBONE))
         if model:
             self.defaultModel = model
         return engine
 
     def deviceInfo(self) -> dict:
         """``{"device": ..., "gpu": {"name", "free_mb", "total_mb"} or None}`` of the inference machine."""
-        if self.engines is None:
-            self.configureBackend(self.backend, self.serverUrl, self.serverToken)
-        return self.engines.info()
+        if self.backend is None:
+            self.configureBackend(self.backendName, self.serverUrl, self.serverToken)
+        return self.backend.info()
 
     def modelClasses(self, model: str | None = None, device: str | None = None) -> list:
         """The model bundle's classes (:class:`automedsam.classes.ClassInfo`: name, display name, colour)."""
-        return list(self._catalog(self.engine(model, device)).classes)
+        engine = self.engine(model, device)
+        return list(self._call(engine, lambda e: e.class_catalog).classes)
 
     def loadModel(self, model: str | None = None, device: str | None = None, waitForCompletion: bool = True):
         """Start the engine (the worker, if that is the backend), load ``model`` and describe the
@@ -141,7 +142,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
         def finish(last):
             infos = ready["infos"]
-            masks = last.result.masks if getattr(last, "result", None) is not None else last["masks"]
+            masks = last.result.masks
             return self._writeResults(volumeNode, segmentationNode, infos, masks, onEditedSegment,
                                       f"segment {', '.join(i.display_name for i in infos)}")
 
@@ -269,12 +270,12 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             self._call(engine, lambda e: e.set_masks(info.name, current))
             yield from self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), direction, maxSlices,
                                                                 cancel=cancel))
+            if not cancel.is_set():  # read here, on the job's thread: from a worker it is a request
+                ready["masks"] = self._call(engine, lambda e: e.masks_of(info.name))
 
         def finish(last):
-            info, engine = ready["info"], ready["engine"]
-            partial = last.partial if hasattr(last, "partial") else last.get("partial") or {}
-            written = partial.get("slices") or []
-            masks = engine.masks[info.name]
+            info, masks = ready["info"], ready["masks"]
+            written = last.partial.get("slices") or []
             if written:
                 self._writeSlices(volumeNode, segmentationNode, info, {k: masks[k] for k in written},
                                   f"propagate {info.display_name} from slice {sliceIndex}")
@@ -306,6 +307,9 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         from automedsam.training.teach import labelled_slices
 
         trainSlices = ",".join(str(k) for k in labelled_slices(labels))
+        from automedsam.models import automedsam_home
+
+        target = Path(outputPath) if outputPath else automedsam_home() / "bundles" / "taught-in-slicer.zip"
         cancel = threading.Event()
         ready = {}
 
@@ -314,41 +318,19 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             yield {"stage": "prepare", "done": 0, "total": 1, "message": "starting AutoMedSAM, sending the volume"}
             engine = ready["engine"] = self.engine(model, device)
             self._sendVolume(engine, key, volume)
-            if self.engines.kind == "inprocess":
-                from automedsam.training.teach import teach, teach_config
-
-                config = teach_config(engine, classes, generator=generator, epochs=epochs, train_slices=trainSlices,
-                                      decoder_lr=decoderLearningRate, name="taught-in-slicer")
-                yield from teach(engine, labels, config, cancel=cancel)
-            else:
-                yield from self._call(engine, lambda e: e.train(labels, classes, generator=generator, epochs=epochs,
-                                                                train_slices=trainSlices,
-                                                                decoder_lr=decoderLearningRate, cancel=cancel))
+            yield from self._call(engine, lambda e: e.teach(labels, classes, target, prompt_network=generator,
+                                                            epochs=epochs, train_slices=trainSlices,
+                                                            decoder_lr=decoderLearningRate, name="taught-in-slicer",
+                                                            cancel=cancel))
 
         def finish(last):
-            return self._adoptTaughtBundle(ready["engine"], last, outputPath, device)
+            # The engine now runs the new bundle (it switched when teaching ended): file it under its path.
+            self.backend.adopt(last.bundle_path, device or self.defaultDevice, ready["engine"])
+            self.defaultModel = last.bundle_path
+            return last.bundle_path
 
         job = Job("teaching", events(), finish, progressCallback, cancel)
         return job.wait() if waitForCompletion else job
-
-    def _adoptTaughtBundle(self, engine, last, outputPath, device) -> str:
-        from automedsam.models import automedsam_home
-
-        target = Path(outputPath) if outputPath else automedsam_home() / "bundles" / "taught-in-slicer.zip"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        device = device or self.defaultDevice
-        if getattr(last, "bundle", None) is not None:  # in-process
-            from automedsam.rescue import save_or_rescue
-            from automedsam.training.teach import engine_with_bundle
-
-            path = str(save_or_rescue(last.bundle, target))
-            self.engines.adopt(path, device, engine_with_bundle(engine, last.bundle))
-        else:  # worker/remote: the session already switched; keep a local copy of the bundle
-            target.write_bytes(last["bundle"])
-            path = str(target) if self.engines.kind == "worker" else last["summary"]["bundle"]
-            self.engines.adopt(path, device, engine)
-        self.defaultModel = path
-        return str(target)
 
     def _labelMap(self, volumeNode, segmentationNode, segments):
         if segmentationNode is None:
@@ -375,7 +357,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     # -------------------------------------------------------------------------------- helpers
     def _call(self, engine, fn):
-        return self.engines.call(engine, fn)
+        return self.backend.call(engine, fn)
 
     @staticmethod
     def _volumeKey(volumeNode) -> tuple:
@@ -392,31 +374,13 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return self._volumeKey(volumeNode), nodes.volumeFromNode(volumeNode)
 
     def _sendVolume(self, engine, key: tuple, volume) -> None:
-        if hasattr(engine, "check_protocol"):  # a worker that died since the last call is restarted here
-            self._call(engine, lambda e: e.check_protocol())
+        self.backend.verify(engine)  # a worker that died since the last call is restarted here
         if self._volumeKeys.get(id(engine)) != key:
             self._call(engine, lambda e: e.set_volume(volume))
             self._volumeKeys[id(engine)] = key
 
-    def _catalog(self, engine):
-        from automedsam.classes import ClassCatalog, ClassInfo, custom_class
-
-        if hasattr(engine, "class_catalog"):
-            return engine.class_catalog
-        infos = []
-        for c in self._call(engine, lambda e: e.open_session()):
-            infos.append(ClassInfo.from_dict(c) if "display_name" in c else custom_class(c["name"]))
-        return ClassCatalog(infos)
-
     def _classInfos(self, engine, names: Sequence[str]) -> list:
-        if hasattr(engine, "class_info"):
-            return [engine.class_info(n) for n in names]
-        catalog = self._catalog(engine)
-        if not catalog.classes and engine.model.get("backbone"):  # manual mode: catalog classes or new ones
-            from automedsam.classes import resolve_class
-
-            return [resolve_class(_className(n)) for n in names]
-        return [catalog.get(n) for n in names]
+        return [self._call(engine, lambda e, n=n: e.class_info(n)) for n in names]
 
     @staticmethod
     def _classNames(classes) -> list[str]:

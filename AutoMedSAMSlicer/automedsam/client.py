@@ -1,9 +1,10 @@
-"""Client of the inference worker, with the in-process engine's methods (numpy + requests only).
+"""A :class:`~automedsam.contract.SegmentationEngine` whose work runs in a worker (``automedsam
+serve``) on this machine or another: the same methods, events, results and errors as the in-process
+:class:`~automedsam.engine.Engine`, over the protocol of :mod:`automedsam.service.protocol`.
 
-``RemoteEngine`` mirrors :class:`automedsam.engine.Engine`: ``set_volume``, ``segment`` (an iterator
-of progress events whose last one carries the result), ``refine``, ``undo``, ``propagate``. The
-user's masks live in the client (``RemoteEngine.masks``): after a worker crash, ``reconnect`` opens a
-new session on the (restarted) worker and uploads the volume and every mask again.
+The client keeps a copy of every class's masks (``RemoteEngine.masks``): after a worker crash,
+``reconnect`` opens a new session on the (restarted) worker and uploads the volume and every mask
+again. Needs numpy, requests and pydantic (the ``service`` extra), never torch.
 
 Coordinates are the engine's: slice index k, points (i, j), boxes (i0, j0, i1, j1), masks KJI.
 """
@@ -12,46 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .errors import AutoMedSAMError, InvalidInputError
-from .generators import DEFAULT_GENERATOR
-from .service import PROTOCOL
+from .classes import ClassCatalog, ClassInfo, resolve_class
+from .contract import ProgressEvent, SegmentationResult, TrainEvent, result_of
+from .errors import (
+    InvalidInputError,
+    NotFoundError,
+    ProtocolMismatchError,
+    ServiceError,
+    ServiceUnavailableError,
+)
+from .service import protocol as p
 from .service.codec import mask_from_json, pack_mask, unpack_mask
 from .volume import Volume
 
-
-class ServiceError(AutoMedSAMError):
-    """The worker answered with an error (``code`` is the stable error code)."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(f"worker error {status} ({code}): {message}")
-        self.status, self.code, self.message = status, code, message
-
-
-class ServiceUnavailableError(AutoMedSAMError):
-    """The worker cannot be reached (not started, crashed, or another address)."""
-
-
-class ProtocolMismatchError(AutoMedSAMError):
-    """Client and worker speak different protocol versions."""
-
-
-class RemoteEvent(dict):
-    """A progress event: ``stage``, ``done``, ``total``, ``message``, ``partial``; the ``done`` event
-    of ``segment`` also has ``masks`` (class -> (K, J, I) bool) and ``summary``."""
-
-    @property
-    def stage(self) -> str:
-        return self["stage"]
-
-    @property
-    def fraction(self) -> float:
-        return self["done"] / self["total"] if self.get("total") else 0.0
+__all__ = ["ProtocolMismatchError", "RemoteEngine", "ServiceError", "ServiceUnavailableError"]
 
 
 class RemoteEngine:
@@ -75,6 +57,8 @@ class RemoteEngine:
         self.masks: dict[str, np.ndarray] = {}
         self.session_id: str | None = None
         self.classes: list[dict] = []
+        self._session_device = "unknown"
+        self._extra_classes: dict[str, ClassInfo] = {}
         self.check_protocol()
 
     # -------------------------------------------------------------------------------- http
@@ -97,31 +81,34 @@ class RemoteEngine:
                 code, message = err["code"], err["message"]
             except (ValueError, KeyError, TypeError):
                 code, message = "http", r.text[:300]
-            if code == "invalid_input" or code == "invalid_request":
-                raise InvalidInputError(message)
-            raise ServiceError(r.status_code, code, message)
+            raise p.error_from(r.status_code, code, message)
         return r
+
+    def _session_path(self, route: str, **names) -> str:
+        return route.format(sid=self.session_id, **names)
 
     def check_protocol(self) -> dict:
         """``/health``; raises :class:`ProtocolMismatchError` naming what to upgrade."""
-        health = self._call("GET", "/health", timeout=10).json()
+        health = self._call("GET", p.HEALTH, timeout=10).json()
         theirs = str(health.get("protocol"))
-        if theirs != PROTOCOL:
-            side = "the worker" if theirs < PROTOCOL else "this client (automedsam in Slicer or your script)"
+        if theirs != p.PROTOCOL:
+            side = "the worker" if theirs < p.PROTOCOL else "this client (automedsam in Slicer or your script)"
             raise ProtocolMismatchError(
                 f"the worker at {self.url} speaks protocol {theirs} (automedsam {health.get('version')}), this client "
-                f"speaks {PROTOCOL}: upgrade {side} so both run the same automedsam version"
+                f"speaks {p.PROTOCOL}: upgrade {side} so both run the same automedsam version"
             )
         return health
 
-    # ------------------------------------------------------------------------------ engine API
+    # ---------------------------------------------------------------------------- session
     def _ensure_session(self) -> str:
         if self.session_id is None:
             model = dict(self.model)
             if model.get("bundle"):
                 model["bundle"] = self.upload_bundle(model["bundle"])
-            body = self._call("POST", "/v1/sessions", json=model, timeout=max(self.timeout, 300)).json()
-            self.session_id, self.classes = body["session_id"], body["classes"]
+            reply = self._call("POST", p.SESSIONS, json=p.body(p.SessionRequest, **model),
+                               timeout=max(self.timeout, 300)).json()
+            self.session_id, self.classes = reply["session_id"], reply["classes"]
+            self._session_device = reply.get("device", "unknown")
         return self.session_id
 
     def upload_bundle(self, bundle: str) -> str:
@@ -143,7 +130,7 @@ class RemoteEngine:
             data = local.read_bytes()
         else:
             return str(bundle)
-        reply = self._call("POST", "/v1/bundles", data=data, headers={"Content-Type": "application/octet-stream"},
+        reply = self._call("POST", p.BUNDLES, data=data, headers={"Content-Type": "application/octet-stream"},
                            timeout=max(self.timeout, 300))
         return reply.json()["bundle"]
 
@@ -152,164 +139,212 @@ class RemoteEngine:
         self._ensure_session()
         return self.classes
 
-    def set_volume(self, volume: Volume) -> None:
-        """Upload a volume (raw bytes + geometry). Clears the client's masks."""
-        sid = self._ensure_session()
-        self._upload(sid, volume)
-        self.volume, self.masks = volume, {}
-
-    def _upload(self, sid: str, volume: Volume) -> None:
-        array = np.ascontiguousarray(volume.array)
-        if array.dtype == np.float16:
-            array = array.astype(np.float32)
-        meta = {"shape": list(array.shape), "dtype": str(array.dtype), "spacing": list(volume.spacing),
-                "origin": list(volume.origin), "direction": volume.direction.reshape(-1).tolist(),
-                "name": volume.name}
-        self._call("PUT", f"/v1/sessions/{sid}/volume", data=array.tobytes(),
-                   headers={"X-Volume-Meta": json.dumps(meta), "Content-Type": "application/octet-stream"},
-                   timeout=max(self.timeout, 600))
-
-    def _masks(self, name: str) -> np.ndarray:
-        r = self._call("GET", f"/v1/sessions/{self.session_id}/masks/{name}")
-        return unpack_mask(r.content, tuple(json.loads(r.headers["X-Shape"])))
-
-    def _follow(self, job: dict, cancel=None) -> Iterator[RemoteEvent]:
-        jid = job["id"]
-        cancel_sent = False
-        while True:
-            if cancel is not None and cancel.is_set() and not cancel_sent:
-                self._call("DELETE", f"/v1/jobs/{jid}")
-                cancel_sent = True
-            job = self._call("GET", f"/v1/jobs/{jid}").json()
-            event = RemoteEvent(stage=job["state"], done=job["done"], total=job["total"], message=job["message"],
-                                partial=job["partial"])
-            if job["state"] == "failed":
-                err = job["error"] or {}
-                if err.get("code") == "invalid_input":
-                    raise InvalidInputError(err.get("message", ""))
-                raise ServiceError(500, err.get("code", "error"), err.get("message", "job failed"))
-            if job["state"] in ("done", "cancelled"):
-                event["summary"] = job["result"]
-                yield event
-                return
-            yield event
-            time.sleep(self.poll_s)
-
-    def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
-                cancel=None) -> Iterator[RemoteEvent]:
-        """Like :meth:`Engine.segment`; the final ``done`` event carries ``masks``."""
-        self._require_volume()
-        job = self._call("POST", f"/v1/sessions/{self.session_id}/segment",
-                         json={"classes": list(classes), "slices": list(slices) if slices is not None else None,
-                               "cleanup": cleanup}).json()
-        for event in self._follow(job, cancel):
-            if event.stage == "done":
-                event["masks"] = {name: self._masks(name) for name in classes}
-                for name, m in event["masks"].items():
-                    self.masks[self._canonical(name)] = m
-            yield event
-
-    def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None, reset: bool = False) -> np.ndarray:
-        """Like :meth:`Engine.refine`; returns the new ``(J, I)`` mask and updates ``masks``."""
-        self._require_volume()
-        body = {"class_name": class_name, "slice_index": int(slice_index),
-                "points": None if points is None else np.asarray(points, float).tolist(),
-                "point_labels": None if point_labels is None else np.asarray(point_labels, int).tolist(),
-                "box": None if box is None else np.asarray(box, float).tolist(), "mode": mode, "reset": bool(reset)}
-        mask = mask_from_json(self._call("POST", f"/v1/sessions/{self.session_id}/refine", json=body).json()["mask"])
-        self._local(class_name)[int(slice_index)] = mask
-        return mask
-
-    def undo(self, class_name: str) -> list[int] | None:
-        slices = self._call("POST", f"/v1/sessions/{self.session_id}/undo", json={"class_name": class_name}).json()
-        if slices["slices"] is not None:
-            self.masks[self._canonical(class_name)] = self._masks(class_name)
-        return slices["slices"]
-
-    def propagate(self, class_name: str, from_slice: int, direction: str = "both", max_slices: int | None = None,
-                  cancel=None) -> Iterator[RemoteEvent]:
-        job = self._call("POST", f"/v1/sessions/{self.session_id}/propagate",
-                         json={"class_name": class_name, "from_slice": int(from_slice), "direction": direction,
-                               "max_slices": max_slices}).json()
-        for event in self._follow(job, cancel):
-            if event.stage == "done":
-                self.masks[self._canonical(class_name)] = self._masks(class_name)
-            yield event
-
-    def train(self, labels: np.ndarray, classes: dict[str, int], *, generator: str = DEFAULT_GENERATOR,
-              epochs: int = 40, train_slices: str | None = None, val_slices: str | None = "0::3",
-              lr: float | None = None, decoder_lr: float = 1e-5, use_now: bool = True,
-              cancel=None) -> Iterator[RemoteEvent]:
-        """Teach classes from ``labels`` (``(K, J, I)`` label values on the uploaded volume's grid).
-
-        Events carry epoch progress and ``partial`` losses/metrics; the final ``done`` event has
-        ``bundle`` (the zip's bytes) and the summary's ``validation``. With ``use_now`` the session
-        segments with the new bundle from then on.
-        """
-        self._require_volume()
-        labels = np.ascontiguousarray(labels, dtype=np.uint16)
-        if labels.shape != self.volume.array.shape[:3]:
-            raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {self.volume.array.shape[:3]}")
-        self._call("PUT", f"/v1/sessions/{self.session_id}/labels", data=labels.tobytes(),
-                   headers={"Content-Type": "application/octet-stream"})
-        body = {"classes": classes, "generator": generator, "epochs": epochs, "train_slices": train_slices,
-                "val_slices": val_slices, "lr": lr, "decoder_lr": decoder_lr, "use_now": use_now}
-        job = self._call("POST", f"/v1/sessions/{self.session_id}/train", json=body).json()
-        for event in self._follow(job, cancel):
-            if event.stage == "done":
-                event["bundle"] = self._call("GET", f"/v1/jobs/{job['id']}/bundle").content
-                if use_now:  # the session now runs the new bundle; a reconnect must open it again
-                    self.classes = event["summary"]["classes"]
-                    self.model = dict(self.model, bundle=event["summary"]["bundle"], backbone=None)
-            yield event
-
-    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
-        """Like :meth:`Engine.set_masks`: replace the worker's masks of a class."""
-        self._require_volume()
-        masks = np.asarray(masks, dtype=bool)
-        if masks.shape != self.volume.array.shape[:3]:
-            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {self.volume.array.shape[:3]}")
-        self._call("PUT", f"/v1/sessions/{self.session_id}/masks/{class_name}", data=pack_mask(masks),
-                   headers={"Content-Type": "application/octet-stream"})
-        self.masks[self._canonical(class_name)] = masks.copy()
-
-    def info(self) -> dict:
-        """The worker's ``/v1/info``: protocol, version, device and GPU (name, free/total MB) or None."""
-        return self._call("GET", "/v1/info", timeout=10).json()
-
     def reconnect(self) -> None:
         """After a worker restart: new session, the same volume and the client's masks re-uploaded."""
         self.check_protocol()
         self.session_id = None
-        sid = self._ensure_session()
+        self._ensure_session()
         if self.volume is not None:
-            self._upload(sid, self.volume)
+            self._upload(self.volume)
             for name, masks in self.masks.items():
-                self._call("PUT", f"/v1/sessions/{sid}/masks/{name}", data=pack_mask(masks),
-                           headers={"Content-Type": "application/octet-stream"})
+                self._put_masks(name, masks)
 
     def close(self) -> None:
+        """Delete the worker session (the worker frees its volume and masks)."""
         if self.session_id is not None:
-            with contextlib.suppress(ServiceError, ServiceUnavailableError):
-                self._call("DELETE", f"/v1/sessions/{self.session_id}", timeout=5)
+            with contextlib.suppress(ServiceError, ServiceUnavailableError, NotFoundError):  # already gone
+                self._call("DELETE", self._session_path(p.SESSION), timeout=5)
         self.session_id = None
 
-    # ---------------------------------------------------------------------------- helpers
-    def _require_volume(self) -> None:
+    def device_info(self) -> dict:
+        """``{"device": the session's device, "gpu": {"name", "free_mb", "total_mb"} or None}``."""
+        self._ensure_session()
+        return {"device": self._session_device, "gpu": self.info()["gpu"]}
+
+    def info(self) -> dict:
+        """The worker's ``/v1/info``: protocol, version, device and GPU (name, free/total MB) or None."""
+        return self._call("GET", p.INFO, timeout=10).json()
+
+    # ---------------------------------------------------------------------------- classes
+    @property
+    def class_catalog(self) -> ClassCatalog:
+        self._ensure_session()
+        return ClassCatalog([ClassInfo.from_dict(c) for c in self.classes])
+
+    def class_info(self, name: str) -> ClassInfo:
+        """As :meth:`Engine.class_info`, from the session's classes."""
+        catalog = self.class_catalog
+        if name in catalog:
+            return catalog.get(name)
+        if catalog.classes and name not in self._extra_classes:
+            raise InvalidInputError(f"class {name!r} is not one the model knows; it has: {', '.join(catalog.names())}")
+        if name not in self._extra_classes:
+            self._extra_classes[name] = resolve_class(name)
+        return self._extra_classes[name]
+
+    # ----------------------------------------------------------------------------- volume
+    def require_volume(self) -> Volume:
         if self.volume is None or self.session_id is None:
             raise InvalidInputError("no volume set: call set_volume(volume) first")
+        return self.volume
 
-    def _canonical(self, name: str) -> str:
-        """The session's spelling of a class name, resolved like the engine does (case, spaces and
-        aliases); names the session does not know are kept as given (the worker refuses them)."""
-        from .classes import ClassCatalog, ClassInfo
+    def set_volume(self, volume: Volume) -> None:
+        """Upload a volume (raw bytes + geometry). Clears the masks."""
+        if not isinstance(volume, Volume):
+            raise InvalidInputError(f"set_volume needs a Volume, got {type(volume).__name__}")
+        self._ensure_session()
+        self._upload(volume)
+        self.volume, self.masks = volume, {}
 
-        catalog = ClassCatalog([ClassInfo.from_dict(c) for c in self.classes])
-        return catalog.get(name).name if name in catalog else name
+    def _upload(self, volume: Volume) -> None:
+        array = np.ascontiguousarray(volume.array)
+        if array.dtype == np.float16:
+            array = array.astype(np.float32)
+        meta = p.body(p.VolumeMeta, shape=list(array.shape), dtype=str(array.dtype), spacing=list(volume.spacing),
+                      origin=list(volume.origin), direction=volume.direction.reshape(-1).tolist(), name=volume.name)
+        self._call("PUT", self._session_path(p.VOLUME), data=array.tobytes(),
+                   headers={p.VOLUME_META_HEADER: json.dumps(meta), "Content-Type": "application/octet-stream"},
+                   timeout=max(self.timeout, 600))
 
-    def _local(self, class_name: str) -> np.ndarray:
-        name = self._canonical(class_name)
-        if name not in self.masks:
-            self.masks[name] = np.zeros(self.volume.array.shape[:3], bool)
-        return self.masks[name]
+    # ------------------------------------------------------------------------------ masks
+    def masks_of(self, class_name: str) -> np.ndarray:
+        """The class's ``(K, J, I)`` masks as the worker holds them (the local copy is refreshed)."""
+        self.require_volume()
+        name = self.class_info(class_name).name
+        r = self._call("GET", self._session_path(p.MASKS, class_name=name))
+        masks = unpack_mask(r.content, tuple(json.loads(r.headers[p.SHAPE_HEADER])))
+        self.masks[name] = masks.copy()
+        return masks
+
+    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
+        """Replace the class's ``(K, J, I)`` masks on the worker (not an undo step)."""
+        volume = self.require_volume()
+        masks = np.asarray(masks)
+        if masks.shape != volume.array.shape[:3]:
+            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
+        name = self.class_info(class_name).name
+        self._put_masks(name, masks.astype(bool))
+        self.masks[name] = masks.astype(bool, copy=True)
+
+    def _put_masks(self, name: str, masks: np.ndarray) -> None:
+        self._call("PUT", self._session_path(p.MASKS, class_name=name), data=pack_mask(masks),
+                   headers={"Content-Type": "application/octet-stream"})
+
+    # ---------------------------------------------------------------------------- segment
+    def _follow(self, job: dict, cancel: threading.Event | None = None) -> Iterator[dict]:
+        """Poll a job until it ends, yielding its state each time; a failed job raises the error
+        the worker raised."""
+        path = p.JOB.format(jid=job["id"])
+        cancel_sent = False
+        while True:
+            if cancel is not None and cancel.is_set() and not cancel_sent:
+                self._call("DELETE", path)
+                cancel_sent = True
+            job = self._call("GET", path).json()
+            if job["state"] == "failed":
+                err = job["error"] or {}
+                raise p.error_from(500, err.get("code", "error"), err.get("message", "the job failed"))
+            yield job
+            if job["state"] in ("done", "cancelled"):
+                return
+            time.sleep(self.poll_s)
+
+    @staticmethod
+    def _event(job: dict, **extra) -> ProgressEvent:
+        return ProgressEvent(job["state"] if job["state"] in ("done", "cancelled") else job["kind"], job["done"],
+                             job["total"], job["message"], job["partial"], **extra)
+
+    def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
+                cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        """As :meth:`Engine.segment`; the "done" event's result holds the masks."""
+        volume = self.require_volume()
+        infos = [self.class_info(c) for c in classes]
+        body = p.body(p.SegmentRequest, classes=[i.name for i in infos],
+                      slices=list(slices) if slices is not None else None, cleanup=cleanup)
+        job = self._call("POST", self._session_path(p.SEGMENT), json=body).json()
+        for state in self._follow(job, cancel):
+            if state["state"] != "done":
+                yield self._event(state)
+                continue
+            masks = {i.name: self.masks_of(i.name) for i in infos}
+            yield self._event(state, result=p.result_from_json(state["result"], volume, infos, masks))
+
+    def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None, *,
+                       cleanup: str | None = None, cancel: threading.Event | None = None) -> SegmentationResult:
+        return result_of(self.segment(classes, slices, cleanup=cleanup, cancel=cancel))
+
+    def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
+               mode: str | None = None, reset: bool = False) -> np.ndarray:
+        """As :meth:`Engine.refine`; returns the new ``(J, I)`` mask."""
+        self.require_volume()
+        name = self.class_info(class_name).name
+        body = p.body(p.RefineRequest, class_name=name, slice_index=int(slice_index),
+                      points=None if points is None else np.asarray(points, float).reshape(-1, 2).tolist(),
+                      point_labels=None if point_labels is None else np.asarray(point_labels, int).reshape(-1).tolist(),
+                      box=None if box is None else np.asarray(box, float).reshape(-1).tolist(), mode=mode,
+                      reset=bool(reset))
+        mask = mask_from_json(self._call("POST", self._session_path(p.REFINE), json=body).json()["mask"])
+        local = self.masks.setdefault(name, np.zeros(self.volume.array.shape[:3], bool))
+        local[int(slice_index)] = mask
+        return mask
+
+    def undo(self, class_name: str) -> list[int] | None:
+        self.require_volume()
+        name = self.class_info(class_name).name
+        slices = self._call("POST", self._session_path(p.UNDO), json=p.body(p.ClassRequest, class_name=name)).json()
+        if slices["slices"] is not None:
+            self.masks_of(name)
+        return slices["slices"]
+
+    def can_undo(self, class_name: str) -> bool:
+        self.require_volume()
+        name = self.class_info(class_name).name
+        return bool(self._call("GET", self._session_path(p.UNDO), params={"class_name": name}).json()["can_undo"])
+
+    def propagate(self, class_name: str, from_slice: int, direction: str = "both", max_slices: int | None = None,
+                  cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        self.require_volume()
+        name = self.class_info(class_name).name
+        body = p.body(p.PropagateRequest, class_name=name, from_slice=int(from_slice), direction=direction,
+                      max_slices=max_slices)
+        job = self._call("POST", self._session_path(p.PROPAGATE), json=body).json()
+        for state in self._follow(job, cancel):
+            if state["state"] == "done":
+                self.masks_of(name)
+            yield self._event(state)
+
+    # ------------------------------------------------------------------------------ teach
+    def teach(self, labels: np.ndarray, classes: dict[str, int], save_to: str | Path, *,
+              prompt_network: str = "classmap", epochs: int = 40, train_slices: str | None = None,
+              val_slices: str | None = "0::3", lr: float | None = None, decoder_lr: float = 1e-5,
+              use_now: bool = True, name: str = "taught-in-session",
+              cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
+        """As :meth:`Engine.teach`: trained on the worker, the bundle downloaded to ``save_to``."""
+        from .bundle import check_bundle_destination
+        from .rescue import save_bytes_or_rescue
+
+        volume = self.require_volume()
+        labels = np.ascontiguousarray(labels, dtype=np.uint16)
+        if labels.shape != volume.array.shape[:3]:
+            raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
+        body = p.body(p.TeachRequest, classes=dict(classes), prompt_network=prompt_network, epochs=epochs,
+                      train_slices=train_slices, val_slices=val_slices, lr=lr, decoder_lr=decoder_lr, use_now=use_now,
+                      name=name)
+        check_bundle_destination(save_to, overwrite=True)
+        self._call("PUT", self._session_path(p.LABELS), data=labels.tobytes(),
+                   headers={"Content-Type": "application/octet-stream"})
+        job = self._call("POST", self._session_path(p.TEACH), json=body).json()
+        for state in self._follow(job, cancel):
+            partial = state["partial"] or {}
+            stage = state["state"] if state["state"] in ("done", "cancelled") else partial.get("stage", "prepare")
+            event = TrainEvent(stage, state["done"], state["total"], message=state["message"],
+                               losses=partial.get("losses") or {}, metrics=partial.get("metrics") or {})
+            if state["state"] == "done":
+                data = self._call("GET", p.JOB_BUNDLE.format(jid=job["id"])).content
+                path = save_bytes_or_rescue(data, Path(save_to), name)
+                if use_now:  # the session now runs the new bundle; a reconnect must open it again
+                    self.classes = state["result"]["classes"]
+                    self.model = dict(self.model, bundle=str(path), backbone=None)
+                event = TrainEvent("done", state["done"], state["total"], message=state["message"],
+                                   metrics=state["result"].get("validation") or {}, bundle_path=str(path))
+            yield event

@@ -18,19 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .classes import ClassCatalog, ClassInfo, resolve_class
-from .errors import AutoMedSAMError, InvalidInputError
+from .contract import ProgressEvent, SegmentationResult, TrainEvent, result_of
+from .errors import InvalidInputError
 from .preprocess import IntensityConfig, normalize_intensity
-from .segmentation import Segmentation, SegmentInfo
 from .volume import Volume
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MASK_PROMPT_LOGIT = 8.0  # magnitude of the logits a binary mask becomes when used as a mask prompt
-
-
-class CancelledError(AutoMedSAMError):
-    """A run was cancelled before it finished; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -94,61 +91,6 @@ class EngineConfig:
             raise InvalidInputError(f"cleanup must be 'largest_component' or 'none', got {self.cleanup!r}")
 
 
-@dataclass
-class SegmentationResult:
-    """Masks of one ``segment`` run.
-
-    Attributes:
-        masks: class name -> ``(K, J, I)`` bool mask on the volume's grid.
-        classes: the classes, in the order asked for.
-        slices: the slice indices k that were segmented.
-        present_slices: class name -> slice indices where the class was predicted present.
-        seconds: wall time of the run.
-    """
-
-    volume: Volume
-    masks: dict[str, np.ndarray]
-    classes: list[ClassInfo]
-    slices: list[int]
-    present_slices: dict[str, list[int]]
-    seconds: float
-
-    def to_segmentation(self) -> Segmentation:
-        """Named, coloured, terminology-coded segments (label value = position + 1) on the volume's
-        grid; overlapping classes go to extra layers, as Slicer stores them."""
-        layers: list[np.ndarray] = []
-        segments = []
-        shape = self.volume.array.shape[:3]
-        for value, info in enumerate(self.classes, start=1):
-            mask = self.masks[info.name]
-            layer = next((n for n, arr in enumerate(layers) if not arr[mask].any()), None)
-            if layer is None:
-                layers.append(np.zeros(shape, np.uint8 if len(self.classes) < 255 else np.uint16))
-                layer = len(layers) - 1
-            layers[layer][mask] = value
-            segments.append(SegmentInfo(info.display_name, value, info.color_float, info.terminology_entry(),
-                                        segment_id=info.name, layer=layer))
-        if not layers:
-            layers.append(np.zeros(shape, np.uint8))
-        return Segmentation(tuple(self.volume.with_array(arr) for arr in layers), tuple(segments))
-
-    def summary(self) -> dict:
-        """Per class: voxels, number of slices with mask; plus wall time."""
-        spacing = float(np.prod(self.volume.spacing))
-        return {
-            "seconds": round(self.seconds, 3),
-            "slices": len(self.slices),
-            "classes": {
-                info.name: {
-                    "voxels": int(self.masks[info.name].sum()),
-                    "volume_ml": round(float(self.masks[info.name].sum()) * spacing / 1000.0, 3),
-                    "slices_with_mask": int(self.masks[info.name].any(axis=(1, 2)).sum()),
-                }
-                for info in self.classes
-            },
-        }
-
-
 @dataclass(frozen=True)
 class _Interaction:
     """Prompts placed so far on one (class, slice), in model coordinates, and their result."""
@@ -183,30 +125,6 @@ def _placed(state: _Interaction | None, points, labels):
     return np.concatenate([state.points, points], axis=1), np.concatenate([state.labels, labels], axis=1)
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One step of a long run.
-
-    Attributes:
-        stage: ``"start"``, ``"segment"``, ``"propagate"``, ``"cleanup"``, ``"done"`` or ``"cancelled"``.
-        done, total: progress in slices.
-        message: human-readable status (e.g. a CPU fall-back after CUDA out-of-memory).
-        partial: class name -> voxels so far (``segment``) or the slice just written (``propagate``).
-        result: on the ``"done"`` event of ``segment``, the :class:`SegmentationResult`.
-    """
-
-    stage: str
-    done: int
-    total: int
-    message: str = ""
-    partial: dict = field(default_factory=dict)
-    result: SegmentationResult | None = None
-
-    @property
-    def fraction(self) -> float:
-        return self.done / self.total if self.total else 1.0
-
-
 class Engine:
     """Segment a volume with a backbone and (optionally) a model bundle's prompt generator.
 
@@ -232,6 +150,28 @@ class Engine:
         self._extra_classes: dict[str, ClassInfo] = {}
         self._interactions: dict[tuple[str, int], _Interaction] = {}
         self.messages: list[str] = []
+
+    @classmethod
+    def from_bundle(cls, bundle: str | os.PathLike | ModelBundle, device: str = "auto",
+                    config: EngineConfig | None = None) -> Engine:
+        """An engine for a model bundle (a path, or a loaded :class:`~automedsam.bundle.ModelBundle`)
+        on the backbone it was trained with (see :func:`automedsam.bundle.backbone_for_bundle`)."""
+        from .bundle import backbone_for_bundle, load_bundle
+
+        if isinstance(bundle, (str, os.PathLike)):
+            bundle = load_bundle(bundle)
+        return cls(backbone_for_bundle(bundle, device), bundle, config)
+
+    @classmethod
+    def manual(cls, backbone_id: str | None = None, device: str = "auto", weights: str | None = None,
+               config: EngineConfig | None = None) -> Engine:
+        """A manual-mode engine (points and boxes only, like plain SAM) on a catalog backbone
+        (default: :data:`automedsam.models.DEFAULT_BACKBONE`); ``weights`` as for
+        :func:`automedsam.backbones.build_backbone`."""
+        from .backbones import build_backbone
+        from .models import DEFAULT_BACKBONE
+
+        return cls(build_backbone(backbone_id or DEFAULT_BACKBONE, weights=weights, device=device), None, config)
 
     def use_generator(self, generator, classes: Sequence[ClassInfo]) -> None:
         """Use a prompt generator whose class indices follow ``classes`` (a bundle's, or one being
@@ -262,20 +202,21 @@ class Engine:
                         json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def _require_volume(self) -> Volume:
+    def require_volume(self) -> Volume:
+        """The volume; raises InvalidInputError when none was set."""
         if self.volume is None:
             raise InvalidInputError("no volume set: call set_volume(volume) first")
         return self.volume
 
     def _check_slice(self, k: int) -> int:
-        n = self._require_volume().num_slices
+        n = self.require_volume().num_slices
         if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
             raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
         return int(k)
 
     def model_input(self, k: int) -> np.ndarray:
         """Slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
-        volume = self._require_volume()
+        volume = self.require_volume()
         return self.transform.image_to_model(normalize_intensity(volume.array[k], self.value_range))
 
     # ---------------------------------------------------------------------------- encoding
@@ -451,22 +392,27 @@ class Engine:
         One encoder pass per slice serves every class; per-slice objectness gating; optional 3-D
         cleanup. The final ``"done"`` event carries the :class:`SegmentationResult`; the masks are
         then stored (undoable). Slices outside ``slices`` keep the masks they have. Stopping early
-        (or ``cancel.set()``) stores nothing.
+        (or ``cancel.set()``) stores nothing. Bad input is refused when called, before any work.
         """
-        import torch
-
-        volume = self._require_volume()
+        volume = self.require_volume()
         if self.generator is None:
             raise InvalidInputError("automatic segmentation needs a model bundle; without one use refine() with "
                                     "points or a box (manual mode)")
         if not classes:
             raise InvalidInputError(f"no classes given; the bundle has: {', '.join(self.class_catalog.names())}")
         infos = [self.class_info(c) for c in classes]
-        names = [c.name for c in infos]
         ks = list(range(volume.num_slices)) if slices is None else [self._check_slice(k) for k in slices]
         if not ks:
             raise InvalidInputError("no slices to segment (empty slice range)")
-        cleanup = cleanup or self.config.cleanup
+        if cleanup not in (None, "largest_component", "none"):
+            raise InvalidInputError(f"cleanup must be 'largest_component' or 'none', got {cleanup!r}")
+        return self._segment_events(volume, infos, ks, cleanup or self.config.cleanup, cancel)
+
+    def _segment_events(self, volume: Volume, infos: list[ClassInfo], ks: list[int], cleanup: str,
+                        cancel: threading.Event | None) -> Iterator[ProgressEvent]:
+        import torch
+
+        names = [c.name for c in infos]
         shape = volume.array.shape[:3]
         # Slices outside ``slices`` keep what the class has now (the user's work); the selected ones
         # are recomputed from scratch.
@@ -508,15 +454,10 @@ class Engine:
         result = SegmentationResult(volume, masks, infos, ks, present, time.perf_counter() - t0)
         yield ProgressEvent("done", len(ks), len(ks), "done", result=result)
 
-    def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None,
-                       **kwargs) -> SegmentationResult:
+    def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None, *,
+                       cleanup: str | None = None, cancel: threading.Event | None = None) -> SegmentationResult:
         """Run :meth:`segment` to the end and return its result."""
-        for event in self.segment(classes, slices, **kwargs):
-            if event.stage == "cancelled":
-                raise CancelledError(event.message)
-            if event.result is not None:
-                return event.result
-        raise CancelledError("segmentation ended without a result")
+        return result_of(self.segment(classes, slices, cleanup=cleanup, cancel=cancel))
 
     # ----------------------------------------------------------------------------- refine
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
@@ -615,7 +556,7 @@ class Engine:
                 logits = self.backbone.decode(feats, sparse, dense).mask_logits[0, 0].float().cpu()
                 mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
             if mask is None:
-                mask = np.zeros(self._require_volume().array.shape[1:3], bool)
+                mask = np.zeros(self.require_volume().array.shape[1:3], bool)
             if points is None:
                 return mask
             voxels = self.transform.points_from_model(points[0])
@@ -689,7 +630,7 @@ class Engine:
 
     def _set_slices(self, name: str, new: dict[int, np.ndarray]) -> None:
         """Write slice masks for a class as one undoable step."""
-        volume = self._require_volume()
+        volume = self.require_volume()
         current = self.masks.get(name)
         if current is None:
             current = self.masks[name] = np.zeros(volume.array.shape[:3], bool)
@@ -715,7 +656,7 @@ class Engine:
                     self.masks.pop(name, None)
                 else:
                     self.masks[name] = old
-                changed = list(range(self._require_volume().num_slices))
+                changed = list(range(self.require_volume().num_slices))
             else:
                 self.masks[name][k] = old
                 changed.append(k)
@@ -725,7 +666,7 @@ class Engine:
         """Replace a class's ``(K, J, I)`` bool masks with edits made elsewhere (e.g. in Slicer's
         Segment Editor), so propagation starts from what the user sees. Not an undo step: the
         caller owns the history of its copy."""
-        volume = self._require_volume()
+        volume = self.require_volume()
         masks = np.asarray(masks)
         if masks.shape != volume.array.shape[:3]:
             raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
@@ -744,18 +685,24 @@ class Engine:
         bundle is loaded); box-only backbones (LiteMedSAM) teach a one-class class map from the
         seed slice in seconds and prompt the next slices with it. ``direction``: ``"forward"``
         (increasing k), ``"backward"`` or ``"both"``. All slices written form one undo step.
-        Events carry the slice just written.
+        Events carry the slice just written. Bad input is refused when called, before any work.
         """
-        from .propagation import propagate_slices
-
         k0 = self._check_slice(from_slice)
         if direction not in ("forward", "backward", "both"):
             raise InvalidInputError(f"direction must be forward, backward or both, got {direction!r}")
+        if max_slices is not None and max_slices < 1:
+            raise InvalidInputError(f"max_slices must be at least 1, got {max_slices}")
         name = self.class_info(class_name).name
         seed = self.masks.get(name)
         if seed is None or not seed[k0].any():
             raise InvalidInputError(f"slice {k0} has no mask for {name!r} to propagate; segment or refine it first")
-        n = self._require_volume().num_slices
+        return self._propagate_events(name, k0, direction, max_slices, cancel)
+
+    def _propagate_events(self, name: str, k0: int, direction: str, max_slices: int | None,
+                          cancel: threading.Event | None) -> Iterator[ProgressEvent]:
+        from .propagation import propagate_slices
+
+        n = self.require_volume().num_slices
         limit = max_slices if max_slices is not None else n
         steps = [+1, -1] if direction == "both" else ([+1] if direction == "forward" else [-1])
         total = sum(min(limit, (n - 1 - k0) if s > 0 else k0) for s in steps)
@@ -772,10 +719,79 @@ class Engine:
         yield ProgressEvent("done", len(written), max(total, len(written)),
                             f"propagated to {len(written)} slice(s)", partial={"slices": sorted(written)})
 
+    # ------------------------------------------------------------------------------ teach
+    def teach(self, labels: np.ndarray, classes: dict[str, int], save_to: str | Path, *,
+              prompt_network: str = "classmap", epochs: int = 40, train_slices: str | None = None,
+              val_slices: str | None = "0::3", lr: float | None = None, decoder_lr: float = 1e-5,
+              use_now: bool = True, name: str = "taught-in-session",
+              cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
+        """Teach ``classes`` (name -> label value) from ``labels`` (``(K, J, I)`` label values on the
+        volume's grid): train a prompt network of kind ``prompt_network`` on this engine's backbone
+        (see :func:`automedsam.training.teach.teach_config`). The bundle is saved to ``save_to`` (a
+        rescue folder if that fails); the "done" event's ``bundle_path`` says where. With
+        ``use_now`` this engine segments with the new bundle from then on (volume and masks kept).
+        Bad input is refused when called, before any work."""
+        from .bundle import check_bundle_destination
+        from .classes import check_classes_present
+        from .training.teach import teach_config
+
+        volume = self.require_volume()
+        labels = np.asarray(labels)
+        if labels.shape != volume.array.shape[:3]:
+            raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
+        config = teach_config(self, classes, generator=prompt_network, epochs=epochs, train_slices=train_slices,
+                              val_slices=val_slices, lr=lr, decoder_lr=decoder_lr, name=name)
+        check_classes_present(config.classes, [labels], "the label map")
+        check_bundle_destination(save_to, overwrite=True)
+        return self._teach_events(labels, config, Path(save_to), use_now, cancel)
+
+    def _teach_events(self, labels, config, save_to: Path, use_now: bool, cancel) -> Iterator[TrainEvent]:
+        import dataclasses
+
+        from .rescue import save_or_rescue
+        from .training.teach import teach
+
+        for event in teach(self, labels, config, cancel=cancel):
+            if event.bundle is not None:
+                path = save_or_rescue(event.bundle, save_to)
+                if use_now:
+                    self.use_bundle(event.bundle)
+                event = dataclasses.replace(event, bundle_path=str(path))
+            yield event
+
+    def use_bundle(self, bundle: ModelBundle) -> None:
+        """Segment with ``bundle`` from now on (one taught on this engine's backbone), keeping the
+        volume and the masks; the undo history and cached embeddings start over."""
+        from .bundle import backbone_for_bundle
+
+        volume, masks = self.volume, self.masks
+        self.__init__(backbone_for_bundle(bundle, str(self.backbone.device)), bundle, self.config)
+        if volume is not None:
+            self.set_volume(volume)
+            self.masks = masks
+
+    def masks_of(self, class_name: str) -> np.ndarray:
+        """A copy of the class's ``(K, J, I)`` bool masks (all False where it has none)."""
+        volume = self.require_volume()
+        masks = self.masks.get(self.class_info(class_name).name)
+        return masks.copy() if masks is not None else np.zeros(volume.array.shape[:3], bool)
+
+    def device_info(self) -> dict:
+        """``{"device": "cpu" | "cuda:N", "gpu": {"name", "free_mb", "total_mb"} or None}``."""
+        from .backbones import gpu_info
+
+        return {"device": str(self.backbone.device), "gpu": gpu_info(self.backbone.device)}
+
+    def close(self) -> None:
+        """Drop the volume, masks and cached embeddings (the model stays loaded)."""
+        self.volume, self.masks, self._features, self._undo = None, {}, {}, {}
+        self._interactions, self._prompts = {}, OrderedDict()
+        self.clear_result_cache()
+
     # ---------------------------------------------------------------------------- results
     def current_result(self, classes: Sequence[str] | None = None) -> SegmentationResult:
         """The engine's current masks (after segment, refine, propagate and undo) as a result."""
-        volume = self._require_volume()
+        volume = self.require_volume()
         names = list(classes) if classes is not None else list(self.masks)
         infos = [self.class_info(n) for n in names]
         empty = np.zeros(volume.array.shape[:3], bool)

@@ -44,3 +44,31 @@ class WeightsLoadError(AutoMedSAMError):
 
 class TrainingFailedError(AutoMedSAMError):
     """Training stopped with an error after it had trained; the message says where its work was kept."""
+
+
+class ServiceError(AutoMedSAMError):
+    """The worker answered with an error no named error stands for (``code`` is its stable code)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"worker error {status} ({code}): {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class ServiceUnavailableError(AutoMedSAMError):
+    """The worker cannot be reached (not started, crashed, or another address)."""
+
+
+class ProtocolMismatchError(AutoMedSAMError):
+    """Client and worker speak different protocol versions."""
+
+
+class ServiceLimitError(AutoMedSAMError):
+    """A configured limit of the worker (sessions, queued jobs) is reached; retry later."""
+
+
+class NotFoundError(AutoMedSAMError):
+    """No such session, job or route on the worker."""
+
+
+class BodyTooLargeError(AutoMedSAMError):
+    """A request body is larger than the worker's limit for it."""

@@ -165,7 +165,7 @@ def evaluate_clicks(engine, labels: np.ndarray, classes: dict[str, int], protoco
 def evaluate_propagation(engine, labels: np.ndarray, classes: dict[str, int]) -> dict:
     """Per class: seed the reference mask of the middle slice holding it, propagate both ways
     (nothing else seeded) and score the whole volume in 3-D."""
-    from .engine import CancelledError
+    from .contract import CancelledError
 
     out = {}
     for name, value in classes.items():

@@ -18,7 +18,7 @@ from .base import Backbone, DecoderOutput, ImageFeatures
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Backbone", "DecoderOutput", "ImageFeatures", "build_backbone", "load_state_dict_file",
+__all__ = ["Backbone", "DecoderOutput", "ImageFeatures", "build_backbone", "gpu_info", "load_state_dict_file",
            "resolve_device"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InvalidInputError(f"device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def gpu_info(device=None) -> dict | None:
+    """``{"name", "free_mb", "total_mb"}`` of the CUDA GPU (``device``, default the current one),
+    or None without one. Only asks torch when it is installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {"name": torch.cuda.get_device_name(device), "free_mb": free // 2**20, "total_mb": total // 2**20}
 
 
 def _amp_dtype(device: torch.device):

@@ -10,7 +10,7 @@ def run_segment(engine, classes: Sequence[str], slices: Sequence[int] | None = N
     """Run :meth:`Engine.segment` to the end with a progress bar; returns the result."""
     from tqdm import tqdm
 
-    from ..engine import CancelledError
+    from ..contract import CancelledError
 
     total = engine.volume.num_slices if slices is None else len(slices)
     result = None

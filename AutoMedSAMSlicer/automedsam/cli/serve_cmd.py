@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..backbones import resolve_device
     from ..errors import InvalidInputError
-    from ..service import PROTOCOL
     from ..service.app import create_app
+    from ..service.protocol import PROTOCOL
     from ..service.state import ServiceSettings
 
     generated = None

@@ -1,7 +1,2 @@
-"""The local inference worker: a FastAPI service with the engine's API (see ``service.app``).
-
-Protocol version ``PROTOCOL`` changes whenever a request or response changes incompatibly; the
-client refuses to talk to a server of another protocol and says what to upgrade.
-"""
-
-PROTOCOL = "1"
+"""The local inference worker: a FastAPI service with the engine's API (:mod:`.app`), speaking the
+wire protocol of :mod:`.protocol` (shared with :mod:`automedsam.client`)."""

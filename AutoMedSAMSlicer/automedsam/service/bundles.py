@@ -18,9 +18,7 @@ from pathlib import Path
 
 from ..bundle import MANIFEST, WEIGHTS, ModelBundle, load_bundle
 from ..errors import InvalidInputError
-
-#: Longest bundle name a request may give (a path, not a document).
-MAX_NAME_CHARS = 1024
+from .protocol import MAX_BUNDLE_NAME_CHARS
 
 
 class BundleStore:
@@ -49,7 +47,7 @@ class BundleStore:
         return found
 
     def _find(self, name: str) -> Path | None:
-        if not name or len(name) > MAX_NAME_CHARS or "\x00" in name or name.startswith(("\\\\", "//")):
+        if not name or len(name) > MAX_BUNDLE_NAME_CHARS or "\x00" in name or name.startswith(("\\\\", "//")):
             return None
         name.encode("utf-8")  # lone surrogates are refused here, before any file system call
         for folder in self.folders:

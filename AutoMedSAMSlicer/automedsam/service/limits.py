@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import json
 
-from ..errors import AutoMedSAMError
+from ..errors import BodyTooLargeError
+from .protocol import BUNDLES, SESSIONS, UPLOAD_PARTS
 
 #: Largest JSON request body (prompts, class lists, training options are a few kB).
 MAX_JSON_BYTES = 1 << 20
 
 
-class BodyTooLargeError(AutoMedSAMError):
-    """A request body is larger than the route's limit (answered 413)."""
-
-
 def body_kind(method: str, path: str) -> str:
     """``"bundle"`` (a bundle zip), ``"upload"`` (volume, labels or masks bytes) or ``"json"``."""
-    if method == "POST" and path.rstrip("/") == "/v1/bundles":
+    if method == "POST" and path.rstrip("/") == BUNDLES:
         return "bundle"
     parts = path.strip("/").split("/")
-    if method == "PUT" and len(parts) >= 4 and parts[:2] == ["v1", "sessions"] and parts[3] in (
-            "volume", "labels", "masks"):
+    sessions = SESSIONS.strip("/").split("/")
+    if method == "PUT" and len(parts) > len(sessions) + 1 and parts[:len(sessions)] == sessions and \
+            parts[len(sessions) + 1] in UPLOAD_PARTS:
         return "upload"
     return "json"
 

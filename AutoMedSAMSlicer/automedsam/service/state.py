@@ -18,18 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import AutoMedSAMError, InvalidInputError
+from ..errors import AutoMedSAMError, NotFoundError, ServiceLimitError
 from ..models import DEFAULT_BACKBONE
+from .protocol import error_status, result_to_json
 
 log = logging.getLogger(__name__)
-
-
-class ServiceLimitError(AutoMedSAMError):
-    """A configured limit (sessions, queued jobs) is reached; the client should retry later."""
-
-
-class NotFoundError(AutoMedSAMError):
-    """No such session or job."""
 
 
 @dataclass(frozen=True)
@@ -206,13 +199,21 @@ class WorkerState:
                 job.cancel.set()
 
     # --------------------------------------------------------------------------------- jobs
-    def submit_task(self, kind: str, task, session: Session | None = None) -> Job:
-        """Queue ``task(job)`` on the model thread; it updates the job as it goes."""
+    @staticmethod
+    def new_job_id() -> str:
+        return secrets.token_hex(8)
+
+    def submit_task(self, kind: str, task, session: Session | None = None, cancel: threading.Event | None = None,
+                    job_id: str | None = None) -> Job:
+        """Queue ``task(job)`` on the model thread; it updates the job as it goes. ``cancel``: the
+        job's cancel event, when the work was set up with it before (an engine generator);
+        ``job_id``: an id from :meth:`new_job_id` the work was named after."""
         with self.lock:
             queued = sum(j.state in ("queued", "running") for j in self.jobs.values())
             if queued >= self.settings.max_queued_jobs:
                 raise ServiceLimitError(f"{queued} jobs are queued or running (limit {self.settings.max_queued_jobs})")
-            job = Job(secrets.token_hex(8), session.id if session else "", kind)
+            job = Job(job_id or self.new_job_id(), session.id if session else "", kind,
+                      cancel=cancel or threading.Event())
             self.jobs[job.id] = job
 
         def work():
@@ -238,23 +239,24 @@ class WorkerState:
         job.future = self.executor.submit(work)
         return job
 
-    def submit(self, session: Session, kind: str, events_fn) -> Job:
-        """Queue a job whose ``events_fn(cancel)`` yields engine progress events."""
+    def submit(self, session: Session, kind: str, events, cancel: threading.Event) -> Job:
+        """Queue a job that runs ``events``, an engine generator of progress events made with
+        ``cancel`` (which becomes the job's cancel event)."""
 
         def task(job: Job) -> None:
-            for event in events_fn(job.cancel):
+            for event in events:
                 job.done, job.total, job.message = event.done, event.total, event.message
                 job.partial = dict(event.partial)
                 if event.stage == "cancelled":
                     job.state = "cancelled"
                     return
                 if event.result is not None:
-                    job.result = event.result.summary() if hasattr(event.result, "summary") else dict(event.result)
-            notes = getattr(session.engine, "messages", [])
+                    job.result = result_to_json(event.result)
+            notes = session.engine.messages
             if notes:
                 job.message = "; ".join(notes)
 
-        return self.submit_task(kind, task, session)
+        return self.submit_task(kind, task, session, cancel)
 
     def job(self, jid: str) -> Job:
         job = self.jobs.get(jid)
@@ -277,26 +279,3 @@ def _check_gpu_memory(engine, job: Job) -> None:
     free, _total = torch.cuda.mem_get_info(device)
     if free < LOW_GPU_MEMORY_MB * 2**20:
         job.message = f"low GPU memory ({free // 2**20} MB free): the job may run in smaller batches or on the CPU"
-
-
-def error_status(exc: AutoMedSAMError) -> tuple[int, str]:
-    """HTTP status and stable code of an error raised on purpose (routes answer it, jobs report it)."""
-    from ..errors import WeightsUnavailableError
-    from .limits import BodyTooLargeError
-
-    if isinstance(exc, NotFoundError):
-        return 404, "not_found"
-    if isinstance(exc, ServiceLimitError):
-        return 429, "busy"
-    if isinstance(exc, BodyTooLargeError):
-        return 413, "too_large"
-    if isinstance(exc, InvalidInputError):
-        return 422, "invalid_input"
-    if isinstance(exc, WeightsUnavailableError):
-        return 424, "weights_unavailable"
-    return 500, "error"
-
-
-def masks_of(engine, name: str) -> np.ndarray:
-    volume = engine._require_volume()
-    return engine.masks.get(engine.class_info(name).name, np.zeros(volume.array.shape[:3], bool))

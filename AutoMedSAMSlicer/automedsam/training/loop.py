@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import canonical_class_mapping, check_classes_present
+from ..contract import TrainEvent
 from ..errors import InvalidInputError, TrainingFailedError
 from ..generators import DEFAULT_GENERATOR
 from ..models import DEFAULT_BACKBONE
@@ -90,28 +91,6 @@ class TrainConfig:
         d = asdict(self)
         d["intensity"] = self.intensity.to_dict()
         return d
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    """Progress of a training run.
-
-    Attributes:
-        stage: prepare, encode, step, epoch, validate, checkpoint, done or cancelled.
-        epoch, epochs, step, steps: progress (epochs count from 1).
-        losses: mean losses of the epoch so far; metrics: class -> {"dsc", "nsd"} on validation.
-        bundle: the trained :class:`~automedsam.bundle.ModelBundle` on the "done" event.
-    """
-
-    stage: str
-    epoch: int = 0
-    epochs: int = 0
-    step: int = 0
-    steps: int = 0
-    message: str = ""
-    losses: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    bundle: object = None
 
 
 def train_cache_dir(config: TrainConfig) -> Path:

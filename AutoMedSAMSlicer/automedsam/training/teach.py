@@ -1,6 +1,6 @@
-"""Teach classes in a running session: train a generator from labels drawn on the session's volume
-(a few slices are enough) with the session engine's own backbone, then switch the engine to the
-new bundle. Shared by the worker service and the in-process Slicer path."""
+"""Teach classes in a running session: train a prompt network from labels drawn on the session's
+volume (a few slices are enough) with the session engine's own backbone. :meth:`Engine.teach
+<automedsam.engine.Engine.teach>` runs it (in this process, or in a worker for a remote engine)."""
 
 from __future__ import annotations
 
@@ -36,23 +36,11 @@ def teach(engine, labels: np.ndarray, config: TrainConfig, cancel=None) -> Itera
     """Train on ``engine``'s volume with ``labels`` (``(K, J, I)`` label values on its grid).
 
     The final ``done`` event carries the bundle; nothing in ``engine`` changes (see
-    :func:`engine_with_bundle`).
+    :meth:`automedsam.engine.Engine.teach`, which saves it and switches to it).
     """
-    volume = engine._require_volume()
+    volume = engine.require_volume()
     labels = np.asarray(labels)
     if labels.shape != volume.array.shape[:3]:
         raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
     case = Case(volume, volume.with_array(labels.astype(np.uint16)), volume.name or "session")
     yield from train(config, [case], cancel=cancel)
-
-
-def engine_with_bundle(engine, bundle):
-    """A new engine for ``bundle`` on the same device, with ``engine``'s volume and masks."""
-    from ..bundle import backbone_for_bundle
-    from ..engine import Engine
-
-    new = Engine(backbone_for_bundle(bundle, str(engine.backbone.device)), bundle, engine.config)
-    if engine.volume is not None:
-        new.set_volume(engine.volume)
-    new.masks = engine.masks
-    return new

@@ -1,9 +1,11 @@
-"""Where inference runs: in this process, in a local worker process, or on a remote server.
+"""Backends: where inference runs. In this process, in a local worker process, or on a remote server.
 
-All three hand the Logic an object with the engine API (``set_volume``, ``segment``, ``refine``,
-``propagate``, ``set_masks``; ``train`` on workers). The worker keeps Slicer responsive: heavy work
-runs in another process and the GUI only polls. A crashed local worker is restarted and its session
-restored (volume and masks re-uploaded), so nothing the user sees is lost.
+All three hand the Logic engines with one API, :class:`automedsam.contract.SegmentationEngine`
+(an in-process :class:`~automedsam.engine.Engine` or a :class:`~automedsam.client.RemoteEngine`), and
+offer the same methods themselves, so the Logic never asks which one it has. The worker keeps
+Slicer responsive: heavy work runs in another process and the GUI only polls. A crashed local
+worker is restarted and its session restored (volume and masks re-uploaded), so nothing the user
+sees is lost.
 """
 
 from __future__ import annotations
@@ -26,66 +28,67 @@ def slicerPythonExecutable() -> str:
     return sys.executable
 
 
-class InProcessEngines:
-    """Engines in this process (console, batch runs, tests). Blocks while it computes."""
-
-    kind = "inprocess"
+class _EngineCache:
+    """Engines by (model, backbone, device); :meth:`adopt` files an engine under a new model (a
+    bundle just taught, which the engine now runs) and forgets its old key."""
 
     def __init__(self):
         self._engines: dict[tuple, object] = {}
 
+    @staticmethod
+    def _key(model, device, backbone=None) -> tuple:
+        return (str(model) if model else None, backbone, device)
+
+    def adopt(self, model: str, device: str, engine) -> None:
+        for key in [k for k, e in self._engines.items() if e is engine]:
+            del self._engines[key]
+        self._engines[self._key(model, device)] = engine
+
+
+class InProcessBackend(_EngineCache):
+    """Engines in this process (console, batch runs, tests). Blocks while it computes."""
+
     def engine(self, model: str | None, device: str = "auto", backbone: str | None = None):
-        key = (str(model) if model else None, backbone, device)
+        key = self._key(model, device, backbone)
         if key not in self._engines:
-            from automedsam.backbones import build_backbone
-            from automedsam.bundle import backbone_for_bundle, load_bundle
             from automedsam.engine import Engine
             from automedsam.errors import InvalidInputError
 
             if model:
-                bundle = load_bundle(model)
-                self._engines[key] = Engine(backbone_for_bundle(bundle, device), bundle)
+                self._engines[key] = Engine.from_bundle(model, device)
             elif backbone:
-                self._engines[key] = Engine(build_backbone(backbone, device=device))
+                self._engines[key] = Engine.manual(backbone, device)
             else:
                 raise InvalidInputError(
                     "no model: choose a model bundle (.zip or folder), or a backbone for manual mode")
         return self._engines[key]
 
-    def adopt(self, model: str, device: str, engine) -> None:
-        """Register an engine built elsewhere (a bundle just taught) under ``model``."""
-        self._engines[(str(model), None, device)] = engine
-
     def call(self, engine, fn):
         return fn(engine)
 
+    def verify(self, engine) -> None:
+        """Nothing to check in this process (see :meth:`RemoteBackend.verify`)."""
+
     def info(self) -> dict:
-        try:
-            import torch
-        except ImportError:
-            return {"device": "cpu", "gpu": None}
-        if not torch.cuda.is_available():
-            return {"device": "cpu", "gpu": None}
-        free, total = torch.cuda.mem_get_info()
-        return {"device": "cuda", "gpu": {"name": torch.cuda.get_device_name(0), "free_mb": free // 2**20,
-                                         "total_mb": total // 2**20}}
+        from automedsam.backbones import gpu_info
+
+        gpu = gpu_info()
+        return {"device": "cuda" if gpu else "cpu", "gpu": gpu}
 
     def shutdown(self) -> None:
         self._engines.clear()
 
 
-class RemoteEngines:
+class RemoteBackend(_EngineCache):
     """Engines on a server at ``url`` (a shared GPU workstation running ``automedsam serve``).
 
     A model bundle on this machine is uploaded to the server when its session opens; any other model
     name is a bundle in the server's bundle folders (the server reads no other path).
     """
 
-    kind = "remote"
-
     def __init__(self, url: str, token: str, pollSeconds: float = 0.05):
+        super().__init__()
         self.url, self.token, self.pollSeconds = url, token, pollSeconds
-        self._clients: dict[tuple, object] = {}
 
     def _newClient(self, model, device, backbone):
         from automedsam.client import RemoteEngine
@@ -94,20 +97,22 @@ class RemoteEngines:
                             device=device, poll_s=self.pollSeconds)
 
     def engine(self, model: str | None, device: str = "auto", backbone: str | None = None):
-        key = (str(model) if model else None, backbone, device)
-        if key not in self._clients:
-            self._clients[key] = self.call(None, lambda _: self._newClient(model, device, backbone))
-        return self._clients[key]
+        key = self._key(model, device, backbone)
+        if key not in self._engines:
+            self._engines[key] = self.call(None, lambda _: self._newClient(model, device, backbone))
+        return self._engines[key]
 
-    def adopt(self, model: str, device: str, engine) -> None:
-        self._clients[(str(model), None, device)] = engine
+    def verify(self, engine) -> None:
+        """Check the server still answers in this client's protocol (a crashed local worker is
+        restarted and its sessions restored here, before anything is sent)."""
+        self.call(engine, lambda e: e.check_protocol())
 
     def recover(self) -> bool:
         """Called after the server stopped answering; True if calls may be retried."""
         return False
 
     def _restoreSessions(self) -> None:
-        for client in self._clients.values():
+        for client in self._engines.values():
             client.reconnect()
 
     def call(self, engine, fn):
@@ -129,17 +134,15 @@ class RemoteEngines:
         return self.call(None, lambda _: RemoteEngine(self.url, self.token).info())
 
     def shutdown(self) -> None:
-        for client in self._clients.values():
+        for client in self._engines.values():
             client.close()
-        self._clients.clear()
+        self._engines.clear()
 
 
-class WorkerEngines(RemoteEngines):
+class WorkerBackend(RemoteBackend):
     """Engines in a local worker process started on first use with Slicer's Python
     (``PythonSlicer -m automedsam serve``: 127.0.0.1, a random token handed over in a 0600 file),
     restarted when it crashed, stopped on :meth:`shutdown` (Slicer exit)."""
-
-    kind = "worker"
 
     def __init__(self, python: str | None = None, device: str = "auto", pollSeconds: float = 0.05):
         from automedsam.worker import LocalWorker
@@ -159,7 +162,7 @@ class WorkerEngines(RemoteEngines):
 
     def _restoreSessions(self) -> None:
         """After a restart: every client's session re-created with its volume and masks."""
-        for client in self._clients.values():
+        for client in self._engines.values():
             client.url = self.url
             client.reconnect()
 
@@ -185,16 +188,16 @@ class WorkerEngines(RemoteEngines):
             self.worker.stop()
 
 
-def makeEngines(backend: str = "worker", serverUrl: str = "", token: str = "", device: str = "auto"):
+def makeBackend(backend: str = "worker", serverUrl: str = "", token: str = "", device: str = "auto"):
     """``backend``: ``worker`` (default for the panel), ``inprocess`` (console/batch) or ``remote``."""
     from automedsam.errors import InvalidInputError
 
     if backend == "inprocess":
-        return InProcessEngines()
+        return InProcessBackend()
     if backend == "worker":
-        return WorkerEngines(device=device)
+        return WorkerBackend(device=device)
     if backend == "remote":
         if not serverUrl or not token:
             raise InvalidInputError("a remote server needs its URL and token (set both in the panel's Worker section)")
-        return RemoteEngines(serverUrl, token)
+        return RemoteBackend(serverUrl, token)
     raise InvalidInputError(f"backend must be worker, inprocess or remote, got {backend!r}")
