@@ -38,6 +38,7 @@ def pythonVersionProblem(version=sys.version_info) -> str | None:
 
 
 if pythonVersionProblem() is None:  # the Lib uses Python 3.10+ syntax: on older Slicer, only the message loads
+    from AutoMedSAMSlicerLib.jobs import eventMessage, eventStage
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
     from AutoMedSAMSlicerLib.parameterNode import AutoMedSAMSlicerParameterNode
 
@@ -111,7 +112,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        slicer.app.connect("aboutToQuit()", self.logic.shutdown)
+        slicer.app.connect("aboutToQuit()", self.cleanup)
 
         self.ui.loadModelButton.connect("clicked(bool)", self.onLoadModel)
         self.ui.classFilterLineEdit.connect("textChanged(QString)", self.onClassFilterChanged)
@@ -131,7 +132,8 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Module closed or reloaded: stop timers, observers and the worker."""
+        """Module closed or reloaded: cancel the running job, stop timers, observers and the worker."""
+        self.onCancel()
         if self._jobTimer:
             self._jobTimer.stop()
         self.removeObservers()
@@ -215,6 +217,8 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.propagateButton.enabled = hasVolume and bool(p.activeClass) and bool(p.outputSegmentation) and not busy
         self.ui.teachButton.enabled = hasVolume and bool(p.outputSegmentation) and not busy
         self.ui.undoButton.enabled = self.logic.canUndo() and not busy
+        self.ui.loadModelButton.enabled = not busy
+        self.ui.applyBackendButton.enabled = not busy
 
     # ------------------------------------------------------------------------- model/classes
     def onChooseModelFolder(self) -> None:
@@ -241,12 +245,15 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ``action`` runs when that job ends."""
         from AutoMedSAMSlicerLib import dependencies
 
+        if self._job is not None:  # one run at a time (a second install would write into the same folder)
+            raise RuntimeError(_("AutoMedSAM is busy ({job}). Wait for it to finish, or Cancel it.").format(
+                job=self._job.name))
         if self._parameterNode.backend != "remote":
             steps = dependencies.installSteps()
             if steps:
-                if dependencies.otherInstallRunning():
-                    raise RuntimeError(_("Another extension is installing Python packages now. Try again when it "
-                                         "has finished."))
+                if dependencies.installRunning():
+                    raise RuntimeError(_("Python packages are being installed (by AutoMedSAM or another "
+                                         "extension). Try again when that has finished."))
                 if dependencies.confirmInstall(steps):
                     job = dependencies.installJob(steps, dependencies.startupEnvironment())
                     self.startJob(job, lambda restartNeeded: self.onDependenciesInstalled(restartNeeded, action))
@@ -259,18 +266,20 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         action()
 
     def onDependenciesInstalled(self, restartNeeded, action) -> None:
+        """The install job ended well: run what the user asked for (errors are shown by onJobDone)."""
         from AutoMedSAMSlicerLib import dependencies
 
         if restartNeeded:
             slicer.util.infoDisplay(dependencies.restartMessage(restartNeeded), _("AutoMedSAM: restart needed"))
             self.ui.statusLabel.text = _("Restart Slicer to finish the install.")
             return
-        with slicer.util.tryWithErrorDisplay(_("AutoMedSAM could not start."), waitCursor=True):
-            stillMissing = dependencies.missingModelDependencies()
-            if stillMissing:  # pip succeeded but the metadata says otherwise: do not ask again in a loop
-                raise RuntimeError(_("These packages are still missing after the install: {names}. See the "
-                                     "application log for pip's output.").format(names=", ".join(stillMissing)))
-            self.whenReady(action)
+        if self._parameterNode is None:  # the scene was closed meanwhile: nothing to run on
+            return
+        stillMissing = dependencies.missingModelDependencies()
+        if stillMissing:  # pip succeeded but the metadata says otherwise: do not ask again in a loop
+            raise RuntimeError(_("These packages are still missing after the install: {names}. See the "
+                                 "application log for pip's output.").format(names=", ".join(stillMissing)))
+        self.whenReady(action)
 
     def onLoadModel(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not load the model."), waitCursor=True):
@@ -355,18 +364,24 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
-        if job.error is not None:
-            logging.error("AutoMedSAM %s failed: %s", job.name, job.error)
-            slicer.util.errorDisplay(_("AutoMedSAM {job} failed: {error}").format(job=job.name, error=job.error))
-            self.ui.statusLabel.text = _("Failed; nothing was changed.")
-        elif job.cancelled:
-            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
-        else:
-            onResult(job.result)
-        self.updateButtons()
-        if self._promptsChangedWhileBusy:
-            self._promptsChangedWhileBusy = False
-            self.onPromptsChanged()
+        try:
+            if job.error is not None:
+                logging.error("AutoMedSAM %s failed: %s", job.name, job.error)
+                slicer.util.errorDisplay(_("AutoMedSAM {job} failed: {error}").format(job=job.name, error=job.error))
+                self.ui.statusLabel.text = _("Failed: {error}").format(error=str(job.error).splitlines()[0])
+            elif job.cancelled:  # the run's own last word says what was left (e.g. install steps done)
+                said = eventStage(job.lastEvent) == "cancelled" and eventMessage(job.lastEvent)
+                self.ui.statusLabel.text = said or _("Cancelled; nothing was changed.")
+            else:
+                with slicer.util.tryWithErrorDisplay(_("AutoMedSAM could not finish {job}.").format(job=job.name)):
+                    onResult(job.result)
+        except Exception:  # already shown (tryWithErrorDisplay shows, then raises again)
+            logging.exception("AutoMedSAM: after %s", job.name)
+        finally:  # the panel never stays busy
+            self.updateButtons()
+            if self._promptsChangedWhileBusy and self._job is None:
+                self._promptsChangedWhileBusy = False
+                self.onPromptsChanged()
 
     def onCancel(self) -> None:
         if self._job is not None:

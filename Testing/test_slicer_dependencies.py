@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import zipfile
@@ -206,46 +208,124 @@ def test_cancel_lets_a_pip_that_writes_into_site_packages_finish_then_stops(deps
     assert seen[-1][1].startswith("Cancelled: 1 of 2")
 
 
-def test_the_panel_installs_first_then_runs_what_was_asked(slicer, monkeypatch, tmp_path):
-    """Segment on a Slicer without the dependencies: ask once, install as a job (the panel's progress
-    and Cancel), then segment. Declining runs nothing; a still-missing package after the install is
-    an error, not a second prompt."""
+class PanelTimer:  # qt.QTimer as the panel uses it: single shot, started and stopped
+    def __init__(self):
+        self.active = False
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class Shown:  # a label, progress bar or button of the panel
+    def __init__(self):
+        self.text, self.value, self.visible = "", 0, False
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+
+@pytest.fixture()
+def panel(slicer, monkeypatch, tmp_path):
+    """The real Widget's job handling (startJob, onJobTick, onJobDone, whenReady,
+    onDependenciesInstalled), with stand-ins for its Qt widgets, an install step that really runs a
+    child process, and package metadata that says "missing" until it has run."""
     from AutoMedSAMSlicerLib import dependencies
 
     module = load_module_file(slicer, monkeypatch, [])
-    widget = module["AutoMedSAMSlicerWidget"].__new__(module["AutoMedSAMSlicerWidget"])
+    cls = module["AutoMedSAMSlicerWidget"]
+    widget = cls.__new__(cls)
+    widget._job, widget._jobTimer, widget._promptsChangedWhileBusy = None, PanelTimer(), False
     widget._parameterNode = type("P", (), {"backend": "inprocess", "device": "cpu", "backbone": ""})()
     widget.logic = type("L", (), {"backend": object()})()
-    started, ran, answers = [], [], []
-    widget.startJob = lambda job, on_result: started.append((job, on_result))
-    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answers.pop(0), raising=False)
+    widget.ui = type("UI", (), {"progressBar": Shown(), "cancelButton": Shown(), "statusLabel": Shown()})()
+    widget.buttonUpdates = 0
+
+    def updateButtons():  # noqa: N802 (the Widget's name)
+        widget.buttonUpdates += 1
+
+    widget.updateButtons = updateButtons
+    widget.answers, widget.errors, widget.shown = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: widget.answers.pop(0), raising=False)
     monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: None, raising=False)
-    errors = []
-    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", _recording(errors), raising=False)
-    marker = tmp_path / "installed"
-    step = dependencies.InstallStep("demo", (sys.executable, "-c", f"open({str(marker)!r}, 'w')"), ("demo",))
-    missing = [step]
-    monkeypatch.setattr(dependencies, "installSteps", lambda: list(missing))
-    monkeypatch.setattr(dependencies, "missingModelDependencies", lambda: [s.title for s in missing])
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", _recording(widget.errors), raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: widget.shown.append(text), raising=False)
+    widget.marker = tmp_path / "installed"
+    widget.script = f"open({str(widget.marker)!r}, 'w')"
+    monkeypatch.setattr(dependencies, "installSteps", lambda: [] if widget.marker.exists() else [
+        dependencies.InstallStep("demo", (sys.executable, "-c", widget.script), ("demo",))])
+    monkeypatch.setattr(dependencies, "missingModelDependencies", lambda: [] if widget.marker.exists() else ["demo"])
+    return widget
 
-    answers.append(False)
-    widget.whenReady(lambda: ran.append("segment"))
-    assert started == [] and ran == []  # declined: nothing installed, nothing run
 
-    answers.append(True)
-    widget.whenReady(lambda: ran.append("segment"))
-    (job, on_result), = started
-    assert ran == [] and job.name == "installing dependencies"
-    step_like_the_panel(job)
-    assert marker.exists() and job.error is None
-    missing.clear()  # the metadata now has it
-    on_result(job.result)
-    assert ran == ["segment"] and answers == []
+def tick_until_idle(widget, timeout: float = 60.0) -> None:
+    """The panel's timer firing until no job runs."""
+    end = time.monotonic() + timeout
+    while widget._job is not None and time.monotonic() < end:
+        assert widget._jobTimer.active, "a running job's timer must be armed"
+        widget._jobTimer.stop()
+        widget.onJobTick()
+        time.sleep(0.02)
+    assert widget._job is None
 
-    missing.append(step)  # pip said yes, but the package is still not there
-    with pytest.raises(RuntimeError, match="still missing after the install: demo"):
-        on_result([])
-    assert ran == ["segment"] and len(errors) == 1 and answers == []  # shown once, not asked again
+
+def test_the_panel_installs_first_then_runs_what_was_asked(panel):
+    """Segment on a Slicer without the dependencies: ask once, install as the panel's job (its
+    progress bar and Cancel), then segment. Declining runs nothing; a second request while the
+    install runs is refused (two pips must not write into one folder)."""
+    ran = []
+    panel.answers.append(False)
+    panel.whenReady(lambda: ran.append("segment"))
+    assert panel._job is None and ran == []  # declined: nothing installed, nothing run
+
+    panel.answers.append(True)
+    panel.whenReady(lambda: ran.append("segment"))
+    assert panel._job.name == "installing dependencies" and panel.ui.cancelButton.visible and ran == []
+    with pytest.raises(RuntimeError, match="busy"):
+        panel.whenReady(lambda: ran.append("load model"))
+    tick_until_idle(panel)
+    assert panel.marker.exists() and ran == ["segment"] and panel.answers == []
+    assert not panel.ui.cancelButton.visible and panel.buttonUpdates >= 2
+
+
+def test_a_failure_after_the_install_is_shown_once_and_the_panel_is_free_again(panel, monkeypatch):
+    from AutoMedSAMSlicerLib import dependencies
+
+    monkeypatch.setattr(dependencies, "missingModelDependencies", lambda: ["demo"])  # pip said yes, yet missing
+    panel.answers.append(True)
+    panel.whenReady(lambda: pytest.fail("must not run"))
+    updates = panel.buttonUpdates
+    tick_until_idle(panel)
+    assert len(panel.errors) == 1 and "still missing after the install: demo" in str(panel.errors[0])
+    assert panel._job is None and panel.buttonUpdates > updates and not panel.ui.progressBar.visible
+    assert panel.answers == []  # not asked again in a loop
+
+
+def test_cancel_during_the_last_write_installs_but_runs_nothing(panel):
+    """Cancel while pip writes: the step finishes (nothing half written), but what the user asked
+    for is not started, and the status says what was installed."""
+    panel.script = textwrap.dedent(f"""
+        import time
+        print("Installing collected packages: demo", flush=True)
+        time.sleep(1.0)
+        open({str(panel.marker)!r}, "w")
+    """)
+    panel.answers.append(True)
+    panel.whenReady(lambda: pytest.fail("cancelled: must not run"))
+    end = time.monotonic() + 30
+    while "Installing collected packages" not in panel.ui.statusLabel.text and time.monotonic() < end:
+        panel._jobTimer.stop()
+        panel.onJobTick()
+        time.sleep(0.02)
+    panel.onCancel()
+    tick_until_idle(panel)
+    assert panel.marker.exists()
+    assert panel.ui.statusLabel.text.startswith("Cancelled: 1 of 1 install steps done")
 
 
 def _recording(errors: list):
@@ -262,19 +342,38 @@ def _recording(errors: list):
     return tryWithErrorDisplay
 
 
-def test_a_running_install_of_another_extension_is_waited_for(deps, monkeypatch):
-    """slicer.packaging (5.12+) says when another extension's pip runs: two pips must not write
-    into one site-packages. It is imported explicitly: slicer/__init__.py does not import it."""
+def test_a_running_install_is_seen_ours_or_another_extensions(deps, monkeypatch, tmp_path):
+    """slicer.packaging (5.12+) says when another extension's pip runs; our own flag says when ours
+    does. Either way a second install is refused. slicer.packaging is imported explicitly:
+    slicer/__init__.py does not import it."""
     import types
 
     packaging = types.ModuleType("slicer.packaging")
     packaging.isPipInstallInProgress = lambda: True
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
-    assert deps.slicerPackaging() is packaging and deps.otherInstallRunning()
+    assert deps.slicerPackaging() is packaging and deps.installRunning()
+    monkeypatch.setattr(deps, "installSteps", lambda: [deps.InstallStep("x", (sys.executable, "-c", "pass"), ())])
+    with pytest.raises(RuntimeError, match="being installed"):
+        deps.ensureDependencies(askConfirmation=False)
     packaging.isPipInstallInProgress = lambda: False
-    assert not deps.otherInstallRunning()
+    assert not deps.installRunning()
     monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # Slicer 5.10: no such module
-    assert deps.slicerPackaging() is None and not deps.otherInstallRunning()
+    assert deps.slicerPackaging() is None and not deps.installRunning()
+
+    slow = deps.installJob([deps.InstallStep("slow", (sys.executable, "-c", "import time; time.sleep(30)"), ())])
+    slow.background = True
+    slow.step()
+    end = time.monotonic() + 10
+    while not deps.installRunning() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert deps.installRunning()  # ours
+    second = deps.installJob([deps.InstallStep("second", (sys.executable, "-c", "pass"), ())])
+    step_like_the_panel(second)
+    assert isinstance(second.error, RuntimeError) and "already installing" in str(second.error)
+    slow.cancel()
+    while slow.step():
+        time.sleep(0.02)
+    assert slow.cancelled and not deps.installRunning()
 
 
 def test_startup_environment_is_read_before_the_thread_starts(deps, monkeypatch):
@@ -304,3 +403,82 @@ def test_the_console_installs_and_waits(deps, monkeypatch, tmp_path):
     assert deps.ensureDependencies() is True and marker.exists()
     monkeypatch.setattr(deps, "installSteps", lambda: [])
     assert deps.ensureDependencies() is True and answers == []
+
+
+def test_a_cancel_racing_pips_write_announcement_still_lets_it_finish(deps, tmp_path):
+    """Cancel set before the job has even read "Installing collected packages" (it is still in the
+    pipe): one more short read catches it, so pip is not stopped half-way through writing."""
+    written = tmp_path / "written"
+    script = textwrap.dedent(f"""
+        import time
+        print("Collecting demo", flush=True)
+        time.sleep(0.05)
+        print("Installing collected packages: demo", flush=True)
+        time.sleep(1.0)
+        open({str(written)!r}, "w").write("done")
+    """)
+    job = deps.installJob([deps.InstallStep("racing", (sys.executable, "-c", script), ("demo",))])
+    job.cancel()  # before the first line is read
+    step_like_the_panel(job)
+    assert written.read_text() == "done" and job.cancelled and job.error is None
+
+
+def test_light_the_torch_runs_from_its_own_folder_ahead_of_slicers_pip(deps, monkeypatch, tmp_path):
+    """The PyTorch step's bootstrap puts light-the-torch's folder first on sys.path (ahead of the
+    interpreter's own pip) and hands it exactly the install arguments, as ``python -m`` would."""
+    folder = tmp_path / "ltt"
+    (folder / "light_the_torch").mkdir(parents=True)
+    (folder / "pip").mkdir()
+    (folder / "pip" / "__init__.py").write_text("__version__ = 'from-the-ltt-folder'\n")
+    (folder / "light_the_torch" / "__init__.py").write_text("")
+    (folder / "light_the_torch" / "__main__.py").write_text(
+        "import sys, pip\nprint('argv', sys.argv[1:])\nprint('pip', pip.__version__)\n")
+    installed_as(monkeypatch, deps, {"torch": None, "pip": "25.1.1"})
+    torch_step = next(s for s in deps.installSteps(python=sys.executable, lightTheTorchFolder=str(folder))
+                      if s.title == "PyTorch")
+    out = subprocess.run(torch_step.argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    both = [f"{n}{deps.modelRequirement(n)}" for n in deps.TORCH_PACKAGES]
+    assert f"argv {['install', *both, '--progress-bar', 'raw']}" in out.stdout
+    assert "pip from-the-ltt-folder" in out.stdout
+
+
+def test_later_steps_keep_the_torch_build_light_the_torch_chose(deps, tmp_path):
+    """The wheels and sam2 steps get the installed torch/torchvision as pip constraints, so a
+    dependency cannot swap them for another build; the constraints file is removed afterwards."""
+    pytest.importorskip("torch")
+    show = "import sys; print(open(sys.argv[sys.argv.index('-c', 1) + 1]).read())"
+    step = deps.InstallStep("constrained", (sys.executable, "-c", show), (), keepTorch=True)
+    lines = []
+    job = deps.installJob([step])
+    job.progressCallback = lambda fraction, message: lines.append(message)
+    step_like_the_panel(job)
+    assert job.error is None
+    assert any(f"torch=={deps.installedVersion('torch')}" in m for m in lines) or any(
+        f"torchvision=={deps.installedVersion('torchvision')}" in m for m in lines), lines
+    assert not list(Path(tempfile.gettempdir()).glob("automedsam-torch-*.txt"))
+
+
+def test_versions_compare_like_pip(deps, monkeypatch):
+    assert deps.satisfies("2.5.1+cu121", ">=2.5.1") and deps.satisfies("2.15.0", ">=2.5.1")
+    assert not deps.satisfies("2.4.0", ">=2.5.1") and not deps.satisfies(None, ">=1")
+    assert deps.satisfies("1.1.0", "==1.1.0") and not deps.satisfies("1.1.1", "==1.1.0")
+    monkeypatch.setitem(sys.modules, "packaging.specifiers", None)  # no 'packaging': the fallback
+    assert deps.satisfies("2.5.1+cu121", ">=2.5.1") and not deps.satisfies("2.4.9", ">=2.5.1")
+
+
+def test_a_leftover_child_holding_the_output_neither_hangs_the_step_nor_outlives_it(deps, tmp_path, caplog):
+    from automedsam.processes import pid_alive
+
+    caplog.set_level("DEBUG", logger=deps.__name__)
+    script = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print('child', c.pid, flush=True)")
+    job = deps.installJob([deps.InstallStep("leaves a child", (sys.executable, "-c", script), ())])
+    t0 = time.monotonic()
+    step_like_the_panel(job)
+    assert job.error is None and not job.cancelled and time.monotonic() - t0 < 15
+    child = int(next(r.getMessage() for r in caplog.records if r.getMessage().startswith("pip: child ")).split()[2])
+    end = time.monotonic() + 5
+    while pid_alive(child) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not pid_alive(child)

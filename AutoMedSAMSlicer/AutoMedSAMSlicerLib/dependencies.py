@@ -13,9 +13,10 @@ too old becomes a list of :class:`InstallStep` (one command each):
 - ``sam2``, which has no wheel, with ``pip install --no-build-isolation`` (so it builds against that
   torch instead of downloading a second one) and ``SAM2_BUILD_CUDA=0``.
 
-:func:`installEvents` runs the steps as child processes and yields progress events, so a
-:class:`~AutoMedSAMSlicerLib.jobs.Job` runs them on its own thread with progress (pip's own download
-counts) and Cancel, like any other long run. ``PyTorchUtils.installTorch`` is not used: it waits on
+:func:`installEvents` runs the steps as child processes and yields progress events, so the panel
+runs them as a :class:`~AutoMedSAMSlicerLib.jobs.Job` on a thread of its own with progress (pip's
+own download counts) and Cancel, like any other long run (:func:`ensureDependencies`, for the
+console, waits instead). ``PyTorchUtils.installTorch`` is not used: it waits on
 the calling thread (``slicer.util.logProcessOutput``) and imports torch into Slicer at its end.
 Nothing here imports torch: versions are read from package metadata.
 """
@@ -152,6 +153,9 @@ class InstallStep:
     env: dict = field(default_factory=dict)
     #: A folder only this run needs: removed when the run ends, however it ends.
     removeAfter: str = ""
+    #: Keep the torch and torchvision builds light-the-torch installed: pip gets them as constraints
+    #: (a dependency asking for another torch then fails instead of swapping in a PyPI build).
+    keepTorch: bool = False
 
 
 def installSteps(python: str | None = None, lightTheTorchFolder: str | None = None) -> list[InstallStep]:
@@ -181,12 +185,13 @@ def installSteps(python: str | None = None, lightTheTorchFolder: str | None = No
     reqs = unmet(requirements())
     wheels = [r for r in reqs if _name(r) not in BUILD_WITHOUT_ISOLATION]
     if wheels:
-        steps.append(InstallStep("Python packages", (*pip, *wheels), tuple(wheels)))
+        steps.append(InstallStep("Python packages", (*pip, *wheels), tuple(wheels), keepTorch=True))
     for requirement in reqs:
         if _name(requirement) in BUILD_WITHOUT_ISOLATION:
             steps.append(InstallStep(f"{_name(requirement)} (built from source)",
                                      (*pip, "--no-build-isolation", requirement), (requirement,),
-                                     {"SAM2_BUILD_CUDA": "0"}))  # its CUDA extension needs a compiler and toolkit
+                                     {"SAM2_BUILD_CUDA": "0"},  # its CUDA extension needs a compiler and toolkit
+                                     keepTorch=True))
     return steps
 
 
@@ -221,41 +226,63 @@ class PipOutput:
     def take(self, line: str) -> None:
         counted = _PROGRESS_LINE.match(line.strip())
         downloading = _DOWNLOADING_LINE.match(line)
-        if counted:
+        if counted:  # the bar never moves back: each of a step's downloads counts from 0 again
             done, size = int(counted[1]), int(counted[2])
-            self.fraction = 0.8 * done / size if size else self.fraction
+            self.fraction = max(self.fraction, 0.8 * done / size) if size else self.fraction
             self.status = f"{self.status.split(':')[0]}: {done / 1e6:.0f} of {size / 1e6:.0f} MB"
         elif downloading:
-            self.status = f"downloading {downloading[1].rsplit('/', 1)[-1]}"
+            from urllib.parse import unquote
+
+            self.status = f"downloading {unquote(downloading[1].rsplit('/', 1)[-1])}"
         elif line.strip():
             self.writing = self.writing or line.startswith(_INSTALLING_LINE)
             self.fraction = max(self.fraction, 0.9) if self.writing else self.fraction
             self.status = line.strip()[:120]
 
 
+#: Set while an install of ours runs (the panel's job or the console's): a second one must wait.
+_installing = threading.Event()
+#: After a Cancel, how long to wait for pip's next lines before stopping it: the line saying it
+#: writes into site-packages may still be on its way.
+CANCEL_DRAIN_S = 0.3
+
+
 def installEvents(steps: list[InstallStep], environment: dict | None, cancelEvent: threading.Event,
-                  readTimeout: float = 0.2) -> Iterator[dict]:
+                  report: dict | None = None, readTimeout: float = 0.2) -> Iterator[dict]:
     """Run ``steps`` one after another, yielding progress events (``stage``, ``done``/``total`` in
     thousandths, ``message``) at least every ``readTimeout`` seconds. Meant for a job's thread.
 
     ``environment``: the environment to start from, ``slicer.util.startupEnvironment()`` (read on the
     main thread); None uses this process's. Cancel (``cancelEvent``) stops the running command at
-    once, except while pip writes into site-packages: that step is let finish, then nothing more runs.
+    once, except while pip writes into site-packages: that step is let finish, then nothing more
+    runs, and the run still ends "cancelled". However the run ends, ``report["inUse"]`` gets the
+    installed packages that were imported already in this process (Slicer must restart for them),
+    worked out here, off the main thread (it reads every distribution's metadata).
 
     Raises:
         ProcessFailedError: a step failed; the message names it and ends with its last output lines.
+        RuntimeError: another install of AutoMedSAM's runs.
     """
+    if _installing.is_set():
+        raise RuntimeError("AutoMedSAM is already installing its dependencies; wait for that to finish")
+    _installing.set()
+    installed: list[str] = []
     total = 1000 * len(steps)
     try:
         for index, step in enumerate(steps):
             stopped = yield from _runStep(step, environment, cancelEvent, readTimeout, index, len(steps))
-            if stopped or (cancelEvent.is_set() and index + 1 < len(steps)):
+            if not stopped:
+                installed.extend(step.packages)
+            if stopped or cancelEvent.is_set():
                 finished = index + (not stopped)
                 yield {"stage": "cancelled", "done": 1000 * finished, "total": total,
                        "message": f"Cancelled: {finished} of {len(steps)} install steps done, the rest not started"}
                 return
         yield {"stage": "done", "done": total, "total": total, "message": "Dependencies installed"}
     finally:
+        if report is not None:
+            report["inUse"] = alreadyImported(installed)
+        _installing.clear()
         for step in steps:
             if step.removeAfter:
                 shutil.rmtree(step.removeAfter, ignore_errors=True)
@@ -271,20 +298,32 @@ def _runStep(step: InstallStep, environment: dict | None, cancelEvent: threading
     env = dict(environment) if environment is not None else None
     if step.env:
         env = {**(env if env is not None else os.environ), **step.env}
-    log.info("AutoMedSAM: %s: %s", step.title, " ".join(step.argv))
-    process, output, started = StreamedProcess(step.argv, env=env), PipOutput(), time.monotonic()
+    argv, constraints = list(step.argv), None
+    if step.keepTorch:
+        constraints = _torchConstraints()
+        argv += ["-c", constraints] if constraints else []
+    log.info("AutoMedSAM: %s: %s", step.title, " ".join(argv))
+    process, output, started = StreamedProcess(argv, env=env), PipOutput(), time.monotonic()
+
+    def take(lines) -> None:
+        for line in lines:
+            log.debug("pip: %s", line)  # the application log (thread-safe), not the console
+            output.take(line)
+
     try:
         while not process.finished:
-            for line in process.read(readTimeout):
-                log.debug("pip: %s", line)  # the application log (thread-safe), not the console
-                output.take(line)
+            take(process.read(readTimeout))
             if cancelEvent.is_set() and not output.writing:
-                process.stop()
-                return True
+                take(process.read(CANCEL_DRAIN_S))  # "Installing collected packages" may be on its way
+                if not output.writing:
+                    process.stop(timeout=0)  # downloading or building: nothing written yet
+                    return True
             waiting = " (finishing the install under way, then stopping)" if cancelEvent.is_set() else ""
             yield {"stage": "install", "done": round(1000 * (index + output.fraction)), "total": 1000 * count,
                    "message": f"Installing {step.title} ({index + 1} of {count}, {time.monotonic() - started:.0f} s): "
                               f"{output.status}{waiting}"}
+        if not process.output_closed:  # something the step started still holds its output: end it
+            process.stop(timeout=0)
         try:
             process.check(f"Installing {step.title}")
         except ProcessFailedError as error:
@@ -293,19 +332,43 @@ def _runStep(step: InstallStep, environment: dict | None, cancelEvent: threading
                 "log (Help > Report a bug shows it).", error.returncode, error.tail) from None
     finally:
         if not process.finished:  # the job was abandoned (its generator closed) mid-step
-            process.stop()
+            if output.writing:
+                process.wait()  # never leave a package half written
+            else:
+                process.stop(timeout=0)
+        if constraints:
+            Path(constraints).unlink(missing_ok=True)
     return False
 
 
+def _torchConstraints() -> str | None:
+    """A pip constraints file pinning the installed torch and torchvision (None without torch)."""
+    pins = [f"{name}=={installedVersion(name)}" for name in TORCH_PACKAGES if installedVersion(name)]
+    if not pins:
+        return None
+    fd, path = tempfile.mkstemp(prefix="automedsam-torch-", suffix=".txt")
+    with open(fd, "w") as f:
+        f.write("\n".join(pins) + "\n")
+    return path
+
+
 def installJob(steps: list[InstallStep], environment: dict | None = None):
-    """A :class:`~AutoMedSAMSlicerLib.jobs.Job` that installs ``steps``; its result is the list of
-    packages that were already imported in this Slicer session (a restart is needed for them)."""
+    """A :class:`~AutoMedSAMSlicerLib.jobs.Job` that installs ``steps``. Its result is the list of
+    packages that were in use already in this Slicer session (Slicer must restart for them); when
+    it fails or is cancelled after some steps, the user is told about those too."""
     from AutoMedSAMSlicerLib.jobs import Job
 
     cancelEvent = threading.Event()
-    installed = [p for step in steps for p in step.packages]
-    return Job("installing dependencies", installEvents(steps, environment, cancelEvent),
-               lambda lastEvent: alreadyImported(installed), cancelEvent=cancelEvent)
+    report: dict = {}
+    job = Job("installing dependencies", installEvents(steps, environment, cancelEvent, report),
+              lambda lastEvent: report.get("inUse", []), cancelEvent=cancelEvent)
+
+    def restartNotice(job) -> None:
+        if (job.error is not None or job.cancelled) and report.get("inUse"):
+            slicer.util.infoDisplay(restartMessage(report["inUse"]), "AutoMedSAM: restart needed")
+
+    job.doneCallbacks.append(restartNotice)
+    return job
 
 
 def startupEnvironment() -> dict | None:
@@ -327,9 +390,11 @@ def slicerPackaging():
     return packaging
 
 
-def otherInstallRunning() -> bool:
-    """Whether another extension runs ``slicer.packaging.pip_install(blocking=False)`` now (5.12+):
-    two pips writing into one site-packages can corrupt it."""
+def installRunning() -> bool:
+    """Whether an install runs: ours, or another extension's ``slicer.packaging.pip_install(
+    blocking=False)`` (5.12+). Two pips writing into one site-packages can corrupt it."""
+    if _installing.is_set():
+        return True
     packaging = slicerPackaging()
     return bool(packaging is not None and hasattr(packaging, "isPipInstallInProgress")
                 and packaging.isPipInstallInProgress())
@@ -341,6 +406,9 @@ def ensureDependencies(askConfirmation: bool = True) -> bool:
     steps = installSteps()
     if not steps:
         return True
+    if installRunning():
+        raise RuntimeError("Python packages are being installed (by AutoMedSAM or another extension); try again "
+                           "when that has finished")
     if askConfirmation and not confirmInstall(steps):
         return False
     restartNeeded = installJob(steps, startupEnvironment()).wait()
@@ -355,7 +423,18 @@ def restartMessage(packages: list[str]) -> str:
 
 
 def alreadyImported(reqs: list[str]) -> list[str]:
-    """The requirements whose package is already imported in this process."""
+    """The requirements whose package is already imported in this process (a distribution's
+    import names come from its metadata: pillow is PIL, opencv-python-headless is cv2)."""
     import sys
+    from importlib.metadata import packages_distributions
 
-    return [r for r in reqs if _name(r).replace("-", "_") in sys.modules]
+    modules: dict[str, set[str]] = {}
+    for module, distributions in packages_distributions().items():
+        for distribution in distributions:
+            modules.setdefault(distribution.lower().replace("_", "-"), set()).add(module)
+    result = []
+    for requirement in reqs:
+        name = _name(requirement).replace("_", "-")
+        if any(m in sys.modules for m in modules.get(name, {name.replace("-", "_")})):
+            result.append(requirement)
+    return result

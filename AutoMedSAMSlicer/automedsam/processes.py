@@ -46,12 +46,16 @@ def start_group(cmd: Sequence[str], *, env: dict | None = None, merge_stderr: bo
 
 
 def signal_tree(process: subprocess.Popen, kill: bool) -> None:
-    """Terminate (or kill) the process group that :func:`start_group` started."""
+    """Terminate (or kill) the process group that :func:`start_group` started.
+
+    On Windows both are ``taskkill /T /F``: without ``/F`` taskkill only posts WM_CLOSE, which a
+    process without a window (``CREATE_NO_WINDOW``) never receives. Once the leader has exited,
+    taskkill can no longer find its tree (a Job object would; not used here)."""
     if process.poll() is not None and os.name == "nt":
         return
     try:
-        if os.name == "nt":  # taskkill /T ends the children too; /F forces
-            subprocess.run(["taskkill", "/T", *(["/F"] if kill else []), "/PID", str(process.pid)],
+        if os.name == "nt":  # /T ends the children too
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
                            capture_output=True, check=False, creationflags=subprocess.CREATE_NO_WINDOW)
         else:
             os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
@@ -96,19 +100,38 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def group_alive(process: subprocess.Popen) -> bool:
+    """Whether any process of the group :func:`start_group` made is left (POSIX; on Windows, the
+    leader). The leader is reaped first, so it does not count as a zombie."""
+    process.poll()
+    if os.name == "nt":
+        return process.poll() is None
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop_tree(process: subprocess.Popen, other_pids: Sequence[int] = (), timeout: float = 10.0) -> bool:
     """End ``process``'s group and ``other_pids``: terminate, then kill what is left after
-    ``timeout`` seconds. Returns whether everything ended."""
-    pids = [process.pid, *[p for p in other_pids if p]]
+    ``timeout`` seconds (every member of the group, not only the leader). Returns whether
+    everything ended."""
+    pids = [p for p in other_pids if p]
+
+    def left() -> bool:
+        return group_alive(process) or any(pid_alive(p) for p in pids)
+
     signal_tree(process, kill=False)
     end = time.monotonic() + timeout
-    while any(pid_alive(p) for p in pids) and time.monotonic() < end:
-        process.poll()  # reap the leader
+    while left() and time.monotonic() < end:
         time.sleep(0.05)
-    if any(pid_alive(p) for p in pids):
+    if left():
         signal_tree(process, kill=True)
         for p in pids:
-            if p != process.pid and pid_alive(p):
+            if pid_alive(p):
                 kill_pid(p)
     try:
         process.wait(timeout)
@@ -127,8 +150,13 @@ class StreamedProcess:
         keep: how many of the last output lines :attr:`tail` keeps (for error messages).
     """
 
+    #: Seconds the output may stay open after the child exited (a grandchild that inherited the
+    #: pipe and lives on must not keep :attr:`finished` False for ever).
+    EXIT_GRACE_S = 2.0
+
     def __init__(self, cmd: Sequence[str], env: dict | None = None, keep: int = 40):
         self.cmd = list(cmd)
+        self._exited_at: float | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=keep)
         self._lines: queue.SimpleQueue = queue.SimpleQueue()
         self._eof = threading.Event()
@@ -158,8 +186,18 @@ class StreamedProcess:
 
     @property
     def finished(self) -> bool:
-        """The child has exited and all its output has been read by :meth:`read`."""
-        return self._eof.is_set() and self._lines.empty() and self.process.poll() is not None
+        """The child has exited and its output has been read by :meth:`read` (to its end, or for
+        :attr:`EXIT_GRACE_S` after the exit when something else still holds the pipe open)."""
+        if self.process.poll() is None or not self._lines.empty():
+            return False
+        if self._exited_at is None:
+            self._exited_at = time.monotonic()
+        return self._eof.is_set() or time.monotonic() - self._exited_at > self.EXIT_GRACE_S
+
+    @property
+    def output_closed(self) -> bool:
+        """Every process that could write to the output has closed it."""
+        return self._eof.is_set()
 
     def wait(self, timeout: float | None = None) -> int:
         return self.process.wait(timeout)
