@@ -141,9 +141,13 @@ def default_class_catalog() -> ClassCatalog:
 
 def resolve_class(name: str) -> ClassInfo:
     """A class by name as every entry point resolves it: the shipped catalog's entry (names,
-    aliases, case and spaces as :meth:`ClassCatalog.get`), else a new custom class."""
+    aliases, case and spaces as :meth:`ClassCatalog.get`), else a new custom class named the same
+    way (``"My Lesion"`` -> ``my_lesion``, shown as given)."""
     catalog = default_class_catalog()
-    return catalog.get(name) if name in catalog else custom_class(name)
+    if name in catalog:
+        return catalog.get(name)
+    spelled = name.strip().lower().replace(" ", "_")
+    return custom_class(spelled, name.strip() if spelled != name else None)
 
 
 def canonical_class_mapping(classes: dict[str, int]) -> dict[str, int]:
