@@ -68,7 +68,7 @@ def test_automatic_results_are_memoised_per_class_and_slice(make_engine):
     again = engine.segment_volume(["spleen", "liver", "pancreas"])  # only pancreas is new
     assert decoded == [2, 2, 2, 1, 1, 1]
     assert np.array_equal(first.masks["liver"], again.masks["liver"])
-    engine.use_generator(engine.generator, engine.class_catalog.classes)  # new weights: forget results
+    engine.use_prompt_network(engine.prompt_network, engine.class_catalog.classes)  # new weights: forget results
     engine.segment_volume(["liver"])
     assert decoded[-3:] == [1, 1, 1]
 
@@ -94,10 +94,10 @@ def test_objectness_gates_absent_classes(make_engine):
     engine = make_engine("tiny-sam", "ppn", cleanup="none")
     engine.set_volume(small_volume(3))
     with torch.no_grad():
-        engine.generator.object_head[-1].bias.fill_(1e6)  # "liver is everywhere"
+        engine.prompt_network.object_head[-1].bias.fill_(1e6)  # "liver is everywhere"
     everything = engine.segment_volume(["liver"])
     with torch.no_grad():
-        engine.generator.object_head[-1].bias.fill_(-1e6)  # "liver is nowhere"
+        engine.prompt_network.object_head[-1].bias.fill_(-1e6)  # "liver is nowhere"
     engine.clear_result_cache()  # weights changed in place: memoised results are stale
     gated = engine.segment_volume(["liver"])
     assert everything.masks["liver"].any() and not gated.masks["liver"].any()
@@ -193,13 +193,13 @@ class Oracle:
     def __init__(self, engine: Engine, truth: np.ndarray):
         self.engine, self.truth = engine, truth
         self.slice = None
-        original_features = engine.features
+        original_features = engine.store.features
 
         def features(k):
             self.slice = k
             return original_features(k)
 
-        engine.features = features
+        engine.store.features = features
         engine.backbone.decode = self.decode
 
     def decode(self, features, sparse, dense, multimask=False):
@@ -331,7 +331,8 @@ def test_propagation_with_sam2_memory(make_engine):
     engine = make_engine("tiny-sam2", "ppn")
     volume = small_volume(6)
     engine.set_volume(volume)
-    frames = SliceFrames(engine)
+    engine.masks["liver"] = np.ones((6, 40, 50), bool)
+    frames = SliceFrames(engine.slice_source("liver", 3))
     assert len(frames) == 6
     torch.testing.assert_close(frames[3], engine.backbone.normalize(engine.model_input(3)[None])[0])
     seed = np.zeros((6, 40, 50), bool)

@@ -2,7 +2,8 @@
 
 Each step records, per segment, what was there before (bit-packed, whole volume or just the
 slices that changed) or that the segment did not exist, so a user's segment is never lost to a
-model result.
+model result. The steps sit on the core's :class:`automedsam.history.UndoStack`, filed under
+their segmentation node.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from automedsam.history import ANY, PackedMask, UndoStack
 
 from . import nodes
 
@@ -19,16 +22,14 @@ class _SegmentBefore:
     segmentId: str
     created: bool
     slices: list[int] | None  # None: the whole volume was replaced
-    packed: bytes = b""
-    shape: tuple = ()
+    packed: PackedMask | None = None
     writtenTag: str = ""  # the segment's "written by AutoMedSAM" fingerprint before the step
 
     def restore(self, segmentationNode, volumeNode) -> None:
         if self.created:
             segmentationNode.GetSegmentation().RemoveSegment(self.segmentId)
             return
-        before = np.unpackbits(np.frombuffer(self.packed, np.uint8), count=int(np.prod(self.shape)))
-        before = before.reshape(self.shape).astype(bool)
+        before = self.packed.unpack()
         if self.slices is None:
             mask = before
         else:
@@ -54,34 +55,30 @@ class UndoStep:
     def recordMask(self, segmentId: str, mask: np.ndarray, slices: list[int] | None = None) -> None:
         kept = mask if slices is None else mask[slices]
         tag = self.segmentationNode.GetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + segmentId) or ""
-        self.before.append(_SegmentBefore(segmentId, False, slices, np.packbits(kept).tobytes(), kept.shape, tag))
+        self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(kept), tag))
 
 
 class UndoHistory:
-    """A bounded stack of :class:`UndoStep` (oldest dropped first)."""
+    """A bounded stack of :class:`UndoStep` (oldest dropped first), filed by segmentation node."""
 
     def __init__(self, maxSteps: int = 30):
-        self.maxSteps = maxSteps
-        self._steps: list[UndoStep] = []
+        self._stack: UndoStack[UndoStep] = UndoStack(maxSteps)
 
     def push(self, step: UndoStep) -> None:
         if step.before:
-            self._steps.append(step)
-            del self._steps[:-self.maxSteps]
+            self._stack.push(step.segmentationNode, step)
 
     def canUndo(self, segmentationNode=None) -> bool:
-        return any(segmentationNode is None or s.segmentationNode is segmentationNode for s in self._steps)
+        return self._stack.can_undo(ANY if segmentationNode is None else segmentationNode)
 
     def undo(self, segmentationNode=None) -> str | None:
         """Undo the newest step (on ``segmentationNode`` if given); returns its label or None."""
-        for n in range(len(self._steps) - 1, -1, -1):
-            step = self._steps[n]
-            if segmentationNode is None or step.segmentationNode is segmentationNode:
-                del self._steps[n]
-                for before in reversed(step.before):
-                    before.restore(step.segmentationNode, step.volumeNode)
-                return step.label
-        return None
+        step = self._stack.pop(ANY if segmentationNode is None else segmentationNode)
+        if step is None:
+            return None
+        for before in reversed(step.before):
+            before.restore(step.segmentationNode, step.volumeNode)
+        return step.label
 
     def clear(self) -> None:
-        self._steps.clear()
+        self._stack.clear()

@@ -125,7 +125,7 @@ class _LiteMedSamReference:
 def _uint8_rgb(engine, k: int) -> np.ndarray:
     from .preprocess import normalize_intensity
 
-    grey = normalize_intensity(engine.volume.array[k], engine.value_range)
+    grey = normalize_intensity(engine.volume.array[k], engine.store.value_range)
     return np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 

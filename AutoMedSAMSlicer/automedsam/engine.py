@@ -7,20 +7,23 @@ arrays ``(J, I)`` per slice or ``(K, J, I)`` per volume, on the volume's own gri
 volume's geometry (any direction, flipped or oblique) unchanged. The engine maps to and from model
 pixels with :class:`~automedsam.preprocess.SliceTransform`.
 
-Long work (``segment``, ``propagate``) is a generator of :class:`ProgressEvent`; the last event of a
+Long work (``segment``, ``propagate``, ``teach``) is a generator of events; the last event of a
 completed run carries the result. Results are stored only when a run completes, so a cancelled run
-(consumer stops iterating, or ``cancel`` is set) changes nothing. Every change to a class's masks
-can be undone with :meth:`Engine.undo`.
+(consumer stops iterating, or ``cancel`` is set) changes nothing. Changes to a class's masks can be
+undone with :meth:`Engine.undo` (the last ``EngineConfig.undo_steps`` of them).
+
+The engine is a facade (:class:`automedsam.contract.SegmentationEngine`) over parts with one job
+each: :class:`~automedsam.embeddings.EmbeddingStore` (slice embeddings: memory, disk, batches,
+out-of-memory fall-back), :class:`~automedsam.automatic.LearnedPrompts` (the prompt network's
+prompts and memoised automatic results), :class:`~automedsam.refinement.Refiner` (interactive
+correction), :class:`~automedsam.history.UndoStack` (undo) and :mod:`automedsam.propagation`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,24 +31,24 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .automatic import LearnedPrompts
 from .classes import ClassCatalog, ClassInfo, resolve_class
 from .contract import ProgressEvent, SegmentationResult, TrainEvent, result_of
+from .embeddings import EmbeddingStore
 from .errors import InvalidInputError
-from .preprocess import IntensityConfig, normalize_intensity
+from .history import PackedMask, UndoStack
+from .preprocess import IntensityConfig, SliceTransform
+from .refinement import Refiner
 from .volume import Volume
 
 if TYPE_CHECKING:
     import threading
 
-    import torch
-
     from .backbones import Backbone, ImageFeatures
     from .bundle import ModelBundle
-    from .generators import GeneratedPrompts
+    from .propagation import SliceSource
 
 log = logging.getLogger(__name__)
-
-MASK_PROMPT_LOGIT = 8.0  # magnitude of the logits a binary mask becomes when used as a mask prompt
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class EngineConfig:
         propagation: ``"memory"`` (SAM 2 only), ``"seeded"`` (previous mask as box + mask
             prompt), ``"learned"`` (one-shot class map from the seed slice) or ``"auto"`` (see
             :func:`automedsam.propagation.propagation_method`).
+        undo_steps: changes kept for :meth:`Engine.undo`, over all classes (oldest dropped first).
     """
 
     batch_size: int | None = None
@@ -81,6 +85,7 @@ class EngineConfig:
     result_cache_mb: int = 256
     stop_fraction: float = 0.15
     propagation: str = "auto"
+    undo_steps: int = 30
 
     def __post_init__(self) -> None:
         if self.propagation not in ("auto", "memory", "seeded", "learned"):
@@ -89,67 +94,41 @@ class EngineConfig:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.cleanup not in ("largest_component", "none"):
             raise InvalidInputError(f"cleanup must be 'largest_component' or 'none', got {self.cleanup!r}")
+        if self.undo_steps < 1:
+            raise InvalidInputError(f"undo_steps must be >= 1, got {self.undo_steps}")
 
 
-@dataclass(frozen=True)
-class _Interaction:
-    """Prompts placed so far on one (class, slice), in model coordinates, and their result."""
-
-    mode: str
-    points: np.ndarray | None  # (1, N, 2) model (x, y)
-    labels: np.ndarray | None  # (1, N)
-    box: np.ndarray | None  # (1, 4) model (x0, y0, x1, y1)
-    logits: torch.Tensor | None  # (1, 1, L, L) low-resolution logits, the next mask prompt
-    mask: np.ndarray  # (J, I) bool: what the refine wrote
-
-
-def _without_placed(points, labels, state: _Interaction):
-    """``(1, N, 2)`` model points and ``(1, N)`` labels minus those already placed in ``state``."""
-    if points is None or state.points is None:
-        return points, labels
-    placed = state.points[0]
-    fresh = [n for n, p in enumerate(points[0])
-             if not any(np.allclose(p, q, atol=1e-6) and labels[0, n] == state.labels[0, m]
-                        for m, q in enumerate(placed))]
-    if not fresh:
-        return None, None
-    return points[:, fresh], labels[:, fresh]
-
-
-def _placed(state: _Interaction | None, points, labels):
-    """All points of the interaction: the earlier ones, then the new ones."""
-    if state is None or state.points is None:
-        return points, labels
-    if points is None:
-        return state.points, state.labels
-    return np.concatenate([state.points, points], axis=1), np.concatenate([state.labels, labels], axis=1)
+#: One undo step of one class: (slice k, its mask before) pairs; k None: the whole ``(K, J, I)``
+#: masks before (None: the class had none).
+UndoGroup = list[tuple[int | None, PackedMask | None]]
 
 
 class Engine:
-    """Segment a volume with a backbone and (optionally) a model bundle's prompt generator.
+    """Segment a volume with a backbone and (optionally) a model bundle's prompt network.
 
     ``bundle`` None allows manual prompting only (plain SAM behaviour). The backbone must be the
-    one the bundle was trained with (see :func:`automedsam.bundle.backbone_for_bundle`).
+    one the bundle was trained with (see :func:`automedsam.bundle.backbone_for_bundle`); make one
+    with :meth:`from_bundle` or :meth:`manual`.
     """
 
     def __init__(self, backbone: Backbone, bundle: ModelBundle | None = None, config: EngineConfig | None = None):
-        self.backbone = backbone
-        self.bundle = bundle
         self.config = config or EngineConfig()
-        self.generator = None
-        self.class_catalog = ClassCatalog([])
-        self._prompts: OrderedDict[tuple[str, int], GeneratedPrompts] = OrderedDict()
-        self.clear_result_cache()
+        self.messages: list[str] = []
+        self.history: UndoStack[UndoGroup] = UndoStack(self.config.undo_steps)
+        self.masks: dict[str, np.ndarray] = {}
+        self._load(backbone, bundle)
+
+    def _load(self, backbone: Backbone, bundle: ModelBundle | None) -> None:
+        """The parts on ``backbone``, with ``bundle``'s prompt network when there is one."""
+        self.backbone, self.bundle = backbone, bundle
+        self.store = EmbeddingStore(backbone, self.config.batch_size, self.config.cache_dir,
+                                    note=self.messages.append, on_cpu_fallback=self._after_cpu_fallback)
+        self.learned = LearnedPrompts(self.store, self.config.prompt_cache_size, self.config.result_cache_mb << 20)
+        self.refiner = Refiner(self.store, self.learned, self.config.mask_threshold)
+        self._extra_classes: dict[str, ClassInfo] = {}
         if bundle is not None:
             bundle.check_backbone(backbone)
-            self.use_generator(bundle.build_generator(backbone.device), bundle.classes)
-        self.volume: Volume | None = None
-        self.masks: dict[str, np.ndarray] = {}
-        self._undo: dict[str, list[list[tuple[int | None, np.ndarray | None]]]] = {}
-        self._features: dict[int, ImageFeatures] = {}
-        self._extra_classes: dict[str, ClassInfo] = {}
-        self._interactions: dict[tuple[str, int], _Interaction] = {}
-        self.messages: list[str] = []
+            self.use_prompt_network(bundle.build_generator(backbone.device), bundle.classes)
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike | ModelBundle, device: str = "auto",
@@ -173,15 +152,45 @@ class Engine:
 
         return cls(build_backbone(backbone_id or DEFAULT_BACKBONE, weights=weights, device=device), None, config)
 
-    def use_generator(self, generator, classes: Sequence[ClassInfo]) -> None:
-        """Use a prompt generator whose class indices follow ``classes`` (a bundle's, or one being
-        trained); clears cached learned prompts."""
-        self.generator = generator
-        self.class_catalog = ClassCatalog(list(classes))
-        self._prompts.clear()
-        self.clear_result_cache()
+    def sibling(self) -> Engine:
+        """A new engine on the same loaded model (backbone and bundle shared; no volume, masks or
+        history): one per worker session, while the model stays loaded once."""
+        return type(self)(self.backbone, self.bundle, self.config)
+
+    # ------------------------------------------------------------------- prompt network
+    @property
+    def prompt_network(self):
+        """The bundle's prompt network (a torch module), or None in manual mode."""
+        return self.learned.network
+
+    @property
+    def class_catalog(self) -> ClassCatalog:
+        return self.learned.class_catalog
+
+    def use_prompt_network(self, network, classes: Sequence[ClassInfo]) -> None:
+        """Use a prompt network whose class indices follow ``classes`` (a bundle's, or one being
+        trained); forgets its learned prompts and memoised results."""
+        self.learned.use(network, classes)
+
+    def clear_result_cache(self) -> None:
+        """Forget memoised automatic results (call after changing prompt network or decoder weights)."""
+        self.learned.clear()
+
+    def _after_cpu_fallback(self) -> None:
+        if self.learned.network is not None:
+            self.learned.network.to("cpu")
+        self.learned.clear()
 
     # ------------------------------------------------------------------------------ volume
+    @property
+    def volume(self) -> Volume | None:
+        return self.store.volume
+
+    @property
+    def transform(self) -> SliceTransform:
+        """Voxels of a slice <-> the backbone's model input (see :mod:`automedsam.preprocess`)."""
+        return self.store.transform
+
     def set_volume(self, volume: Volume) -> None:
         """Take a new volume (KJI array, any geometry). Cheap: slices are encoded lazily, on first
         use, and reused by every class; previous masks and undo history are dropped."""
@@ -190,132 +199,27 @@ class Engine:
         intensity = self.config.intensity or (self.bundle.intensity if self.bundle else IntensityConfig.ct())
         if volume.is_rgb and intensity.mode != "rgb":
             intensity = IntensityConfig.rgb()
-        self.volume = volume
-        self.intensity = intensity
-        self.value_range = intensity.value_range(volume.array)
-        _, j, i = volume.array.shape[:3]
-        self.transform = self.backbone.slice_transform(j, i)
-        self.masks, self._undo, self._features, self._prompts = {}, {}, {}, OrderedDict()
-        self._interactions = {}
-        self.clear_result_cache()
-        key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
-                        json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
-        self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self.store.set_volume(volume, intensity)
+        self.masks = {}
+        self.history.clear()
+        self.learned.clear()
+        self.refiner.clear()
 
     def require_volume(self) -> Volume:
         """The volume; raises InvalidInputError when none was set."""
-        if self.volume is None:
-            raise InvalidInputError("no volume set: call set_volume(volume) first")
-        return self.volume
-
-    def _check_slice(self, k: int) -> int:
-        n = self.require_volume().num_slices
-        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
-            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
-        return int(k)
+        return self.store.require_volume()
 
     def model_input(self, k: int) -> np.ndarray:
         """Slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
-        volume = self.require_volume()
-        return self.transform.image_to_model(normalize_intensity(volume.array[k], self.value_range))
-
-    # ---------------------------------------------------------------------------- encoding
-    def _disk_path(self, k: int) -> Path | None:
-        if not self.config.cache_dir:
-            return None
-        return Path(self.config.cache_dir) / self.cache_key / f"slice_{k:05d}.safetensors"
-
-    def _load_cached(self, k: int) -> ImageFeatures | None:
-        path = self._disk_path(k)
-        if path is None or not path.is_file():
-            return None
-        from safetensors.torch import load_file
-
-        from .backbones import ImageFeatures
-
-        try:
-            t = load_file(str(path))
-        except Exception:  # a damaged cache file is re-encoded, never trusted
-            log.warning("ignoring unreadable embedding cache file %s", path)
-            return None
-        n_high = len([key for key in t if key.startswith("high_res_")])
-        return ImageFeatures(t["embeddings"], tuple(t[f"high_res_{n}"] for n in range(n_high)))
-
-    def _store_cached(self, k: int, feats: ImageFeatures) -> None:
-        path = self._disk_path(k)
-        if path is None:
-            return
-        import os
-
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"embeddings": feats.embeddings.contiguous()}
-        tensors.update({f"high_res_{n}": h.contiguous() for n, h in enumerate(feats.high_res)})
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        return self.store.model_input(k)
 
     def encode(self, slices: Sequence[int]) -> int:
-        """Make sure ``slices`` are encoded (memory, then disk cache, then the encoder in batches).
-        Embeddings are kept as float16 on the CPU. Returns how many slices ran through the encoder."""
-        import torch
-
-        todo = []
-        for k in slices:
-            k = self._check_slice(k)
-            if k in self._features:
-                continue
-            cached = self._load_cached(k)
-            if cached is not None:
-                self._features[k] = cached
-            else:
-                todo.append(k)
-        batch = self.batch_size
-        n = 0
-        while n < len(todo):
-            ks = todo[n:n + batch]
-            try:
-                feats = self.backbone.encode(np.stack([self.model_input(k) for k in ks]))
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if batch > 1:
-                    batch = max(1, batch // 2)
-                    self._note(f"CUDA out of memory: retrying with encoder batch {batch}")
-                    continue
-                self._note("CUDA out of memory with batch 1: falling back to the CPU (slower)")
-                self._to_device("cpu")
-                continue
-            for idx, k in enumerate(ks):
-                one = feats.select(idx).to("cpu", torch.float16)
-                self._features[k] = one
-                self._store_cached(k, one)
-            n += len(ks)
-        return len(todo)
-
-    @property
-    def batch_size(self) -> int:
-        """Encoder batch: the configured one, else 4 on CUDA and 1 on the CPU."""
-        return self.config.batch_size or (4 if self.backbone.device.type == "cuda" else 1)
-
-    def _note(self, message: str) -> None:
-        log.warning(message)
-        self.messages.append(message)
-
-    def _to_device(self, device: str) -> None:
-        self.backbone.to(device)
-        if self.generator is not None:
-            self.generator.to(device)
-        self._prompts.clear()
-        if getattr(self, "_video_predictor", None) is not None:
-            self._video_predictor = None
+        """Encode ``slices`` now (see :meth:`EmbeddingStore.encode`); how many ran through the encoder."""
+        return self.store.encode(slices)
 
     def features(self, k: int) -> ImageFeatures:
         """Float32 features of slice k on the backbone's device (batch of 1)."""
-        self.encode([k])
-        import torch
-
-        return self._features[k].to(self.backbone.device, torch.float32)
+        return self.store.features(k)
 
     # ---------------------------------------------------------------------------- classes
     def class_info(self, name: str) -> ClassInfo:
@@ -323,66 +227,13 @@ class Engine:
         class catalog's (so "liver" is SNOMED-coded Liver there too), else a new custom class."""
         if name in self.class_catalog:
             return self.class_catalog.get(name)
-        if self.generator is not None and name not in self._extra_classes:
+        if self.prompt_network is not None and name not in self._extra_classes:
             raise InvalidInputError(
                 f"class {name!r} is not one the model knows; it has: {', '.join(self.class_catalog.names())}"
             )
         if name not in self._extra_classes:
             self._extra_classes[name] = resolve_class(name)
         return self._extra_classes[name]
-
-    def _generated(self, names: Sequence[str], feats: ImageFeatures) -> GeneratedPrompts:
-        import torch
-
-        known = self.class_catalog.names()
-        idx = torch.tensor([known.index(n) for n in names], device=self.backbone.device)
-        emb = feats.embeddings.expand(len(names), -1, -1, -1)
-        return self.generator(emb, self.backbone.dense_pe(), idx)
-
-    def _generated_cached(self, name: str, k: int, feats: ImageFeatures) -> GeneratedPrompts:
-        """Learned prompts of (class, slice); they do not depend on clicks, so repeated refines
-        on a slice cost only the prompt encoder and the decoder."""
-        key = (name, k)
-        if key in self._prompts:
-            self._prompts.move_to_end(key)
-            return self._prompts[key]
-        gen = self._generated([name], feats)
-        self._prompts[key] = gen
-        if len(self._prompts) > self.config.prompt_cache_size:
-            self._prompts.popitem(last=False)
-        return gen
-
-    def _automatic_logits(self, k: int, names: Sequence[str]):
-        """Objectness ``(C,)`` and low-resolution mask logits ``(C, L, L)`` (CPU) of the learned
-        prompts on slice k. Results are memoised per (class, slice) within ``result_cache_mb``:
-        they depend only on the slice and the weights, so re-segmenting (other classes, another
-        cleanup) skips the generator and the decoder as well as the encoder."""
-        import torch
-
-        from .generators import decoder_prompts
-
-        todo = [n for n in names if (n, k) not in self._results]
-        if todo:
-            feats = self.features(k)
-            gen = self._generated(todo, feats)
-            sparse, dense = decoder_prompts(self.backbone, gen)
-            out = self.backbone.decode(feats, sparse, dense)
-            for row, n in enumerate(todo):
-                item = (float(gen.object_logit[row]), out.mask_logits[row, 0].to("cpu", torch.float16))
-                self._results[(n, k)] = item
-                self._results_bytes += item[1].numel() * 2
-            while self._results_bytes > self.config.result_cache_mb * 2**20 and len(self._results) > len(names):
-                _, (_, dropped) = self._results.popitem(last=False)
-                self._results_bytes -= dropped.numel() * 2
-        for n in names:
-            self._results.move_to_end((n, k))
-        objectness = torch.tensor([self._results[(n, k)][0] for n in names])
-        return objectness, torch.stack([self._results[(n, k)][1] for n in names])
-
-    def clear_result_cache(self) -> None:
-        """Forget memoised automatic results (call after changing generator or decoder weights)."""
-        self._results: OrderedDict[tuple[str, int], tuple[float, torch.Tensor]] = OrderedDict()
-        self._results_bytes = 0
 
     # ---------------------------------------------------------------------------- segment
     def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
@@ -395,13 +246,13 @@ class Engine:
         (or ``cancel.set()``) stores nothing. Bad input is refused when called, before any work.
         """
         volume = self.require_volume()
-        if self.generator is None:
+        if self.prompt_network is None:
             raise InvalidInputError("automatic segmentation needs a model bundle; without one use refine() with "
                                     "points or a box (manual mode)")
         if not classes:
             raise InvalidInputError(f"no classes given; the bundle has: {', '.join(self.class_catalog.names())}")
         infos = [self.class_info(c) for c in classes]
-        ks = list(range(volume.num_slices)) if slices is None else [self._check_slice(k) for k in slices]
+        ks = list(range(volume.num_slices)) if slices is None else [self.store.check_slice(k) for k in slices]
         if not ks:
             raise InvalidInputError("no slices to segment (empty slice range)")
         if cleanup not in (None, "largest_component", "none"):
@@ -410,8 +261,6 @@ class Engine:
 
     def _segment_events(self, volume: Volume, infos: list[ClassInfo], ks: list[int], cleanup: str,
                         cancel: threading.Event | None) -> Iterator[ProgressEvent]:
-        import torch
-
         names = [c.name for c in infos]
         shape = volume.array.shape[:3]
         # Slices outside ``slices`` keep what the class has now (the user's work); the selected ones
@@ -422,25 +271,18 @@ class Engine:
         present: dict[str, list[int]] = {n: [] for n in names}
         t0 = time.perf_counter()
         yield ProgressEvent("start", 0, len(ks), f"segmenting {len(names)} class(es) on {len(ks)} slice(s)")
-        batch = self.batch_size
+        batch = self.store.batch_size
         for start in range(0, len(ks), batch):
             if cancel is not None and cancel.is_set():
                 yield ProgressEvent("cancelled", start, len(ks), "cancelled; nothing was changed")
                 return
             chunk = ks[start:start + batch]
-            self.encode(chunk)
-            with torch.inference_mode():
-                for k in chunk:
-                    objectness, logits = self._automatic_logits(k, names)
-                    keep = (objectness > self.config.objectness_threshold).nonzero().flatten().tolist()
-                    if not keep:
-                        continue
-                    slice_logits = self.transform.logits_to_slice(logits[keep].float())
-                    for row, c in enumerate(keep):
-                        m = (slice_logits[row] > self.config.mask_threshold).numpy()
-                        if m.any():
-                            masks[names[c]][k] = m
-                            present[names[c]].append(k)
+            self.store.encode(chunk)
+            for k in chunk:
+                for name, mask in self.learned.slice_masks(k, names, self.config.objectness_threshold,
+                                                           self.config.mask_threshold).items():
+                    masks[name][k] = mask
+                    present[name].append(k)
             done = min(start + batch, len(ks))
             yield ProgressEvent("segment", done, len(ks), partial={n: int(masks[n].sum()) for n in names})
         if cleanup == "largest_component":
@@ -449,7 +291,8 @@ class Engine:
                 masks[n][ks] = largest_component(masks[n])[ks]
                 present[n] = [k for k in present[n] if masks[n][k].any()]
         for n in names:
-            self._push_undo(n, [(None, self.masks.get(n))])
+            before = self.masks.get(n)
+            self.history.push(n, [(None, None if before is None else PackedMask.of(before))])
             self.masks[n] = masks[n].copy()  # later refines must not change the result handed out
         result = SegmentationResult(volume, masks, infos, ks, present, time.perf_counter() - t0)
         yield ProgressEvent("done", len(ks), len(ks), "done", result=result)
@@ -475,166 +318,32 @@ class Engine:
                 default: semi with a bundle, manual without.
             reset: forget the earlier prompts of this (class, slice) and start over.
 
-        Interactive, as SAM's own loop: a refine builds on what was placed before on the slice
-        (its earlier points, its box unless a new one is given, and the previous low-resolution
-        logits as the mask prompt), as long as the slice still holds the mask that refine wrote;
-        an edit made elsewhere (segment, undo, propagate, ``set_masks``) starts a new interaction.
-        Points (and a box) placed before are not added twice when a caller re-sends them all, as
-        Slicer's markups do. On a box-only backbone (LiteMedSAM) points edit the current mask
-        locally instead (see :meth:`_click_edits`) and a new box starts over.
-        Decoder-only on the cached embedding. The previous slice mask goes on the undo stack.
+        Interactive, as SAM's own loop (see :mod:`automedsam.refinement`): a refine builds on
+        what was placed before on the slice as long as the slice still holds the mask that refine
+        wrote; an edit made elsewhere (segment, undo, propagate, ``set_masks``) starts a new
+        interaction. Points placed before are not added twice when a caller re-sends them all, as
+        Slicer's markups do. Decoder-only on the cached embedding. One undo step.
         """
-        import torch
-
-        from .generators import decoder_prompts
-
-        k = self._check_slice(slice_index)
-        mode = mode or ("semi" if self.generator is not None else "manual")
+        k = self.store.check_slice(slice_index)
+        mode = mode or ("semi" if self.prompt_network is not None else "manual")
         if mode not in ("semi", "manual"):
             raise InvalidInputError(f"mode must be 'semi' or 'manual', got {mode!r}")
-        if mode == "semi" and self.generator is None:
+        if mode == "semi" and self.prompt_network is None:
             raise InvalidInputError("semi-automatic refine needs a model bundle; use mode='manual'")
         name = self.class_info(class_name).name
-        new_points, new_labels, new_box = self._manual_prompts(points, point_labels, box)
-        state = None if reset else self._interaction(name, k, mode)
-        if state is not None:  # a caller that re-sends every point (Slicer's markups) adds none twice
-            new_points, new_labels = _without_placed(new_points, new_labels, state)
-            if new_box is not None and state.box is not None and np.allclose(new_box, state.box):
-                new_box = None
-        if self.backbone.spec.box_only and (new_points is not None or (state is not None and new_box is None)):
-            mask = self._click_edits(name, k, mode, new_points, new_labels, new_box)
-            self._set_slices(name, {k: mask})
-            pts, lbl = _placed(state, new_points, new_labels)
-            box_now = new_box if new_box is not None else (state.box if state is not None else None)
-            self._interactions[(name, k)] = _Interaction(mode, pts, lbl, box_now, None, mask.copy())
-            return mask
-        pts, lbl = _placed(state, new_points, new_labels)
-        bx = new_box if new_box is not None else (state.box if state is not None else None)
-        if self.backbone.spec.box_only:  # a new box starts over: no points, no logits as mask prompt
-            pts = lbl = state = None
-        if mode == "manual" and pts is None and bx is None:
-            raise InvalidInputError("manual refine needs at least one point or a box")
-        with torch.inference_mode():
-            feats = self.features(k)
-            gen = self._generated_cached(name, k, feats) if mode == "semi" else None
-            previous = state.logits if state is not None else (
-                None if self.backbone.spec.box_only else self._automatic_low_res(name, k, mode))
-            sparse, dense = decoder_prompts(self.backbone, gen, pts, lbl, bx, masks=previous)
-            # A single click alone is ambiguous (SAM's advice): decode 3 candidates and keep the best.
-            multimask = gen is None and bx is None and previous is None and pts is not None and pts.shape[1] == 1
-            out = self.backbone.decode(feats, sparse, dense, multimask=multimask)
-            pick = int(out.iou[0].argmax()) if multimask else 0
-            logits = out.mask_logits[0, pick].float()
-        mask = (self.transform.logits_to_slice(logits.cpu()) > self.config.mask_threshold).numpy()
+        current = self.masks[name][k] if name in self.masks else None
+        mask = self.refiner.refine(name, k, current, points, point_labels, box, mode, reset)
         self._set_slices(name, {k: mask})
-        self._interactions[(name, k)] = _Interaction(mode, pts, lbl, bx, logits[None, None], mask.copy())
         return mask
-
-    def _click_edits(self, name: str, k: int, mode: str, points, labels, box) -> np.ndarray:
-        """Clicks on a backbone trained with boxes only (LiteMedSAM), whose masks get worse with
-        point prompts or its own logits as a mask prompt: each click edits the slice's current
-        mask locally. The model proposes the region at the click (its best of three candidates for
-        that single point); a + click adds the part of it outside the mask that touches the click, a -
-        click removes the part inside the mask that touches the click, both within twice the
-        click's distance to the mask's edge plus 2 voxels (and at least the click's voxel). Far
-        parts of the mask never change. The start is the slice's current mask, or what the box
-        (or, in semi mode, the learned prompts) decodes to when a box is given or the slice is
-        empty.
-        """
-        import torch
-        from scipy import ndimage
-
-        from .generators import decoder_prompts
-
-        current = self.masks.get(name)
-        mask = current[k].copy() if box is None and current is not None and current[k].any() else None
-        with torch.inference_mode():
-            feats = self.features(k)
-            if mask is None and (box is not None or mode == "semi"):
-                gen = self._generated_cached(name, k, feats) if mode == "semi" else None
-                sparse, dense = decoder_prompts(self.backbone, gen, None, None, box)
-                logits = self.backbone.decode(feats, sparse, dense).mask_logits[0, 0].float().cpu()
-                mask = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
-            if mask is None:
-                mask = np.zeros(self.require_volume().array.shape[1:3], bool)
-            if points is None:
-                return mask
-            voxels = self.transform.points_from_model(points[0])
-            jj, ii = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
-            for (x, y), (fi, fj), label in zip(points[0], voxels, labels[0], strict=True):
-                i, j = int(np.clip(round(fi), 0, mask.shape[1] - 1)), int(np.clip(round(fj), 0, mask.shape[0] - 1))
-                sparse, dense = self.backbone.embed_prompts(np.array([[[x, y]]]), np.array([[1]]))
-                out = self.backbone.decode(feats, sparse, dense, multimask=True)
-                best = int(out.iou[0].argmax())
-                proposal = (self.transform.logits_to_slice(out.mask_logits[0, best].float().cpu())
-                            > self.config.mask_threshold).numpy()
-                side = ~mask if label == 1 else mask  # where this click can change voxels
-                region = proposal & side
-                parts, _ = ndimage.label(region)
-                touched = parts == parts[j, i] if parts[j, i] else np.zeros_like(mask)
-                # Reach: a click far from the mask's edge fixes a large error, one next to it a
-                # sliver; the edit stays within twice that distance (plus 2 voxels) of the click.
-                depth = float(ndimage.distance_transform_edt(np.pad(side, 1))[1:-1, 1:-1][j, i])
-                near = (jj - j) ** 2 + (ii - i) ** 2 <= (2 * depth + 2) ** 2
-                touched = (touched & near) | ((jj - j) ** 2 + (ii - i) ** 2 <= 2)
-                mask = (mask | touched) if label == 1 else (mask & ~touched)
-        return mask
-
-    def _interaction(self, name: str, k: int, mode: str) -> _Interaction | None:
-        """The prompts placed so far on (class, slice), if the slice still shows their result."""
-        state = self._interactions.get((name, k))
-        current = self.masks.get(name)
-        if state is None or state.mode != mode or current is None or not np.array_equal(current[k], state.mask):
-            self._interactions.pop((name, k), None)
-            return None
-        return state
-
-    def _automatic_low_res(self, name: str, k: int, mode: str):
-        """The memoised automatic logits of (class, slice) when the slice still shows the automatic
-        result: the first semi refine then starts from it, as SAM's loop starts from its last mask."""
-        import torch
-
-        if mode != "semi" or (name, k) not in self._results or name not in self.masks:
-            return None
-        logits = self._results[(name, k)][1].float()
-        shown = (self.transform.logits_to_slice(logits) > self.config.mask_threshold).numpy()
-        if not np.array_equal(shown, self.masks[name][k]):
-            return None
-        return logits.to(self.backbone.device, torch.float32)[None, None]
-
-    def _manual_prompts(self, points, point_labels, box):
-        t = self.transform
-        pts = lbl = bx = None
-        if points is not None and len(points):
-            p = np.asarray(points, dtype=float)
-            if p.ndim == 1 and p.size == 2:
-                p = p[None]
-            if p.ndim != 2 or p.shape[1] != 2:
-                raise InvalidInputError(f"points must be (i, j) pairs, got an array of shape {p.shape}")
-            labels = np.ones(len(p), int) if point_labels is None else np.asarray(point_labels).reshape(-1)
-            if labels.shape != (len(p),) or not np.isin(labels, (0, 1)).all():
-                raise InvalidInputError(f"point_labels must be {len(p)} values of 1 (include) or 0 (exclude)")
-            t.check_points(p, "point")
-            pts, lbl = t.points_to_model(p)[None], labels[None]
-        if box is not None:
-            b = np.asarray(box, dtype=float).reshape(-1)
-            if b.shape != (4,) or b[0] > b[2] or b[1] > b[3]:
-                raise InvalidInputError(f"box must be (i0, j0, i1, j1) with i0 <= i1 and j0 <= j1, got {box}")
-            t.check_points(b.reshape(2, 2), "box corner")
-            bx = t.box_to_model(b)[None]
-        return pts, lbl, bx
 
     # ------------------------------------------------------------------------------- undo
-    def _push_undo(self, name: str, group: list[tuple[int | None, np.ndarray | None]]) -> None:
-        self._undo.setdefault(name, []).append(group)
-
     def _set_slices(self, name: str, new: dict[int, np.ndarray]) -> None:
         """Write slice masks for a class as one undoable step."""
         volume = self.require_volume()
         current = self.masks.get(name)
         if current is None:
             current = self.masks[name] = np.zeros(volume.array.shape[:3], bool)
-        self._push_undo(name, [(k, current[k].copy()) for k in new])
+        self.history.push(name, [(k, PackedMask.of(current[k])) for k in new])
         for k, m in new.items():
             current[k] = m
 
@@ -645,22 +354,30 @@ class Engine:
         is nothing to undo.
         """
         name = self.class_info(class_name).name
-        stack = self._undo.get(name)
-        if not stack:
+        group = self.history.pop(name)
+        if group is None:
             return None
-        group = stack.pop()
         changed: list[int] = []
         for k, old in reversed(group):
             if k is None:  # a whole-volume result replaced `old`
                 if old is None:
                     self.masks.pop(name, None)
                 else:
-                    self.masks[name] = old
+                    self.masks[name] = old.unpack()
                 changed = list(range(self.require_volume().num_slices))
             else:
-                self.masks[name][k] = old
+                self.masks[name][k] = old.unpack()
                 changed.append(k)
         return sorted(set(changed))
+
+    def can_undo(self, class_name: str) -> bool:
+        return self.history.can_undo(self.class_info(class_name).name)
+
+    def masks_of(self, class_name: str) -> np.ndarray:
+        """A copy of the class's ``(K, J, I)`` bool masks (all False where it has none)."""
+        volume = self.require_volume()
+        masks = self.masks.get(self.class_info(class_name).name)
+        return masks.copy() if masks is not None else np.zeros(volume.array.shape[:3], bool)
 
     def set_masks(self, class_name: str, masks: np.ndarray) -> None:
         """Replace a class's ``(K, J, I)`` bool masks with edits made elsewhere (e.g. in Slicer's
@@ -671,9 +388,6 @@ class Engine:
         if masks.shape != volume.array.shape[:3]:
             raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
         self.masks[self.class_info(class_name).name] = masks.astype(bool, copy=True)
-
-    def can_undo(self, class_name: str) -> bool:
-        return bool(self._undo.get(self.class_info(class_name).name))
 
     # -------------------------------------------------------------------------- propagate
     def propagate(self, class_name: str, from_slice: int, direction: str = "both",
@@ -687,7 +401,7 @@ class Engine:
         (increasing k), ``"backward"`` or ``"both"``. All slices written form one undo step.
         Events carry the slice just written. Bad input is refused when called, before any work.
         """
-        k0 = self._check_slice(from_slice)
+        k0 = self.store.check_slice(from_slice)
         if direction not in ("forward", "backward", "both"):
             raise InvalidInputError(f"direction must be forward, backward or both, got {direction!r}")
         if max_slices is not None and max_slices < 1:
@@ -697,6 +411,21 @@ class Engine:
         if seed is None or not seed[k0].any():
             raise InvalidInputError(f"slice {k0} has no mask for {name!r} to propagate; segment or refine it first")
         return self._propagate_events(name, k0, direction, max_slices, cancel)
+
+    def slice_source(self, class_name: str, from_slice: int) -> SliceSource:
+        """What propagation of a class from slice ``from_slice`` reads (see :mod:`automedsam.propagation`)."""
+        from .propagation import SliceSource
+
+        info = self.class_info(class_name)
+        learned = None
+        if self.prompt_network is not None:
+            def learned(k, feats, name=info.name):
+                return self.learned.prompts(name, k, feats)
+        c = self.config
+        return SliceSource(self.backbone, self.transform, self.require_volume().num_slices, self.store.model_input,
+                           self.store.features, learned, self.masks_of(info.name)[from_slice],
+                           info.type_modifier is not None, c.propagation, c.mask_threshold, c.objectness_threshold,
+                           c.stop_fraction)
 
     def _propagate_events(self, name: str, k0: int, direction: str, max_slices: int | None,
                           cancel: threading.Event | None) -> Iterator[ProgressEvent]:
@@ -708,7 +437,7 @@ class Engine:
         total = sum(min(limit, (n - 1 - k0) if s > 0 else k0) for s in steps)
         written: dict[int, np.ndarray] = {}
         yield ProgressEvent("start", 0, total, f"propagating {name} from slice {k0}")
-        for k, mask in propagate_slices(self, name, k0, steps, limit):
+        for k, mask in propagate_slices(self.slice_source(name, k0), k0, steps, limit):
             if cancel is not None and cancel.is_set():
                 yield ProgressEvent("cancelled", len(written), total, "cancelled; nothing was changed")
                 return
@@ -765,17 +494,12 @@ class Engine:
         from .bundle import backbone_for_bundle
 
         volume, masks = self.volume, self.masks
-        self.__init__(backbone_for_bundle(bundle, str(self.backbone.device)), bundle, self.config)
+        self._load(backbone_for_bundle(bundle, str(self.backbone.device)), bundle)
         if volume is not None:
             self.set_volume(volume)
             self.masks = masks
 
-    def masks_of(self, class_name: str) -> np.ndarray:
-        """A copy of the class's ``(K, J, I)`` bool masks (all False where it has none)."""
-        volume = self.require_volume()
-        masks = self.masks.get(self.class_info(class_name).name)
-        return masks.copy() if masks is not None else np.zeros(volume.array.shape[:3], bool)
-
+    # ---------------------------------------------------------------------- results, device
     def device_info(self) -> dict:
         """``{"device": "cpu" | "cuda:N", "gpu": {"name", "free_mb", "total_mb"} or None}``."""
         from .backbones import gpu_info
@@ -784,11 +508,12 @@ class Engine:
 
     def close(self) -> None:
         """Drop the volume, masks and cached embeddings (the model stays loaded)."""
-        self.volume, self.masks, self._features, self._undo = None, {}, {}, {}
-        self._interactions, self._prompts = {}, OrderedDict()
-        self.clear_result_cache()
+        self.store.clear()
+        self.masks = {}
+        self.history.clear()
+        self.learned.clear()
+        self.refiner.clear()
 
-    # ---------------------------------------------------------------------------- results
     def current_result(self, classes: Sequence[str] | None = None) -> SegmentationResult:
         """The engine's current masks (after segment, refine, propagate and undo) as a result."""
         volume = self.require_volume()

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .main import emit_json
+from .common import add_device_option, add_json_option, emit_json
 
 
 def register(sub) -> None:
@@ -21,8 +21,8 @@ def register(sub) -> None:
     pc.add_argument("id", help="backbone id (tiny-sam and tiny-sam2 are test-only, random weights)")
     pc.add_argument("--image", required=True, help="image file or DICOM folder")
     pc.add_argument("--weights", default=None, help="'random', a weights file, or the cached file (default)")
-    pc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    pc.add_argument("--json", action="store_true", help="print JSON")
+    add_device_option(pc)
+    add_json_option(pc)
     pc.set_defaults(handler=run_check)
 
 

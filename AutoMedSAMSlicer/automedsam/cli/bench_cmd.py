@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .main import emit_json
+from .common import add_device_option, emit_json
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--weights", default="auto", choices=["auto", "random", "cached"],
                    help="auto (default): the real weights where they are cached or ship in a package, else random")
     p.add_argument("--generator", default=DEFAULT_GENERATOR, choices=GENERATOR_KINDS, help="prompt generator")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
     p.set_defaults(handler=run)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .main import emit_json
+from .common import emit_json
 
 # TotalSegmentator's public test files, pinned by commit and sha256 (label ids as in its "total" task).
 _TS = ("https://raw.githubusercontent.com/wasserth/TotalSegmentator/c78d8800af7fe05b8efb3c4ed939db16b6c0be62/"
@@ -96,16 +96,14 @@ def check_weights(backbone_id: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..bundle import backbone_for_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..io import write_segmentation
     from ..metrics import evaluate_masks
-    from ..models import automedsam_home
+    from ..models import BackboneCatalog, automedsam_home
     from ..rescue import save_or_rescue
     from ..training import AugmentConfig, TrainConfig, embedding_cache_dir, load_case
-    from .progress import run_segment
-    from .train_cmd import run_training
+    from .common import run_segment, run_training
 
     t0 = time.perf_counter()
     if bool(args.image) != bool(args.labels):
@@ -126,12 +124,11 @@ def run(args: argparse.Namespace) -> int:
             f"{image_path} has {case.image.num_slices} slice(s); the demo teaches from some slices of a volume and "
             "scores the others, so it needs a 3-D image (a CT series or a NIfTI/NRRD volume), not a single slice")
     out.mkdir(parents=True, exist_ok=True)
-    random_backbone = backbone_id.startswith("tiny-")
+    random_backbone = BackboneCatalog.load().get(backbone_id).test_only  # its decoder must learn too
     epochs = args.epochs or (3 if args.smoke else 40)
     config = TrainConfig(
-        classes=DEMO_CLASSES, generator=args.generator, backbone=backbone_id,
-        weights="random" if random_backbone else None, device=args.device, epochs=epochs, lr=args.lr,
-        finetune_decoder=args.finetune_decoder,
+        classes=DEMO_CLASSES, generator=args.generator, backbone=backbone_id, device=args.device, epochs=epochs,
+        lr=args.lr, finetune_decoder=args.finetune_decoder,
         decoder_lr=args.decoder_lr or (3e-4 if random_backbone else 1e-5),
         train_slices=args.train_slices, val_slices=None, augment=AugmentConfig(copies=2),
         # Scored once, after the last epoch: the reported slices never pick the weights.
@@ -143,8 +140,7 @@ def run(args: argparse.Namespace) -> int:
     taught = final.bundle.manifest["training"]["train_slices"][case.name]
     held_out = [k for k in range(case.image.num_slices) if k not in set(taught)]
 
-    engine = Engine(backbone_for_bundle(final.bundle, args.device), final.bundle,
-                    EngineConfig(cache_dir=str(embedding_cache_dir(config))))
+    engine = Engine.from_bundle(final.bundle, args.device, EngineConfig(cache_dir=str(embedding_cache_dir(config))))
     engine.set_volume(case.image)
     result = run_segment(engine, list(DEMO_CLASSES))
     seg_path = write_segmentation(result.to_segmentation(), out / "demo.seg.nrrd")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .main import emit_json
+from .common import add_json_option, emit_json
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--ref", action="append", required=True, help="reference label map or .seg.nrrd for each --pred")
     p.add_argument("--classes", help="e.g. liver=5,spleen=1 (default: all reference labels)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     p.set_defaults(handler=run)
 
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .cases import add_case_arguments, check_case_arguments, load_cases
-from .main import emit_json
+from .common import add_json_option, emit_json
 
 
 def register(sub) -> None:
@@ -31,26 +31,21 @@ def register(sub) -> None:
     p.add_argument("--propagation", action="store_true", help="also score propagation from one slice per class")
     p.add_argument("--window", default="abdomen", help="CT window preset without --model, or 'mr'")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     p.set_defaults(handler=run)
 
 
 def _engine(args: argparse.Namespace):
-    from ..backbones import build_backbone
-    from ..bundle import backbone_for_bundle, load_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..preprocess import IntensityConfig
 
     if args.model:
-        bundle = load_bundle(args.model)
-        return Engine(backbone_for_bundle(bundle, args.device), bundle, EngineConfig(cleanup="none"))
+        return Engine.from_bundle(args.model, args.device, EngineConfig(cleanup="none"))
     if args.start == "auto":
         raise InvalidInputError("--start auto needs a model bundle (--model); without one use --start box")
     intensity = IntensityConfig.mr() if args.window == "mr" else IntensityConfig.ct(args.window)
-    weights = "random" if args.backbone.startswith("tiny-") else None
-    return Engine(build_backbone(args.backbone, weights=weights, device=args.device),
-                  config=EngineConfig(cleanup="none", intensity=intensity))
+    return Engine.manual(args.backbone, args.device, config=EngineConfig(cleanup="none", intensity=intensity))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     classes = canonical_class_mapping(parse_class_mapping(args.classes))
     cases = load_cases(args)
     engine = _engine(args)
-    if engine.generator is not None:
+    if engine.prompt_network is not None:
         for name in classes:
             engine.class_info(name)  # classes the bundle does not know fail before any model work
     report: dict = {"start": args.start, "clicks": args.clicks, "target_dsc": protocol.target_dsc,

@@ -6,7 +6,7 @@ import argparse
 
 import numpy as np
 
-from .main import emit_json
+from .common import add_json_option, emit_json
 
 
 def register(sub) -> None:
@@ -18,7 +18,7 @@ def register(sub) -> None:
                                    "box (min/max voxel index, (i, j, k) order of the image grid) is listed.")
     p.add_argument("path", help="image file or DICOM series folder")
     p.add_argument("--labels", help="label map or .seg.nrrd of the same patient (any voxel order)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(p)
     p.set_defaults(handler=run)
 
 

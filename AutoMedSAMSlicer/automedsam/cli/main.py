@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -12,11 +11,6 @@ from .. import __version__
 from ..errors import AutoMedSAMError, InvalidInputError, WeightsUnavailableError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
-
-
-def emit_json(data) -> None:
-    """Print one JSON document on stdout (the machine-readable output of ``--json``)."""
-    print(json.dumps(data, indent=2, allow_nan=False))  # strict JSON: NaN/Infinity are a bug here
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .main import emit_json
+from .common import add_json_option, emit_json
 
 
 def register(sub) -> None:
@@ -13,7 +13,7 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     pl = msub.add_parser("list", help="list catalog backbones and whether their weights are cached")
-    pl.add_argument("--json", action="store_true", help="print JSON")
+    add_json_option(pl)
     pl.set_defaults(handler=run_list)
 
     pd = msub.add_parser("download", help="download a backbone's weights (resumable, sha256-verified)")

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .main import emit_json
+from .common import add_device_option, emit_json
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="model bundle (folder or .zip)")
     p.add_argument("--classes", required=True, help="comma-separated class names, e.g. liver,spleen")
     p.add_argument("-o", "--output", required=True, help="output .seg.nrrd, .nii.gz or .nrrd")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--slices", help="slice selection (k): start:stop[:step] or a comma list; default all")
     p.add_argument("--no-cleanup", action="store_true", help="keep every connected component (default: largest)")
     p.add_argument("--cache-dir", help="reuse image embeddings across runs from this folder")
@@ -30,12 +30,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundle import backbone_for_bundle, load_bundle
+    from ..bundle import load_bundle
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..io import check_output, read_image, write_segmentation
     from ..selection import parse_slices
-    from .progress import run_segment
+    from .common import run_segment
 
     out = check_output(args.output, args.overwrite)  # before segmenting, not after
     if out.exists() and Path(args.input).exists() and os.path.samefile(out, args.input):
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     for name in names:
         bundle.class_index(name)  # unknown classes fail before any model work
-    engine = Engine(backbone_for_bundle(bundle, args.device), bundle,
-                    EngineConfig(cleanup="none" if args.no_cleanup else "largest_component", cache_dir=args.cache_dir))
+    engine = Engine.from_bundle(bundle, args.device, EngineConfig(
+        cleanup="none" if args.no_cleanup else "largest_component", cache_dir=args.cache_dir))
     engine.set_volume(volume)
     result = run_segment(engine, names, slices)
     for message in engine.messages:

@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+from .common import add_device_option
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -21,7 +23,7 @@ def register(sub) -> None:
                    help="port (default 0: a free one, reported on stdout)")
     p.add_argument("--token", help="bearer token clients must send (default: a random one)")
     p.add_argument("--token-file", help="read the token from this file (keeps it out of the process list)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_device_option(p)
     p.add_argument("--max-upload-mb", type=_bounded(1, 1 << 20), default=1024,
                    help="largest accepted volume, labels or masks upload (MB)")
     p.add_argument("--max-bundle-mb", type=_bounded(1, 1 << 20), default=1024,

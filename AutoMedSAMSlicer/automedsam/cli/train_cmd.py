@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from .cases import add_case_arguments, check_case_arguments, load_cases
-from .main import emit_json
+from .common import emit_json, run_training
 
 
 def register(sub) -> None:
@@ -64,9 +63,7 @@ def config_from_args(args: argparse.Namespace):
         raise InvalidInputError(f"--val-cases {args.val_cases!r} must be case indices such as 0 or 1,3") from None
     if any(not 0 <= n < len(args.image) for n in val_cases):
         raise InvalidInputError(f"--val-cases {args.val_cases!r}: there are cases 0..{len(args.image) - 1}")
-    weights = args.weights if args.weights not in (None, "cached") else None
-    if weights is None and args.backbone.startswith("tiny-"):
-        weights = "random"
+    weights = args.weights if args.weights not in (None, "cached") else None  # test-only backbones: random
     return TrainConfig(
         classes=parse_class_mapping(args.classes), generator=args.generator, backbone=args.backbone, weights=weights,
         device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr,
@@ -74,40 +71,6 @@ def config_from_args(args: argparse.Namespace):
         train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
         intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
         name=args.name or Path(args.output).expanduser().resolve().stem)
-
-
-def run_training(config, cases, quiet: bool = False):
-    """Run training with tqdm progress on stderr; returns the final event."""
-    from tqdm import tqdm
-
-    from ..training import train
-
-    encode_bar = epoch_bar = None
-    final = None
-    try:
-        for event in train(config, cases):
-            if event.stage == "encode":
-                encode_bar = encode_bar or tqdm(total=event.steps, desc="encode", unit="slice", file=sys.stderr,
-                                                disable=quiet)
-                encode_bar.update(event.step - encode_bar.n)
-            elif event.stage in ("step", "epoch", "validate"):
-                if encode_bar is not None and not encode_bar.disable:
-                    encode_bar.close()  # encoding is over: keep its final time on screen
-                epoch_bar = epoch_bar or tqdm(total=event.epochs, desc="train", unit="epoch", file=sys.stderr,
-                                              disable=quiet)
-                post = {"loss": event.losses.get("total")}
-                if event.metrics:
-                    post["val_dsc"] = round(sum(m["dsc"] for m in event.metrics.values()) / len(event.metrics), 3)
-                epoch_bar.set_postfix(post, refresh=False)
-                if event.stage == "epoch":
-                    epoch_bar.update(event.epoch - epoch_bar.n)
-            elif event.stage in ("done", "cancelled"):
-                final = event
-    finally:
-        for bar in (encode_bar, epoch_bar):
-            if bar is not None:
-                bar.close()
-    return final
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import AutoMedSAMError, NotFoundError, ServiceLimitError
-from ..models import DEFAULT_BACKBONE
 from .protocol import error_status, result_to_json
 
 log = logging.getLogger(__name__)
@@ -157,21 +156,16 @@ class WorkerState:
         # A bundle rewritten under the same name (a class taught again) is a new model.
         stamp = (os.stat(bundle_path).st_mtime_ns, os.stat(bundle_path).st_size) if bundle_path else None
         key = (bundle_path, stamp, backbone, device)
-        entry = self.models.get(key)  # a local reference: a session deleted meanwhile may evict the key
-        if entry is None:
-            from ..backbones import build_backbone
-            from ..bundle import backbone_for_bundle, load_bundle
+        engine = self.models.get(key)  # a local reference: a session deleted meanwhile may evict the key
+        if engine is None:
+            from ..bundle import load_bundle
 
             if bundle_path:
-                b = load_bundle(bundle_path, self.bundles.max_weights_bytes)
-                entry = (backbone_for_bundle(b, device), b)
-            elif backbone:
-                weights = "random" if backbone.startswith("tiny-") else None
-                entry = (build_backbone(backbone, weights=weights, device=device), None)
-            else:  # manual mode on the default backbone
-                entry = (build_backbone(DEFAULT_BACKBONE, device=device), None)
-            self.models[key] = entry
-        return Engine(*entry), key
+                engine = Engine.from_bundle(load_bundle(bundle_path, self.bundles.max_weights_bytes), device)
+            else:  # manual mode on the given backbone, or the default one
+                engine = Engine.manual(backbone, device)
+            self.models[key] = engine
+        return engine.sibling(), key
 
     def _forget_unused_models(self) -> None:
         """Drop cached models no session uses any more (called with ``self.lock`` held), so memory

@@ -1,9 +1,10 @@
-"""Teaching a class: train a prompt generator (and optionally the mask decoder) on a frozen encoder.
+"""Teaching a class: train a prompt network (and optionally the mask decoder) on a frozen encoder.
 
 ``train(config, cases)`` is a generator of :class:`TrainEvent` (prepare, encode, step, epoch,
-validate, checkpoint, done / cancelled). Validation runs the real :class:`~automedsam.engine.Engine`
-on the held-out slices with the weights of the moment, so the reported DSC/NSD are exactly what
-``automedsam segment --no-cleanup`` reproduces with the written bundle (the best epoch's weights).
+validate, checkpoint, done / cancelled). Validation runs the engine's automatic segmentation
+(:class:`~automedsam.automatic.LearnedPrompts`) on the held-out slices with the weights of the
+moment, so the reported DSC/NSD are exactly what ``automedsam segment --no-cleanup`` reproduces
+with the written bundle (the best epoch's weights).
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     """Train and yield events; the final ``done`` event carries the bundle (best validation epoch)."""
     import torch
 
+    from ..automatic import LearnedPrompts
     from ..backbones import build_backbone
     from ..bundle import create_bundle
     from ..classes import resolve_class
-    from ..engine import Engine, EngineConfig
+    from ..embeddings import EmbeddingStore
     from ..generators import build_generator, default_config
     from .losses import DIFFUSION_TERMS, UncertaintyWeights
 
@@ -171,15 +173,14 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                                   eps=recipe["eps"])
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.9, patience=5)
                  if config.generator == "diffusion" else None)
-    engines = []
+    validators = []
     for s in split:
         if s.val_slices:
             # Same intensity as training; embeddings cached on disk, so a later segment of the
             # same volume (the demo, a rerun) does not encode the held-out slices again.
-            e = Engine(backbone, None, EngineConfig(intensity=config.intensity,
-                                                    cache_dir=str(embedding_cache_dir(config))))
-            e.set_volume(s.case.image)
-            engines.append((e, s))
+            store = EmbeddingStore(backbone, cache_dir=str(embedding_cache_dir(config)))
+            store.set_volume(s.case.image, config.intensity)
+            validators.append((LearnedPrompts(store, result_cache_bytes=0), s))
 
     start_epoch, best, history = 1, None, []
     run = {"classes": config.classes, "generator": config.generator, "backbone": backbone.id,
@@ -237,8 +238,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                 mean = {k: round(v / (step + 1), 5) for k, v in sums.items()}
                 yield TrainEvent("step", epoch, config.epochs, step + 1, steps, losses=mean)
             record = {"epoch": epoch, "losses": mean, "seconds": round(time.perf_counter() - t0, 1)}
-            if engines and (epoch % config.validate_every == 0 or epoch == config.epochs):
-                metrics = _validate(engines, generator, backbone, classes, config, names)
+            if validators and (epoch % config.validate_every == 0 or epoch == config.epochs):
+                metrics = _validate(validators, generator, classes, config, names)
                 record["validation"] = metrics
                 score = float(np.mean([m["dsc"] for m in metrics.values()]))
                 if scheduler is not None:
@@ -409,9 +410,10 @@ class _PairSteps:
         return diffusion_loss(gen, final, target, present, t_sparse, t_dense, self.weighting)
 
 
-def _validate(engines, generator, backbone, classes, config: TrainConfig, names) -> dict:
-    """Engine segmentation of the held-out slices with the current weights; DSC/NSD per class over
-    the stack of held-out slices (z spacing = the median gap between them, in mm)."""
+def _validate(validators, generator, classes, config: TrainConfig, names) -> dict:
+    """Automatic segmentation of the held-out slices with the current weights, as the engine's
+    (without 3-D cleanup); DSC/NSD per class over the stack of held-out slices (z spacing = the
+    median gap between them, in mm)."""
     import torch
 
     from ..metrics import dice, normalized_surface_dice
@@ -419,16 +421,21 @@ def _validate(engines, generator, backbone, classes, config: TrainConfig, names)
     was_training = generator.training
     generator.eval()
     scores: dict[str, dict[str, list[float]]] = {n: {"dsc": [], "nsd": []} for n in names}
-    for engine, split in engines:
-        engine.use_generator(generator, classes)
-        with torch.no_grad():
-            result = engine.segment_volume(names, split.val_slices, cleanup="none")
+    for learned, split in validators:
+        learned.use(generator, classes)  # new weights: nothing memoised is valid
         ks = split.val_slices
         volume = split.case.image
+        predicted = {n: np.zeros((len(ks), *volume.array.shape[1:3]), bool) for n in names}
+        with torch.no_grad():
+            for start in range(0, len(ks), learned.store.batch_size):
+                learned.store.encode(ks[start:start + learned.store.batch_size])
+            for row, k in enumerate(ks):
+                for name, mask in learned.slice_masks(k, names, 0.0, 0.0).items():
+                    predicted[name][row] = mask
         gap = float(np.median(np.diff(ks))) if len(ks) > 1 else 1.0
         spacing = (volume.spacing[2] * gap, volume.spacing[1], volume.spacing[0])
         for name, value in config.classes.items():
-            pred = result.masks[name][ks]
+            pred = predicted[name]
             ref = split.case.labels.array[ks] == value
             scores[name]["dsc"].append(dice(pred, ref))
             scores[name]["nsd"].append(normalized_surface_dice(pred, ref, spacing, config.tolerance_mm))
