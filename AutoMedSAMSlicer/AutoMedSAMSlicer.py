@@ -53,7 +53,7 @@ class AutoMedSAMSlicer(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Tick organ or lesion classes and get labelled segments without drawing. Fix a mask with +/- points "
             "or a box, carry a corrected slice to its neighbours, and teach new classes from a few drawn slices. "
-            "SAM, MedSAM and SAM 2.1 backbones driven by learned prompt generators (Sam2Rad PPN, AutoMedSAM "
+            "SAM, MedSAM and SAM 2.1 backbones driven by learned prompt networks (Sam2Rad PPN, AutoMedSAM "
             "diffusion prompt encoder). See the <a href=\"https://github.com/automedsam/AutoMedSAMSlicer\">"
             "documentation</a>.")
         self.parent.acknowledgementText = _(
@@ -501,8 +501,9 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def startTeach(self) -> None:
         p = self._parameterNode
-        job = self.logic.teach(p.inputVolume, p.outputSegmentation, generator=p.teachGenerator, epochs=p.teachEpochs,
-                               waitForCompletion=False, model=p.modelPath or None, device=p.device)
+        job = self.logic.teach(p.inputVolume, p.outputSegmentation, promptNetwork=p.teachPromptNetwork,
+                               epochs=p.teachEpochs, waitForCompletion=False, model=p.modelPath or None,
+                               device=p.device)
         self.startJob(job, self.onTeachDone)
 
     def onTeachDone(self, bundlePath) -> None:

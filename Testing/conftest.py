@@ -74,12 +74,12 @@ def make_bundle(tmp_path_factory):
             from automedsam.backbones import build_backbone
             from automedsam.bundle import create_bundle
             from automedsam.classes import default_class_catalog
-            from automedsam.generators import build_generator, default_config
             from automedsam.preprocess import IntensityConfig
+            from automedsam.prompt_networks import build_prompt_network, default_config
 
             backbone = build_backbone(backbone_id, weights="random", device="cpu")
             classes = [default_class_catalog().get(c) for c in BUNDLE_CLASSES]
-            gen = build_generator(kind, default_config(kind, backbone, len(classes)))
+            gen = build_prompt_network(kind, default_config(kind, backbone, len(classes)))
             bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"test-{backbone_id}-{kind}",
                                    decoder_finetuned=decoder_finetuned)
             path = tmp_path_factory.mktemp("bundles") / f"{backbone_id}-{kind}-{int(decoder_finetuned)}.zip"

@@ -12,13 +12,13 @@ from automedsam.backbones import build_backbone
 from automedsam.bundle import backbone_for_bundle, create_bundle, load_bundle
 from automedsam.classes import default_class_catalog
 from automedsam.errors import InvalidInputError, WeightsLoadError
-from automedsam.generators import build_generator, default_config
 from automedsam.preprocess import IntensityConfig
+from automedsam.prompt_networks import build_prompt_network, default_config
 
 
 def test_zip_and_folder_round_trip_reproduce_the_generator(tmp_path, tiny_sam2):
     classes = [default_class_catalog().get(c) for c in ("liver", "spleen")]
-    gen = build_generator("diffusion", default_config("diffusion", tiny_sam2, 2)).eval()
+    gen = build_prompt_network("diffusion", default_config("diffusion", tiny_sam2, 2)).eval()
     bundle = create_bundle(tiny_sam2, gen, classes, IntensityConfig.ct("abdomen"), name="rt",
                            metrics={"liver": {"dsc": 0.9}})
     emb = tiny_sam2.encode(torch.rand(1, 256, 256, 3)).embeddings
@@ -28,7 +28,7 @@ def test_zip_and_folder_round_trip_reproduce_the_generator(tmp_path, tiny_sam2):
         assert loaded.manifest["metrics"] == {"liver": {"dsc": 0.9}}
         assert [c.name for c in loaded.classes] == ["liver", "spleen"]
         assert loaded.intensity == IntensityConfig.ct("abdomen")
-        torch.testing.assert_close(loaded.build_generator()(emb, None, torch.tensor([1])).dense, expected)
+        torch.testing.assert_close(loaded.build_prompt_network()(emb, None, torch.tensor([1])).dense, expected)
     assert sorted(p.name for p in (tmp_path / "b_folder").iterdir()) == ["manifest.json", "weights.safetensors"]
 
 
@@ -79,14 +79,14 @@ def test_strict_keys_when_config_and_weights_disagree(make_bundle):
     bundle = load_bundle(make_bundle("tiny-sam2", "ppn"))
     bundle.manifest["generator"]["config"]["num_tokens"] = 4  # shapes no longer fit the weights
     with pytest.raises(WeightsLoadError, match="generator"):
-        bundle.build_generator()
+        bundle.build_prompt_network()
 
 
 def test_finetuned_decoder_travels_with_the_bundle(tmp_path):
     backbone = build_backbone("tiny-sam", weights="random", device="cpu")
     with torch.no_grad():
         backbone.mask_decoder.iou_token.weight.add_(1.0)
-    gen = build_generator("ppn", default_config("ppn", backbone, 1))
+    gen = build_prompt_network("ppn", default_config("ppn", backbone, 1))
     bundle = create_bundle(backbone, gen, [default_class_catalog().get("liver")], IntensityConfig.ct(),
                            name="ft", decoder_finetuned=True)
     loaded = load_bundle(bundle.save(tmp_path / "ft.zip"))
@@ -96,7 +96,7 @@ def test_finetuned_decoder_travels_with_the_bundle(tmp_path):
 
 def test_diverged_weights_never_become_a_bundle(tiny_sam2):
     classes = [default_class_catalog().get("liver")]
-    gen = build_generator("classmap", default_config("classmap", tiny_sam2, 1))
+    gen = build_prompt_network("classmap", default_config("classmap", tiny_sam2, 1))
     with torch.no_grad():
         next(gen.parameters()).fill_(float("nan"))
     with pytest.raises(InvalidInputError, match="NaN or infinite"):

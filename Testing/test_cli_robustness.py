@@ -158,11 +158,11 @@ def test_a_failure_late_in_training_keeps_the_epochs_and_resume_finishes(tmp_pat
     real_validate = loop._validate
     calls = []
 
-    def fails_at_epoch_2(engines, generator, *args, **kwargs):
-        calls.append({k: v.detach().clone() for k, v in generator.state_dict().items()})
+    def fails_at_epoch_2(engines, prompt_network, *args, **kwargs):
+        calls.append({k: v.detach().clone() for k, v in prompt_network.state_dict().items()})
         if len(calls) == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real_validate(engines, generator, *args, **kwargs)
+        return real_validate(engines, prompt_network, *args, **kwargs)
 
     monkeypatch.setattr(loop, "_validate", fails_at_epoch_2)
     args = train_args(case, "--classes", "liver=5", "-o", str(out))

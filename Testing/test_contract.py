@@ -194,3 +194,14 @@ def test_teach_saves_the_bundle_and_uses_it(open_engine, ct, ct_dir, tmp_path):
 def test_device_info(open_engine):
     info = open_engine().device_info()
     assert info["device"].startswith("cpu") and info["gpu"] is None
+
+
+def test_every_request_model_field_is_a_parameter_of_its_contract_method():
+    """The worker calls the engine with a request's fields as keyword arguments, so adding a
+    parameter means the contract, the engine, the client and one request model, nothing else."""
+    from automedsam.service import protocol as p
+
+    for model, method in ((p.SegmentRequest, "segment"), (p.RefineRequest, "refine"),
+                          (p.PropagateRequest, "propagate"), (p.TeachRequest, "teach")):
+        parameters = inspect.signature(getattr(SegmentationEngine, method)).parameters
+        assert set(model.model_fields) <= set(parameters), (model.__name__, set(model.model_fields) - set(parameters))

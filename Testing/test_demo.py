@@ -23,7 +23,7 @@ def test_smoke_demo_runs_the_whole_pipeline_on_local_files(ct_dir, tmp_path, cap
     assert summary["taught_slices"] == list(range(1, 30, 3)) and summary["evaluated_slices"] == 20
     assert set(summary["validation"]) == {"liver", "spleen", "left_kidney", "right_kidney"}
     assert all(set(m) == {"dsc", "nsd"} for m in summary["validation"].values())
-    assert summary["backbone"] == "tiny-sam2" and summary["generator"] == "classmap" and summary["seconds"] > 0
+    assert summary["backbone"] == "tiny-sam2" and summary["prompt_network"] == "classmap" and summary["seconds"] > 0
     seg = read_segmentation(out / "demo.seg.nrrd")
     assert seg.grid.same_grid(read_image(ct_dir / "ct_lowres.nii.gz"))
     assert (out / "demo_bundle.zip").is_file()

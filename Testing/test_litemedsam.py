@@ -126,7 +126,7 @@ def test_classmap_taught_from_three_slices_segments_held_out_slices(lite, case, 
     config = TrainConfig(classes={"Liver": 5, "spleen": 1}, device="cpu", epochs=30, train_slices="1::3",
                          val_slices=None, augment=AugmentConfig(copies=0), validate_every=30,
                          cache_dir=str(tmp_path / "cache"))
-    assert (config.backbone, config.generator, config.finetune_decoder) == ("litemedsam", "classmap", False)
+    assert (config.backbone, config.prompt_network, config.finetune_decoder) == ("litemedsam", "classmap", False)
     done = list(train(config, [Case(part, labels, "part")]))[-1]
     assert done.stage == "done" and set(done.metrics) == {"liver", "spleen"}
     assert done.metrics["liver"]["dsc"] >= 0.85 and done.metrics["spleen"]["dsc"] >= 0.85

@@ -26,7 +26,7 @@ def case(ct_dir):
 
 
 def small_config(tmp_path, **kw):
-    base = dict(classes={"liver": 5, "spleen": 1}, generator="ppn", backbone="tiny-sam2", weights="random",
+    base = dict(classes={"liver": 5, "spleen": 1}, prompt_network="ppn", backbone="tiny-sam2", weights="random",
                 device="cpu", epochs=1, train_slices="12:16", augment=AugmentConfig(copies=1),
                 cache_dir=str(tmp_path / "cache"), lr=1e-3)
     return TrainConfig(**(base | kw))
@@ -49,14 +49,14 @@ def test_splits_never_leak(case):
         split_slices([case], "0:30")
 
 
-@pytest.mark.parametrize("generator", ["classmap", "ppn", "diffusion"])
-def test_training_yields_events_and_a_bundle_that_reproduces_its_validation(case, tmp_path, generator):
-    config = small_config(tmp_path, generator=generator)
+@pytest.mark.parametrize("prompt_network", ["classmap", "ppn", "diffusion"])
+def test_training_yields_events_and_a_bundle_that_reproduces_its_validation(case, tmp_path, prompt_network):
+    config = small_config(tmp_path, prompt_network=prompt_network)
     events, done = run_to_end(config, [case])
     stages = [e.stage for e in events]
     assert stages[0] == "prepare" and "encode" in stages and "step" in stages and stages[-1] == "done"
     assert {"liver", "spleen"} == set(done.metrics)
-    bundle = load_bundle(done.bundle.save(tmp_path / f"{generator}.zip"))
+    bundle = load_bundle(done.bundle.save(tmp_path / f"{prompt_network}.zip"))
     facts = bundle.manifest["training"]
     assert facts["train_slices"]["ct_lowres.nii.gz"] == [12, 13, 14, 15]
     assert 12 not in facts["val_slices"]["ct_lowres.nii.gz"]
@@ -102,9 +102,9 @@ def test_class_names_resolve_through_the_catalog_everywhere(case, tmp_path):
     with pytest.raises(InvalidInputError, match="given twice"):
         small_config(tmp_path, classes={"kidney_right": 2, "right_kidney": 3})
     with pytest.raises(InvalidInputError, match="decoder"):
-        small_config(tmp_path, generator="classmap", finetune_decoder=True)
+        small_config(tmp_path, prompt_network="classmap", finetune_decoder=True)
     # Training with the TotalSegmentator spelling validates and bundles under the catalog's names.
-    _, done = run_to_end(small_config(tmp_path, generator="classmap", classes={"kidney_right": 2, "Liver": 5}),
+    _, done = run_to_end(small_config(tmp_path, prompt_network="classmap", classes={"kidney_right": 2, "Liver": 5}),
                          [case])
     assert set(done.metrics) == {"right_kidney", "liver"}
     assert [c.name for c in done.bundle.classes] == ["right_kidney", "liver"]
@@ -133,7 +133,7 @@ def test_train_cli_writes_a_bundle_and_a_json_summary(ct_dir, tmp_path, capsys, 
     assert code == 0, captured.err
     summary = json.loads(captured.out)
     assert set(summary["validation"]) == {"liver"} and summary["bundle"] == str(out)
-    assert load_bundle(out).generator_type == "diffusion"
+    assert load_bundle(out).prompt_network_kind == "diffusion"
     assert run(["train", "--image", "a.nii", "--image", "b.nii", "--labels", "l.nii", "--classes", "liver=5",
                 "-o", str(tmp_path / "x.zip")]) == 2
     assert "2 --image but 1 --labels" in capsys.readouterr().err

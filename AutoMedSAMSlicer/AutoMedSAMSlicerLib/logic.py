@@ -293,10 +293,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return self.history.canUndo(segmentationNode)
 
     # ---------------------------------------------------------------------------------- teach
-    def teach(self, volumeNode, segmentationNode, segments=None, generator: str = "classmap", epochs: int = 40,
+    def teach(self, volumeNode, segmentationNode, segments=None, promptNetwork: str = "classmap", epochs: int = 40,
               outputPath: str | None = None, waitForCompletion: bool = True, progressCallback: Callable | None = None,
               model: str | None = None, device: str | None = None, decoderLearningRate: float = 1e-5):
-        """Train a prompt generator from segments drawn or corrected on a few slices of ``volumeNode``.
+        """Train a prompt network from segments drawn or corrected on a few slices of ``volumeNode``.
 
         ``segments``: segment names (or ``{segment name: class name}``); default all segments. Only
         slices with any of them are used. The new bundle is saved to ``outputPath`` (default: the
@@ -318,7 +318,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             yield {"stage": "prepare", "done": 0, "total": 1, "message": "starting AutoMedSAM, sending the volume"}
             engine = ready["engine"] = self.engine(model, device)
             self._sendVolume(engine, key, volume)
-            yield from self._call(engine, lambda e: e.teach(labels, classes, target, prompt_network=generator,
+            yield from self._call(engine, lambda e: e.teach(labels, classes, target, prompt_network=promptNetwork,
                                                             epochs=epochs, train_slices=trainSlices,
                                                             decoder_lr=decoderLearningRate, name="taught-in-slicer",
                                                             cancel=cancel))

@@ -21,7 +21,7 @@ class AutoMedSAMSlicerParameterNode:
     positivePoints / negativePoints / promptBox - the refine prompts, placed on slice views (world RAS).
     backend - worker (local process, default), remote (server URL + token) or inprocess.
     serverUrl - the remote server's URL (its token is never stored in the scene).
-    teachGenerator / teachEpochs - how Teach trains.
+    teachPromptNetwork / teachEpochs - how Teach trains.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -37,5 +37,5 @@ class AutoMedSAMSlicerParameterNode:
     promptBox: vtkMRMLMarkupsROINode
     backend: Annotated[str, Choice(["worker", "remote", "inprocess"])] = "worker"
     serverUrl: str = ""
-    teachGenerator: Annotated[str, Choice(["classmap", "ppn", "diffusion"])] = "classmap"
+    teachPromptNetwork: Annotated[str, Choice(["classmap", "ppn", "diffusion"])] = "classmap"
     teachEpochs: Annotated[int, WithinRange(1, 1000)] = 40

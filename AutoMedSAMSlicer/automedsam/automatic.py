@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from .backbones import ImageFeatures
     from .embeddings import EmbeddingStore
-    from .generators import GeneratedPrompts
+    from .prompt_networks import GeneratedPrompts
 
 
 class ResultMemo:
@@ -106,7 +106,7 @@ class LearnedPrompts:
         """Objectness ``(C,)`` and low-resolution mask logits ``(C, L, L)`` (CPU) on slice k."""
         import torch
 
-        from .generators import decoder_prompts
+        from .prompt_networks import decoder_prompts
 
         todo = [n for n in names if (n, k) not in self.memo]
         if todo:

@@ -12,7 +12,7 @@ For each backbone (random weights unless ``weights`` names cached ones) and a vo
 - ``naive_s_5_classes``: the naive way: stock predictor ``set_image`` + ``predict`` per slice per class
   (LiteMedSAM: its own reference inference, encoder included, per slice and class).
 - ``cached_resegment_decode_s``: ``segment`` of the 5 classes again on the cached embeddings
-  (generator and decoder run again); ``cached_resegment_s``: once more, with the engine's memoised
+  (prompt network and decoder run again); ``cached_resegment_s``: once more, with the engine's memoised
   automatic results as well (what a user re-running segment with other options gets).
 - ``peak_rss_mb``: the process's peak resident memory so far.
 - ``service_refine_ms_p50/p95`` and ``service_overhead_ms_p50``: the same click-to-mask through a
@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import __version__
-from .generators import DEFAULT_GENERATOR
+from .prompt_networks import DEFAULT_PROMPT_NETWORK
 from .volume import Volume
 
 BENCH_CLASSES = ("liver", "spleen", "left_kidney", "right_kidney", "pancreas")
@@ -130,7 +130,7 @@ def _uint8_rgb(engine, k: int) -> np.ndarray:
 
 
 def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, device: str = "cpu",
-                   weights: str | None = "random", generator: str = DEFAULT_GENERATOR,
+                   weights: str | None = "random", prompt_network: str = DEFAULT_PROMPT_NETWORK,
                    service: bool = False) -> dict:
     """Measure one backbone (see the module docstring); ``service`` adds refine through a worker."""
     import torch
@@ -139,12 +139,12 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     from .bundle import create_bundle
     from .classes import default_class_catalog
     from .engine import Engine
-    from .generators import build_generator, default_config
     from .preprocess import IntensityConfig
+    from .prompt_networks import build_prompt_network, default_config
 
     backbone = build_backbone(backbone_id, weights=weights, device=device)
     classes = [default_class_catalog().get(c) for c in BENCH_CLASSES]
-    gen = build_generator(generator, default_config(generator, backbone, len(classes)))
+    gen = build_prompt_network(prompt_network, default_config(prompt_network, backbone, len(classes)))
     bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"bench-{backbone_id}")
     n, k_mid = volume.num_slices, volume.num_slices // 2
     height, width = volume.array.shape[1:3]
@@ -168,7 +168,7 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     encode_s = time.perf_counter() - t
     e5.segment_volume(list(BENCH_CLASSES))
     volume_5 = time.perf_counter() - t
-    e5.clear_result_cache()  # embedding cache only: generator + decoder run again
+    e5.clear_result_cache()  # embedding cache only: prompt network + decoder run again
     t = time.perf_counter()
     e5.segment_volume(list(BENCH_CLASSES))
     resegment_decode = time.perf_counter() - t
@@ -204,7 +204,7 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     result = {
         "backbone": backbone_id,
         "weights": backbone.weights_fingerprint,
-        "generator": generator,
+        "prompt_network": prompt_network,
         "slices": n,
         "slice_shape_ji": [int(height), int(width)],
         "encoder_ms_per_slice": round(encode_s * 1000.0 / n, 2),

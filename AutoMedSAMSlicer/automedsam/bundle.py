@@ -1,9 +1,11 @@
-"""Model bundles: a trained prompt generator (plus any fine-tuned mask decoder) and its facts.
+"""Model bundles: a trained prompt network (plus any fine-tuned mask decoder) and its facts.
 
 A bundle is a folder or a ``.zip`` holding ``manifest.json`` (validated against
-``catalog/bundle.schema.json``: name, version, backbone id and weights fingerprint, generator type
-and config, classes with colours and SNOMED CT codes, preprocessing, training facts and metrics)
-and ``weights.safetensors`` (keys ``generator.*`` and, if fine-tuned, ``mask_decoder.*``).
+``catalog/bundle.schema.json``: name, version, backbone id and weights fingerprint, the prompt
+network's type and config, classes with colours and SNOMED CT codes, preprocessing, training facts
+and metrics) and ``weights.safetensors`` (the prompt network's keys ``generator.*`` and, if
+fine-tuned, ``mask_decoder.*``). The files keep the name ``generator`` for the prompt network, so
+bundles written before the code was renamed still load.
 
 Loading checks the format version, the weights file's sha256 against the manifest, that the
 backbone is the one the bundle was trained with (id and weights fingerprint), and loads weights with
@@ -54,7 +56,7 @@ class ModelBundle:
         return self.manifest["name"]
 
     @property
-    def generator_type(self) -> str:
+    def prompt_network_kind(self) -> str:
         return self.manifest["generator"]["type"]
 
     @property
@@ -68,7 +70,7 @@ class ModelBundle:
 
     @property
     def classes(self) -> list[ClassInfo]:
-        """Classes in generator index order."""
+        """Classes in the prompt network's index order."""
         items = sorted(self.manifest["classes"], key=lambda c: c["index"])
         return [ClassInfo.from_dict({k: v for k, v in c.items() if k != "index"}) for c in items]
 
@@ -99,14 +101,14 @@ class ModelBundle:
                 f"has {backbone.weights_fingerprint}; its prompts would not fit these image features"
             )
 
-    def build_generator(self, device=None) -> torch.nn.Module:
-        """The prompt generator with the bundle's weights (eval mode)."""
-        from .generators import build_generator
+    def build_prompt_network(self, device=None) -> torch.nn.Module:
+        """The prompt network with the bundle's weights (eval mode)."""
+        from .prompt_networks import build_prompt_network
 
-        generator = build_generator(self.generator_type, dict(self.manifest["generator"]["config"]))
+        prompt_network = build_prompt_network(self.prompt_network_kind, dict(self.manifest["generator"]["config"]))
         state = {k[len("generator."):]: v for k, v in self.tensors.items() if k.startswith("generator.")}
-        _load_strict(generator, state, f"bundle {self.name!r} generator")
-        return generator.eval().to(device) if device is not None else generator.eval()
+        _load_strict(prompt_network, state, f"bundle {self.name!r} prompt network (generator)")
+        return prompt_network.eval().to(device) if device is not None else prompt_network.eval()
 
     def apply_to_backbone(self, backbone: Backbone) -> None:
         """Check the backbone and load the fine-tuned mask decoder, if the bundle has one."""
@@ -318,7 +320,7 @@ def load_bundle(path: str | os.PathLike, max_weights_bytes: int | None = None) -
 
 
 def _check_unique_classes(classes: list[dict], where: str) -> None:
-    """Every class name, alias and generator index once: a duplicate would make a name answer
+    """Every class name, alias and prompt network index once: a duplicate would make a name answer
     with another class's masks."""
     indices = sorted(c["index"] for c in classes)
     if indices != list(range(len(classes))):
@@ -341,16 +343,17 @@ def _check_finite(tensors: dict, what: str) -> None:
                                 "diverged; lower the learning rate); no bundle was made from them")
 
 
-def create_bundle(backbone: Backbone, generator, classes: list[ClassInfo], intensity: IntensityConfig, *,
+def create_bundle(backbone: Backbone, prompt_network, classes: list[ClassInfo], intensity: IntensityConfig, *,
                   name: str, version: str = "1.0.0", description: str = "", decoder_finetuned: bool = False,
                   training: dict | None = None, metrics: dict | None = None) -> ModelBundle:
-    """Assemble a bundle from a generator (and optionally the backbone's fine-tuned decoder)."""
-    tensors = {f"generator.{k}": v.detach().cpu() for k, v in generator.state_dict().items()}
+    """Assemble a bundle from a prompt network (and optionally the backbone's fine-tuned decoder)."""
+    tensors = {f"generator.{k}": v.detach().cpu() for k, v in prompt_network.state_dict().items()}
     if decoder_finetuned:
         tensors.update({f"mask_decoder.{k}": v.detach().cpu() for k, v in backbone.mask_decoder.state_dict().items()})
     _check_finite(tensors, f"bundle {name!r}")
-    if len(classes) != generator.config.num_classes:
-        raise InvalidInputError(f"{len(classes)} classes given for a generator with {generator.config.num_classes}")
+    if len(classes) != prompt_network.config.num_classes:
+        raise InvalidInputError(f"{len(classes)} classes given for a prompt network with "
+                                f"{prompt_network.config.num_classes}")
     manifest = {
         "format": "automedsam-bundle",
         "format_version": FORMAT_VERSION,
@@ -360,7 +363,7 @@ def create_bundle(backbone: Backbone, generator, classes: list[ClassInfo], inten
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "automedsam_version": __version__,
         "backbone": {"id": backbone.id, "weights": backbone.weights_fingerprint, "input_size": backbone.input_size},
-        "generator": {"type": generator.kind, "config": generator.config.to_dict()},
+        "generator": {"type": prompt_network.kind, "config": prompt_network.config.to_dict()},
         "decoder_finetuned": decoder_finetuned,
         "classes": [{"index": i, **c.to_dict()} for i, c in enumerate(classes)],
         "preprocessing": {"intensity": intensity.to_dict(), "input_size": backbone.input_size},

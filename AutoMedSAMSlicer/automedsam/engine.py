@@ -128,7 +128,7 @@ class Engine:
         self._extra_classes: dict[str, ClassInfo] = {}
         if bundle is not None:
             bundle.check_backbone(backbone)
-            self.use_prompt_network(bundle.build_generator(backbone.device), bundle.classes)
+            self.use_prompt_network(bundle.build_prompt_network(backbone.device), bundle.classes)
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike | ModelBundle, device: str = "auto",
@@ -468,7 +468,7 @@ class Engine:
         labels = np.asarray(labels)
         if labels.shape != volume.array.shape[:3]:
             raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
-        config = teach_config(self, classes, generator=prompt_network, epochs=epochs, train_slices=train_slices,
+        config = teach_config(self, classes, prompt_network=prompt_network, epochs=epochs, train_slices=train_slices,
                               val_slices=val_slices, lr=lr, decoder_lr=decoder_lr, name=name)
         check_classes_present(config.classes, [labels], "the label map")
         check_bundle_destination(save_to, overwrite=True)

@@ -30,8 +30,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .backbones import Backbone, ImageFeatures
-    from .generators import GeneratedPrompts
     from .preprocess import SliceTransform
+    from .prompt_networks import GeneratedPrompts
 
 _LOADER_LOCK = threading.Lock()
 MASK_PROMPT_LOGIT = 8.0  # magnitude of the logits a binary mask becomes when used as a mask prompt
@@ -127,7 +127,7 @@ def _learned(source: SliceSource, k0: int, steps: Sequence[int], limit: int):
     it; a slice's mask must overlap the previous one (one 3-D object, no jump to a look-alike)."""
     import torch
 
-    from .generators import decoder_prompts
+    from .prompt_networks import decoder_prompts
     from .training.oneshot import fit_classmap_to_slice
 
     network = fit_classmap_to_slice(source, k0, source.seed, lateral=source.lateral)

@@ -76,7 +76,7 @@ class Refiner:
         ``current`` (None: the class has none). See :meth:`automedsam.engine.Engine.refine`."""
         import torch
 
-        from .generators import decoder_prompts
+        from .prompt_networks import decoder_prompts
 
         backbone = self.store.backbone
         new_points, new_labels, new_box = self.manual_prompts(points, point_labels, box)
@@ -136,7 +136,7 @@ class Refiner:
         import torch
         from scipy import ndimage
 
-        from .generators import decoder_prompts
+        from .prompt_networks import decoder_prompts
 
         backbone, t = self.store.backbone, self.store.transform
         mask = current.copy() if box is None and current is not None and current.any() else None

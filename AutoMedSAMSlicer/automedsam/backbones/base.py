@@ -1,7 +1,7 @@
 """One interface over SAM-family backbones.
 
 A :class:`Backbone` wraps a frozen ``segment_anything`` ``Sam`` or a ``sam2`` ``SAM2Base`` model and
-exposes exactly what the prompt generators and the engine need:
+exposes exactly what the prompt networks and the engine need:
 
 - :meth:`Backbone.encode`: model-input images ``(B, S, S, 3)`` float in [0, 1] ->
   :class:`ImageFeatures` (``(B, 256, E, E)`` embeddings, plus SAM 2's high-resolution maps).

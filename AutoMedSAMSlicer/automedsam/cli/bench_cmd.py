@@ -9,7 +9,7 @@ from .common import add_device_option, emit_json
 
 
 def register(sub) -> None:
-    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
+    from ..prompt_networks import DEFAULT_PROMPT_NETWORK, PROMPT_NETWORK_KINDS
 
     p = sub.add_parser(
         "bench", help="measure encoder, click-to-mask and whole-volume speed (JSON)",
@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--image", help="volume to use (its first --slices slices) instead of the phantom")
     p.add_argument("--weights", default="auto", choices=["auto", "random", "cached"],
                    help="auto (default): the real weights where they are cached or ship in a package, else random")
-    p.add_argument("--generator", default=DEFAULT_GENERATOR, choices=GENERATOR_KINDS, help="prompt generator")
+    p.add_argument("--prompt-network", "--generator", default=DEFAULT_PROMPT_NETWORK, choices=PROMPT_NETWORK_KINDS,
+                   help="prompt network")
     add_device_option(p)
     p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench {backbone_id} ...", file=sys.stderr)
         results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
                                       weights=_weights(backbone_id, args.weights),
-                                      generator=args.generator, service=not args.no_service))
+                                      prompt_network=args.prompt_network, service=not args.no_service))
     emit_json(environment(device) | {"volume": volume.name, "results": results})
     return 0
 

@@ -27,8 +27,8 @@ DEMO_CLASSES = {"liver": 5, "spleen": 1, "left_kidney": 3, "right_kidney": 2}
 
 
 def register(sub) -> None:
-    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
     from ..models import DEFAULT_BACKBONE
+    from ..prompt_networks import DEFAULT_PROMPT_NETWORK, PROMPT_NETWORK_KINDS
 
     p = sub.add_parser("demo", help="teach 4 organs from a few slices of a public CT and segment the rest",
                        description=__doc__)
@@ -36,11 +36,12 @@ def register(sub) -> None:
     p.add_argument("--labels", help="its reference label map (TotalSegmentator ids: liver 5, spleen 1, kidneys 2/3)")
     p.add_argument("--smoke", action="store_true", help="same pipeline with the random tiny test backbone (offline)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone (default {DEFAULT_BACKBONE})")
-    p.add_argument("--generator", choices=GENERATOR_KINDS, default=DEFAULT_GENERATOR,
-                   help=f"prompt generator (default {DEFAULT_GENERATOR})")
+    p.add_argument("--prompt-network", "--generator", choices=PROMPT_NETWORK_KINDS, default=DEFAULT_PROMPT_NETWORK,
+                   help=f"prompt network (default {DEFAULT_PROMPT_NETWORK})")
     p.add_argument("--train-slices", default="1::3", help="slices to teach from (default every third: 1::3)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40; 3 with --smoke)")
-    p.add_argument("--lr", type=float, default=None, help="generator learning rate (default: the generator's recipe)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="prompt network learning rate (default: the prompt network's recipe)")
     p.add_argument("--finetune-decoder", action="store_true",
                    help="also train the mask decoder (ppn / diffusion only; the frozen decoder measured best)")
     p.add_argument("--decoder-lr", type=float, default=None,
@@ -127,14 +128,14 @@ def run(args: argparse.Namespace) -> int:
     random_backbone = BackboneCatalog.load().get(backbone_id).test_only  # its decoder must learn too
     epochs = args.epochs or (3 if args.smoke else 40)
     config = TrainConfig(
-        classes=DEMO_CLASSES, generator=args.generator, backbone=backbone_id, device=args.device, epochs=epochs,
-        lr=args.lr, finetune_decoder=args.finetune_decoder,
+        classes=DEMO_CLASSES, prompt_network=args.prompt_network, backbone=backbone_id, device=args.device,
+        epochs=epochs, lr=args.lr, finetune_decoder=args.finetune_decoder,
         decoder_lr=args.decoder_lr or (3e-4 if random_backbone else 1e-5),
         train_slices=args.train_slices, val_slices=None, augment=AugmentConfig(copies=2),
         # Scored once, after the last epoch: the reported slices never pick the weights.
-        validate_every=epochs, name=f"demo-{args.generator}-{backbone_id}")
+        validate_every=epochs, name=f"demo-{args.prompt_network}-{backbone_id}")
     print(f"teaching {', '.join(DEMO_CLASSES)} from slices {args.train_slices} of {case.name} "
-          f"({case.image.num_slices} slices) with {backbone_id} + {args.generator}", file=sys.stderr)
+          f"({case.image.num_slices} slices) with {backbone_id} + {args.prompt_network}", file=sys.stderr)
     final = run_training(config, [case])
     bundle_path = save_or_rescue(final.bundle, out / "demo_bundle.zip")
     taught = final.bundle.manifest["training"]["train_slices"][case.name]
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     ref = {n: case.labels.array[held_out] == v for n, v in DEMO_CLASSES.items()}
     report = evaluate_masks(pred, ref, spacing, 2.0)
     seconds = round(time.perf_counter() - t0, 1)
-    summary = {"backbone": backbone_id, "generator": args.generator,
+    summary = {"backbone": backbone_id, "prompt_network": args.prompt_network,
                "validation": {n: {"dsc": m["dsc"], "nsd": m["nsd"]} for n, m in report["classes"].items()},
                "seconds": seconds, "mean": report["mean"], "tolerance_mm": 2.0, "image": str(image_path),
                "taught_slices": taught, "evaluated_slices": len(held_out), "bundle": str(bundle_path),

@@ -10,18 +10,18 @@ from .common import emit_json, run_training
 
 
 def register(sub) -> None:
-    from ..generators import DEFAULT_GENERATOR, GENERATOR_KINDS
     from ..models import DEFAULT_BACKBONE
+    from ..prompt_networks import DEFAULT_PROMPT_NETWORK, PROMPT_NETWORK_KINDS
 
     p = sub.add_parser(
-        "train", help="train a prompt generator from labelled volumes (writes a model bundle)",
-        description="Trains a prompt generator (the class-map network, Sam2Rad's PPN or AutoMedSAM's diffusion "
+        "train", help="train a prompt network from labelled volumes (writes a model bundle)",
+        description="Trains a prompt network (the class-map network, Sam2Rad's PPN or AutoMedSAM's diffusion "
                     "class prompt encoder) on a frozen backbone (the mask decoder too with --finetune-decoder), "
                     "validating on held-out slices or cases with the real engine, and writes the best epoch as a "
                     "model bundle.")
     add_case_arguments(p, "label map / .seg.nrrd for each --image")
-    p.add_argument("--generator", choices=GENERATOR_KINDS, default=DEFAULT_GENERATOR,
-                   help=f"prompt generator (default {DEFAULT_GENERATOR})")
+    p.add_argument("--prompt-network", "--generator", choices=PROMPT_NETWORK_KINDS, default=DEFAULT_PROMPT_NETWORK,
+                   help=f"prompt network (default {DEFAULT_PROMPT_NETWORK})")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help=f"backbone id (default {DEFAULT_BACKBONE})")
     p.add_argument("--weights", default=None, help="'random', a weights file, or the cached file (default)")
     p.add_argument("--val-slices", default="0::3", help="held-out slices: start:stop[:step] or a list (default 0::3)")
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--val-cases", default="", help="comma list of case indices (0-based) held out whole")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, help="generator learning rate (default: the paper's recipe)")
+    p.add_argument("--lr", type=float, help="prompt network learning rate (default: the paper's recipe)")
     p.add_argument("--decoder-lr", type=float, default=1e-5,
                    help="mask decoder learning rate (default 1e-5, the recipe for pretrained decoders; a random "
                         "test backbone's decoder needs ~3e-4)")
@@ -65,10 +65,11 @@ def config_from_args(args: argparse.Namespace):
         raise InvalidInputError(f"--val-cases {args.val_cases!r}: there are cases 0..{len(args.image) - 1}")
     weights = args.weights if args.weights not in (None, "cached") else None  # test-only backbones: random
     return TrainConfig(
-        classes=parse_class_mapping(args.classes), generator=args.generator, backbone=args.backbone, weights=weights,
-        device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, decoder_lr=args.decoder_lr,
-        finetune_decoder=args.finetune_decoder, val_slices=None if args.train_slices else args.val_slices,
-        train_slices=args.train_slices, val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
+        classes=parse_class_mapping(args.classes), prompt_network=args.prompt_network, backbone=args.backbone,
+        weights=weights, device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        decoder_lr=args.decoder_lr, finetune_decoder=args.finetune_decoder,
+        val_slices=None if args.train_slices else args.val_slices, train_slices=args.train_slices,
+        val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),
         intensity=intensity, seed=args.seed, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
         name=args.name or Path(args.output).expanduser().resolve().stem)
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return 130  # cancelled: nothing to write
     path = save_or_rescue(final.bundle, out)
     training = final.bundle.manifest["training"]
-    summary = {"bundle": str(path), "generator": config.generator, "backbone": config.backbone,
+    summary = {"bundle": str(path), "prompt_network": config.prompt_network, "backbone": config.backbone,
                "validation": final.metrics, "best_epoch": training["best_epoch"], "seconds": training["seconds"],
                "device": training["device"]}
     if args.json:

@@ -166,15 +166,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def segment(sid: str, req: p.SegmentRequest) -> dict:
         session = worker.session(sid)
         cancel = threading.Event()  # bad input is refused here, before the job is queued
-        events = session.engine.segment(req.classes, req.slices, cleanup=req.cleanup, cancel=cancel)
+        events = session.engine.segment(**req.model_dump(), cancel=cancel)  # the request's fields are its arguments
         return worker.submit(session, "segment", events, cancel).to_dict()
 
     @app.post(p.PROPAGATE, dependencies=guarded, status_code=202)
     def propagate(sid: str, req: p.PropagateRequest) -> dict:
         session = worker.session(sid)
         cancel = threading.Event()
-        events = session.engine.propagate(req.class_name, req.from_slice, req.direction, req.max_slices,
-                                          cancel=cancel)
+        events = session.engine.propagate(**req.model_dump(), cancel=cancel)
         return worker.submit(session, "propagate", events, cancel).to_dict()
 
     @app.put(p.LABELS, dependencies=guarded, openapi_extra=_BINARY_BODY)
@@ -199,10 +198,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         cancel = threading.Event()
         job_id = worker.new_job_id()
         target = worker.bundles.folders[0] / f"taught-{job_id}.zip"
-        events = session.engine.teach(session.labels, req.classes, target, prompt_network=req.prompt_network,
-                                      epochs=req.epochs, train_slices=req.train_slices, val_slices=req.val_slices,
-                                      lr=req.lr, decoder_lr=req.decoder_lr, use_now=req.use_now, name=req.name,
-                                      cancel=cancel)
+        events = session.engine.teach(session.labels, save_to=target, **req.model_dump(), cancel=cancel)
 
         def task(job) -> None:
             for event in events:
@@ -267,8 +263,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
         def work():
             with session.lock:
-                return mask_to_json(session.engine.refine(req.class_name, req.slice_index, req.points,
-                                                          req.point_labels, req.box, req.mode, req.reset))
+                return mask_to_json(session.engine.refine(**req.model_dump()))
 
         return {"slice_index": req.slice_index, "mask": await worker.run_async(work)}
 

@@ -28,7 +28,7 @@ from ..errors import (
     ServiceLimitError,
     WeightsUnavailableError,
 )
-from ..generators import GENERATOR_KINDS
+from ..prompt_networks import PROMPT_NETWORK_KINDS
 from ..volume import Volume
 
 PROTOCOL = "2"
@@ -117,7 +117,7 @@ class TeachRequest(BaseModel):
     model_config = _STRICT
     classes: dict[ClassName, Annotated[int, Field(ge=1, le=65535)]] = Field(
         ..., min_length=1, max_length=200, description="class name -> label value (1..65535) in the labels")
-    prompt_network: Literal[GENERATOR_KINDS] = "classmap"
+    prompt_network: Literal[PROMPT_NETWORK_KINDS] = "classmap"
     epochs: int = Field(30, ge=1, le=10000)
     train_slices: str | None = Field(None, max_length=1000)
     val_slices: str | None = Field("0::3", max_length=1000)

@@ -1,4 +1,4 @@
-"""Training prompt generators from labelled volumes (see :mod:`automedsam.training.loop`)."""
+"""Training prompt networks from labelled volumes (see :mod:`automedsam.training.loop`)."""
 
 from .data import AugmentConfig, Case, load_case, parse_class_mapping
 from .loop import TrainConfig, TrainEvent, embedding_cache_dir, train

@@ -20,9 +20,9 @@ import numpy as np
 from ..classes import canonical_class_mapping, check_classes_present
 from ..contract import TrainEvent
 from ..errors import InvalidInputError, TrainingFailedError
-from ..generators import DEFAULT_GENERATOR
 from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
+from ..prompt_networks import DEFAULT_PROMPT_NETWORK
 from ..rescue import rescue_folder
 from .data import AugmentConfig, Case, encode_training_items, split_slices
 
@@ -44,18 +44,18 @@ class TrainConfig:
 
     Attributes:
         classes: class name -> label value in the label maps.
-        generator: ``"classmap"`` (default), ``"ppn"`` or ``"diffusion"``.
+        prompt_network: ``"classmap"`` (default), ``"ppn"`` or ``"diffusion"``.
         backbone: backbone id (default LiteMedSAM); ``weights``: "random", None (cached) or a file.
         val_slices: held-out slice selection (``0::3``) applied to every case; ``val_cases``:
             indices of cases held out whole; ``train_slices``: instead, the slices to learn from
             (all others validate: "teach from a few slices").
-        lr: generator learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``
+        lr: prompt network learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``
             (off by default: the frozen pretrained decoder measured best, see the README).
         negative_ratio: absent-class samples per present-class sample (objectness training).
     """
 
     classes: dict[str, int]
-    generator: str = DEFAULT_GENERATOR
+    prompt_network: str = DEFAULT_PROMPT_NETWORK
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     device: str = "auto"
@@ -80,10 +80,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", canonical_class_mapping(self.classes))
-        if self.generator not in RECIPES:
-            raise InvalidInputError(f"generator must be one of {', '.join(RECIPES)}, got {self.generator!r}")
-        if self.generator == "classmap" and self.finetune_decoder:
-            raise InvalidInputError("the classmap generator trains without the mask decoder in the loop, so it "
+        if self.prompt_network not in RECIPES:
+            raise InvalidInputError(f"prompt_network must be one of {', '.join(RECIPES)}, got {self.prompt_network!r}")
+        if self.prompt_network == "classmap" and self.finetune_decoder:
+            raise InvalidInputError("the classmap prompt network trains without the mask decoder in the loop, so it "
                                     "cannot fine-tune it; keep the decoder frozen or use ppn / diffusion")
         if self.epochs < 1 or self.batch_size < 1:
             raise InvalidInputError("epochs and batch size must be >= 1")
@@ -127,7 +127,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     from ..bundle import create_bundle
     from ..classes import resolve_class
     from ..embeddings import EmbeddingStore
-    from ..generators import build_generator, default_config
+    from ..prompt_networks import build_prompt_network, default_config
     from .losses import DIFFUSION_TERMS, UncertaintyWeights
 
     torch.manual_seed(config.seed)
@@ -144,7 +144,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
     backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed)
     device = backbone.device
-    yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.generator} on {backbone.id} ({device})")
+    yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.prompt_network} on {backbone.id} ({device})")
 
     cache_root = train_cache_dir(config)
     result = None
@@ -159,10 +159,11 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
             result = item
     data, labels, _meta = result
 
-    generator = build_generator(config.generator, default_config(config.generator, backbone, len(names))).to(device)
-    weighting = UncertaintyWeights(DIFFUSION_TERMS).to(device) if config.generator == "diffusion" else None
-    recipe = RECIPES[config.generator]
-    groups = [{"params": list(generator.parameters()), "lr": config.lr or recipe["lr"]}]
+    kind = config.prompt_network
+    prompt_network = build_prompt_network(kind, default_config(kind, backbone, len(names))).to(device)
+    weighting = UncertaintyWeights(DIFFUSION_TERMS).to(device) if config.prompt_network == "diffusion" else None
+    recipe = RECIPES[config.prompt_network]
+    groups = [{"params": list(prompt_network.parameters()), "lr": config.lr or recipe["lr"]}]
     if weighting is not None:
         groups[0]["params"] += list(weighting.parameters())
     if config.finetune_decoder:
@@ -172,7 +173,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe["weight_decay"], betas=recipe["betas"],
                                   eps=recipe["eps"])
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.9, patience=5)
-                 if config.generator == "diffusion" else None)
+                 if config.prompt_network == "diffusion" else None)
     validators = []
     for s in split:
         if s.val_slices:
@@ -183,13 +184,13 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
             validators.append((LearnedPrompts(store, result_cache_bytes=0), s))
 
     start_epoch, best, history = 1, None, []
-    run = {"classes": config.classes, "generator": config.generator, "backbone": backbone.id,
+    run = {"classes": config.classes, "generator": config.prompt_network, "backbone": backbone.id,
            "weights": backbone.weights_fingerprint, "finetune_decoder": config.finetune_decoder}
     ckpt_path = Path(config.checkpoint_dir) / "last.pt" if config.checkpoint_dir else None
     if config.resume and ckpt_path is not None and ckpt_path.exists():
         state = _load_checkpoint(ckpt_path, run)
         try:
-            generator.load_state_dict(state["generator"])
+            prompt_network.load_state_dict(state["generator"])
             backbone.mask_decoder.load_state_dict(state["decoder"])
             if weighting is not None:
                 weighting.load_state_dict(state["weighting"])
@@ -205,7 +206,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         yield TrainEvent("checkpoint", epoch=state["epoch"], epochs=config.epochs, message=f"resumed from {ckpt_path}")
 
     def checkpoint(epoch: int) -> dict:
-        return {"generator": generator.state_dict(), "decoder": backbone.mask_decoder.state_dict(),
+        return {"generator": prompt_network.state_dict(), "decoder": backbone.mask_decoder.state_dict(),
                 "weighting": weighting.state_dict() if weighting is not None else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
                 "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state, "epoch": epoch,
@@ -215,13 +216,13 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     snapshot = None
     try:
         pe = backbone.dense_pe().detach()
-        if config.generator == "classmap":
-            step_fn = _ClassMapSteps(generator, data, labels, values, device)
+        if config.prompt_network == "classmap":
+            step_fn = _ClassMapSteps(prompt_network, data, labels, values, device)
         else:
-            step_fn = _PairSteps(generator, backbone, data, labels, values, device, pe, weighting, config)
+            step_fn = _PairSteps(prompt_network, backbone, data, labels, values, device, pe, weighting, config)
         t0 = time.perf_counter()
         for epoch in range(start_epoch, config.epochs + 1):
-            generator.train()
+            prompt_network.train()
             batches = step_fn.batches(rng, config.batch_size)
             steps = len(batches)
             sums: dict[str, float] = {}
@@ -239,13 +240,13 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                 yield TrainEvent("step", epoch, config.epochs, step + 1, steps, losses=mean)
             record = {"epoch": epoch, "losses": mean, "seconds": round(time.perf_counter() - t0, 1)}
             if validators and (epoch % config.validate_every == 0 or epoch == config.epochs):
-                metrics = _validate(validators, generator, classes, config, names)
+                metrics = _validate(validators, prompt_network, classes, config, names)
                 record["validation"] = metrics
                 score = float(np.mean([m["dsc"] for m in metrics.values()]))
                 if scheduler is not None:
                     scheduler.step(1.0 - score)
                 if best is None or score > best["score"]:
-                    best = {"score": score, "epoch": epoch, "metrics": metrics, "generator": _cpu_copy(generator),
+                    best = {"score": score, "epoch": epoch, "metrics": metrics, "generator": _cpu_copy(prompt_network),
                             "decoder": _cpu_copy(backbone.mask_decoder)}
                 yield TrainEvent("validate", epoch, config.epochs, steps, steps, losses=mean, metrics=metrics)
             history.append(record)
@@ -261,16 +262,16 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                 yield TrainEvent("checkpoint", epoch, config.epochs, message=str(ckpt_path))
 
         if best is not None:  # the bundle holds the best validation epoch
-            generator.load_state_dict(best["generator"])
+            prompt_network.load_state_dict(best["generator"])
             backbone.mask_decoder.load_state_dict(best["decoder"])
         training = {
-            "recipe": config.generator, "config": config.to_dict(), "cases": [c.name for c in cases],
+            "recipe": config.prompt_network, "config": config.to_dict(), "cases": [c.name for c in cases],
             "train_slices": {s.case.name: s.train_slices for s in split},
             "val_slices": {s.case.name: s.val_slices for s in split},
             "best_epoch": best["epoch"] if best else config.epochs, "history": history,
             "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
         }
-        bundle = create_bundle(backbone, generator.eval(), classes, config.intensity, name=config.name,
+        bundle = create_bundle(backbone, prompt_network.eval(), classes, config.intensity, name=config.name,
                                decoder_finetuned=config.finetune_decoder, training=training,
                                metrics={"validation": best["metrics"] if best else {},
                                         "tolerance_mm": config.tolerance_mm})
@@ -329,7 +330,7 @@ def _save_checkpoint(state: dict, path: Path) -> None:
 
 
 def _load_checkpoint(path: Path, run: dict) -> dict:
-    """A checkpoint of this run (same classes, generator, backbone and weights), else a clear error."""
+    """A checkpoint of this run (same classes, prompt network, backbone and weights), else a clear error."""
     import pickle
 
     import torch
@@ -350,10 +351,10 @@ class _ClassMapSteps:
     """Class-map training: batches of training items, every class of an item at once, per-pixel
     loss on the L x L grid (no decoder in the loop)."""
 
-    def __init__(self, generator, data, labels: np.ndarray, values: list[int], device):
+    def __init__(self, prompt_network, data, labels: np.ndarray, values: list[int], device):
         import torch
 
-        self.generator, self.data, self.labels, self.device = generator, data, labels, device
+        self.prompt_network, self.data, self.labels, self.device = prompt_network, data, labels, device
         lut = np.zeros(int(max(int(labels.max()), *values)) + 1, np.int64)  # label value -> class index + 1
         for index, value in enumerate(values):
             lut[value] = index + 1
@@ -364,19 +365,20 @@ class _ClassMapSteps:
         return [np.sort(order[n:n + batch_size]) for n in range(0, len(order), batch_size)]
 
     def __call__(self, items: np.ndarray) -> dict:
-        from ..generators.classmap import classmap_loss
+        from ..prompt_networks.classmap import classmap_loss
 
         feats = self.data.features(items, self.device)
-        return classmap_loss(self.generator.upsampled_logits(feats.embeddings), self.targets[items].to(self.device))
+        logits = self.prompt_network.upsampled_logits(feats.embeddings)
+        return classmap_loss(logits, self.targets[items].to(self.device))
 
 
 class _PairSteps:
     """PPN / diffusion training: batches of (item, class) pairs (present pairs plus a share of
     absent ones for objectness), decoded through the mask decoder."""
 
-    def __init__(self, generator, backbone, data, labels: np.ndarray, values: list[int], device, pe, weighting,
+    def __init__(self, prompt_network, backbone, data, labels: np.ndarray, values: list[int], device, pe, weighting,
                  config: TrainConfig):
-        self.generator, self.backbone, self.data, self.labels = generator, backbone, data, labels
+        self.prompt_network, self.backbone, self.data, self.labels = prompt_network, backbone, data, labels
         self.values, self.device, self.pe, self.weighting, self.config = values, device, pe, weighting, config
 
     def batches(self, rng: np.random.Generator, batch_size: int) -> list[np.ndarray]:
@@ -386,7 +388,7 @@ class _PairSteps:
     def __call__(self, batch: np.ndarray) -> dict:
         import torch
 
-        from ..generators import decoder_prompts
+        from ..prompt_networks import decoder_prompts
         from .losses import boxes_from_masks, diffusion_loss, ppn_loss
 
         backbone, device = self.backbone, self.device
@@ -399,18 +401,18 @@ class _PairSteps:
         target = (lab == torch.tensor(self.values, device=device)[class_idx][:, None, None]).float()
         present = target.flatten(1).amax(1)
         with backbone.autocast():
-            gen = self.generator(feats.embeddings, self.pe, class_idx)
+            gen = self.prompt_network(feats.embeddings, self.pe, class_idx)
             sparse, dense = decoder_prompts(backbone, gen)
             out = backbone.decode(feats, sparse, dense)
         final = out.mask_logits[:, 0].float()
-        if self.config.generator == "ppn":
+        if self.config.prompt_network == "ppn":
             return ppn_loss(gen, final, target, present)
         with torch.no_grad():
             t_sparse, t_dense = backbone.embed_prompts(boxes=boxes_from_masks(target) * backbone.input_size)
         return diffusion_loss(gen, final, target, present, t_sparse, t_dense, self.weighting)
 
 
-def _validate(validators, generator, classes, config: TrainConfig, names) -> dict:
+def _validate(validators, prompt_network, classes, config: TrainConfig, names) -> dict:
     """Automatic segmentation of the held-out slices with the current weights, as the engine's
     (without 3-D cleanup); DSC/NSD per class over the stack of held-out slices (z spacing = the
     median gap between them, in mm)."""
@@ -418,11 +420,11 @@ def _validate(validators, generator, classes, config: TrainConfig, names) -> dic
 
     from ..metrics import dice, normalized_surface_dice
 
-    was_training = generator.training
-    generator.eval()
+    was_training = prompt_network.training
+    prompt_network.eval()
     scores: dict[str, dict[str, list[float]]] = {n: {"dsc": [], "nsd": []} for n in names}
     for learned, split in validators:
-        learned.use(generator, classes)  # new weights: nothing memoised is valid
+        learned.use(prompt_network, classes)  # new weights: nothing memoised is valid
         ks = split.val_slices
         volume = split.case.image
         predicted = {n: np.zeros((len(ks), *volume.array.shape[1:3]), bool) for n in names}
@@ -439,5 +441,5 @@ def _validate(validators, generator, classes, config: TrainConfig, names) -> dic
             ref = split.case.labels.array[ks] == value
             scores[name]["dsc"].append(dice(pred, ref))
             scores[name]["nsd"].append(normalized_surface_dice(pred, ref, spacing, config.tolerance_mm))
-    generator.train(was_training)
+    prompt_network.train(was_training)
     return {n: {m: round(float(np.mean(v)), 4) for m, v in s.items()} for n, s in scores.items()}

@@ -11,7 +11,7 @@ from .data import AugmentConfig, augment_pair, downsample_labels, random_affine
 
 def fit_classmap_to_slice(engine, k: int, mask: np.ndarray, *, epochs: int = 30, copies: int = 2,
                           seed: int = 0, lateral: bool = True):
-    """A one-class :class:`~automedsam.generators.classmap.ClassMapPromptNetwork` taught from the
+    """A one-class :class:`~automedsam.prompt_networks.classmap.ClassMapPromptNetwork` taught from the
     ``(J, I)`` bool ``mask`` on slice ``k`` of ``engine``'s volume (KJI grid), in eval mode.
 
     The slice and ``copies`` random affine versions of it (rotation, shift, scale; flips unless
@@ -20,8 +20,8 @@ def fit_classmap_to_slice(engine, k: int, mask: np.ndarray, *, epochs: int = 30,
     """
     import torch
 
-    from ..generators import build_generator, default_config
-    from ..generators.classmap import classmap_loss
+    from ..prompt_networks import build_prompt_network, default_config
+    from ..prompt_networks.classmap import classmap_loss
 
     backbone = engine.backbone
     rng = np.random.default_rng(seed)
@@ -36,7 +36,7 @@ def fit_classmap_to_slice(engine, k: int, mask: np.ndarray, *, epochs: int = 30,
         targets.append(downsample_labels(lab, backbone.mask_size))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = build_generator("classmap", default_config("classmap", backbone, 1)).to(backbone.device)
+        network = build_prompt_network("classmap", default_config("classmap", backbone, 1)).to(backbone.device)
     embeddings = torch.cat([engine.features(k).embeddings,
                             backbone.encode(np.stack(images[1:])).embeddings]) if copies else \
         engine.features(k).embeddings

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..generators import DEFAULT_GENERATOR
+from ..prompt_networks import DEFAULT_PROMPT_NETWORK
 from .data import Case
 from .loop import TrainConfig, TrainEvent, train
 
@@ -19,16 +19,16 @@ def labelled_slices(labels: np.ndarray) -> list[int]:
     return [int(k) for k in np.nonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))[0]]
 
 
-def teach_config(engine, classes: dict[str, int], *, generator: str = DEFAULT_GENERATOR, epochs: int = 40,
+def teach_config(engine, classes: dict[str, int], *, prompt_network: str = DEFAULT_PROMPT_NETWORK, epochs: int = 40,
                  train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
                  decoder_lr: float = 1e-5, name: str = "taught-in-session") -> TrainConfig:
     """A :class:`TrainConfig` on ``engine``'s backbone (same id, same weights or random seed)."""
     weights = engine.backbone.weights_fingerprint
     random = weights.startswith("random:")
     return TrainConfig(
-        classes=dict(classes), generator=generator, backbone=engine.backbone.id, weights="random" if random else None,
-        device=str(engine.backbone.device), epochs=epochs, lr=lr, decoder_lr=decoder_lr, train_slices=train_slices,
-        val_slices=None if train_slices else val_slices, name=name,
+        classes=dict(classes), prompt_network=prompt_network, backbone=engine.backbone.id,
+        weights="random" if random else None, device=str(engine.backbone.device), epochs=epochs, lr=lr,
+        decoder_lr=decoder_lr, train_slices=train_slices, val_slices=None if train_slices else val_slices, name=name,
         seed=int(weights.split("=")[1]) if random else 0)
 
 

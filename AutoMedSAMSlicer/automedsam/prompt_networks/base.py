@@ -1,4 +1,4 @@
-"""What every learned prompt generator returns, and how it becomes mask-decoder input.
+"""What every learned prompt network returns, and how it becomes mask-decoder input.
 
 Shapes (B = prompt sets, e.g. classes x slices; E = embedding side; L = 4 E mask-prompt side):
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class GeneratedPrompts:
-    """Output of a prompt generator for B (image, class) pairs; see the module docstring."""
+    """Output of a prompt network for B (image, class) pairs; see the module docstring."""
 
     sparse: torch.Tensor
     object_logit: torch.Tensor

@@ -1,11 +1,11 @@
-"""Prompt generators: shapes, class conditioning, objectness, semi-automatic concatenation."""
+"""Prompt networks: shapes, class conditioning, objectness, semi-automatic concatenation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from automedsam.generators import build_generator, decoder_prompts, default_config
+from automedsam.prompt_networks import build_prompt_network, decoder_prompts, default_config
 
 
 @pytest.fixture(params=["ppn", "diffusion"])
@@ -20,7 +20,7 @@ def features_for(backbone, n=2, seed=0):
 
 def test_output_shapes_follow_the_papers(tiny_backbone, kind):
     b = tiny_backbone
-    gen = build_generator(kind, default_config(kind, b, 3)).eval()
+    gen = build_prompt_network(kind, default_config(kind, b, 3)).eval()
     feats = features_for(b)
     emb = feats.embeddings[[0, 0, 1]]
     out = gen(emb, b.dense_pe(), torch.tensor([0, 1, 2]))
@@ -44,7 +44,7 @@ def test_output_shapes_follow_the_papers(tiny_backbone, kind):
 
 def test_outputs_depend_on_the_class(tiny_backbone, kind):
     b = tiny_backbone
-    gen = build_generator(kind, default_config(kind, b, 3)).eval()
+    gen = build_prompt_network(kind, default_config(kind, b, 3)).eval()
     emb = features_for(b, 1).embeddings.expand(2, -1, -1, -1)
     out = gen(emb, b.dense_pe(), torch.tensor([0, 2]))
     assert not torch.allclose(out.sparse[0], out.sparse[1])
@@ -52,7 +52,7 @@ def test_outputs_depend_on_the_class(tiny_backbone, kind):
 
 
 def test_diffusion_noise_only_in_training(tiny_sam):
-    gen = build_generator("diffusion", default_config("diffusion", tiny_sam, 2))
+    gen = build_prompt_network("diffusion", default_config("diffusion", tiny_sam, 2))
     emb = features_for(tiny_sam, 1).embeddings
     idx = torch.tensor([1])
     gen.eval()
@@ -61,14 +61,14 @@ def test_diffusion_noise_only_in_training(tiny_sam):
     gen.train()
     sigma = gen.noise_sigma(1000, "cpu", torch.Generator().manual_seed(0))
     assert sigma.max() <= 1.0 and sigma.min() >= 1.0 / 1000  # sigma_t = 1/(t+1), t in 0..999
-    c = gen(emb, None, idx, generator=torch.Generator().manual_seed(1))
-    d = gen(emb, None, idx, generator=torch.Generator().manual_seed(2))
+    c = gen(emb, None, idx, rng=torch.Generator().manual_seed(1))
+    d = gen(emb, None, idx, rng=torch.Generator().manual_seed(2))
     assert not torch.allclose(c.dense, d.dense)
 
 
 def test_semi_automatic_mode_concatenates_manual_prompts(tiny_backbone, kind):
     b = tiny_backbone
-    gen = build_generator(kind, default_config(kind, b, 2)).eval()
+    gen = build_prompt_network(kind, default_config(kind, b, 2)).eval()
     out = gen(features_for(b, 1).embeddings, b.dense_pe(), torch.tensor([1]))
     auto_sparse, _ = decoder_prompts(b, out)
     pts, lbl = torch.tensor([[[50.0, 60.0], [100.0, 30.0]]]), torch.tensor([[1, 0]])
@@ -91,7 +91,7 @@ def test_semi_automatic_mode_concatenates_manual_prompts(tiny_backbone, kind):
 
 def test_gradients_reach_the_generator_but_not_the_frozen_encoder(tiny_backbone, kind):
     b = tiny_backbone
-    gen = build_generator(kind, default_config(kind, b, 2)).train()
+    gen = build_prompt_network(kind, default_config(kind, b, 2)).train()
     feats = features_for(b, 1)
     out = gen(feats.embeddings, b.dense_pe(), torch.tensor([0]))
     sparse, dense = decoder_prompts(b, out)

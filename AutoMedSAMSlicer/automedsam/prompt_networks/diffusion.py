@@ -106,11 +106,11 @@ class DiffusionClassPromptEncoder(nn.Module):
         self.token_proj = nn.Conv2d(h1, c.dim, 1)
         self.object_head = nn.Sequential(nn.Linear(h2 + 1, h2), nn.ReLU(), nn.Linear(h2, 1))
 
-    def noise_sigma(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise_sigma(self, batch: int, device, rng: torch.Generator | None = None) -> torch.Tensor:
         """``(B,)`` noise levels: random t during training, ``inference_t`` or zero otherwise (eq. 4)."""
         c = self.config
         if self.training:
-            t = torch.randint(0, c.max_t + 1, (batch,), device=device, generator=generator)
+            t = torch.randint(0, c.max_t + 1, (batch,), device=device, generator=rng)
         elif c.inference_t is not None:
             t = torch.full((batch,), c.inference_t, device=device)
         else:
@@ -118,20 +118,20 @@ class DiffusionClassPromptEncoder(nn.Module):
         return 1.0 / (t.float() + 1.0)
 
     def forward(self, embeddings: torch.Tensor, image_pe: torch.Tensor | None, class_idx: torch.Tensor,
-                generator: torch.Generator | None = None) -> GeneratedPrompts:
+                rng: torch.Generator | None = None) -> GeneratedPrompts:
         """Args:
             embeddings: ``(B, 256, E, E)`` image embeddings.
             image_pe: unused (the encoder is convolutional); accepted for a uniform interface.
             class_idx: ``(B,)`` int64 class indices.
-            generator: RNG for the diffusion noise (reproducible training).
+            rng: random generator for the diffusion noise (reproducible training).
         """
         c = self.config
         b, _, e, _ = embeddings.shape
         onehot = F.one_hot(class_idx, c.num_classes).to(embeddings.dtype)
         c_expand = self.class_proj(onehot).view(b, 1, e, e)  # eq. 3
-        sigma = self.noise_sigma(b, embeddings.device, generator).to(embeddings.dtype).view(b, 1, 1, 1)
+        sigma = self.noise_sigma(b, embeddings.device, rng).to(embeddings.dtype).view(b, 1, 1, 1)
         noise = torch.randn(embeddings.shape, device=embeddings.device, dtype=embeddings.dtype,
-                            generator=generator) if self.training or c.inference_t is not None else 0.0
+                            generator=rng) if self.training or c.inference_t is not None else 0.0
         f_t = embeddings + sigma * noise + c_expand  # eq. 5
         s1 = self.enc1(f_t)
         s2 = self.enc2(s1)

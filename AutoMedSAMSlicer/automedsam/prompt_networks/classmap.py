@@ -9,7 +9,7 @@ positions per slice and need no decoder in the loop, so an epoch over ten slices
 second. Measured on the shared CT (LiteMedSAM, taught from every third slice, the other slices held
 out), it reaches the box-prompted accuracy of the backbone; see the README's training section.
 
-Prompts for class ``c`` on one slice (shapes as in :mod:`automedsam.generators.base`):
+Prompts for class ``c`` on one slice (shapes as in :mod:`automedsam.prompt_networks.base`):
 
 - ``mask_prompt``: the log-odds of ``c`` against every other class and the background, bilinearly
   upsampled from ``E x E`` to ``L x L``;

@@ -1,7 +1,7 @@
-"""Learned prompt generators: Sam2Rad's PPN, AutoMedSAM's diffusion class prompt encoder and the
+"""Learned prompt networks: Sam2Rad's PPN, AutoMedSAM's diffusion class prompt encoder and the
 class-map prompt network (the default: fastest to teach from a few slices, see ``classmap.py``).
 
-``build_generator(kind, config_dict)`` and ``default_config(kind, backbone, num_classes)`` create
+``build_prompt_network(kind, config_dict)`` and ``default_config(kind, backbone, num_classes)`` create
 them; torch is imported when this package is imported (it is only imported lazily by callers).
 """
 
@@ -17,16 +17,16 @@ if TYPE_CHECKING:
 
     from ..backbones import Backbone
 
-GENERATOR_KINDS = ("classmap", "ppn", "diffusion")
-#: The prompt generator used wherever a default is picked (demo, train, the panel's Teach, bench).
-DEFAULT_GENERATOR = "classmap"
+PROMPT_NETWORK_KINDS = ("classmap", "ppn", "diffusion")
+#: The prompt network used wherever a default is picked (demo, train, the panel's Teach, bench).
+DEFAULT_PROMPT_NETWORK = "classmap"
 
-__all__ = ["DEFAULT_GENERATOR", "GENERATOR_KINDS", "GeneratedPrompts", "build_generator", "decoder_prompts",
-           "default_config"]
+__all__ = ["DEFAULT_PROMPT_NETWORK", "PROMPT_NETWORK_KINDS", "GeneratedPrompts", "build_prompt_network",
+           "decoder_prompts", "default_config"]
 
 
 def default_config(kind: str, backbone: Backbone, num_classes: int) -> dict:
-    """A generator config sized for ``backbone`` (embedding grid; box tokens of its prompt encoder)."""
+    """A prompt network config sized for ``backbone`` (embedding grid; box tokens of its prompt encoder)."""
     if kind == "classmap":
         return {"num_classes": num_classes, "embedding_size": backbone.embedding_size,
                 "input_size": backbone.input_size}
@@ -36,11 +36,11 @@ def default_config(kind: str, backbone: Backbone, num_classes: int) -> dict:
         box_tokens = 3 if backbone.spec.family == "sam2" else 2  # SAM 2 pads a box with one token
         return {"num_classes": num_classes, "embedding_size": backbone.embedding_size,
                 "num_sparse_tokens": box_tokens}
-    raise InvalidInputError(f"unknown generator type {kind!r}; choose one of {', '.join(GENERATOR_KINDS)}")
+    raise InvalidInputError(f"unknown prompt network kind {kind!r}; choose one of {', '.join(PROMPT_NETWORK_KINDS)}")
 
 
-def build_generator(kind: str, config: dict) -> nn.Module:
-    """Instantiate a generator from its type and config dict (as stored in a bundle manifest)."""
+def build_prompt_network(kind: str, config: dict) -> nn.Module:
+    """Instantiate a prompt network from its type and config dict (as stored in a bundle manifest)."""
     if kind == "classmap":
         from .classmap import ClassMapConfig, ClassMapPromptNetwork
 
@@ -53,4 +53,4 @@ def build_generator(kind: str, config: dict) -> nn.Module:
         from .diffusion import DiffusionClassPromptEncoder, DiffusionConfig
 
         return DiffusionClassPromptEncoder(DiffusionConfig(**config))
-    raise InvalidInputError(f"unknown generator type {kind!r}; choose one of {', '.join(GENERATOR_KINDS)}")
+    raise InvalidInputError(f"unknown prompt network kind {kind!r}; choose one of {', '.join(PROMPT_NETWORK_KINDS)}")
