@@ -7,23 +7,26 @@ import time
 
 import numpy as np
 
-from .common import add_device_option, add_json_option, emit_json
+from .common import add_command, add_device_option, add_json_option, emit_json
+
+#: ``automedsam backbones check``: what ``--help`` says.
+HELP = "build a backbone, encode one slice and decode a box prompt"
+DESCRIPTION = """\
+Builds the backbone, takes the middle slice of IMAGE (CT window abdomen), maps it to the model
+input, encodes it, decodes a box prompt around the slice centre and maps the mask back onto the
+slice's voxels. Reports shapes and timings.
+"""
 
 
 def register(sub) -> None:
     p = sub.add_parser("backbones", help="check that a backbone builds and runs")
     bsub = p.add_subparsers(dest="backbones_command", metavar="ACTION", required=True)
-    pc = bsub.add_parser(
-        "check", help="build a backbone, encode one slice and decode a box prompt",
-        description="Builds the backbone, takes the middle slice of IMAGE (CT window abdomen), maps it to the "
-                    "model input, encodes it, decodes a box prompt around the slice centre and maps the mask "
-                    "back onto the slice's voxels. Reports shapes and timings.")
+    pc = add_command(bsub, "check", run_check, HELP, DESCRIPTION)
     pc.add_argument("id", help="backbone id (tiny-sam and tiny-sam2 are test-only, random weights)")
     pc.add_argument("--image", required=True, help="image file or DICOM folder")
     pc.add_argument("--weights", default=None, help="'random', a weights file, or the cached file (default)")
     add_device_option(pc)
     add_json_option(pc)
-    pc.set_defaults(handler=run_check)
 
 
 def check_backbone(backbone_id: str, image_path: str, weights: str | None = None, device: str = "auto") -> dict:

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_device_option, emit_json
+from .common import add_command, add_device_option, emit_json
+
+#: ``automedsam bench``: what ``--help`` says.
+HELP = "measure encoder, click-to-mask and whole-volume speed (JSON)"
+DESCRIPTION = """\
+Benchmarks each backbone (real weights where they are at hand offline, LiteMedSAM's always;
+random ones otherwise, so nothing is downloaded) on a phantom or given volume: encoder ms/slice,
+refine latency p50/p95 next to the stock predictor, 1- and 5-class whole-volume time, the naive
+per-slice-per-class baseline, re-segmenting from the embedding cache, peak memory.
+"""
 
 
 def register(sub) -> None:
     from ..prompt_networks import DEFAULT_PROMPT_NETWORK, PROMPT_NETWORK_KINDS
 
-    p = sub.add_parser(
-        "bench", help="measure encoder, click-to-mask and whole-volume speed (JSON)",
-        description="Benchmarks each backbone (real weights where they are at hand offline, LiteMedSAM's always; "
-                    "random ones otherwise, so nothing is downloaded) on a phantom "
-                    "or given volume: encoder ms/slice, refine latency p50/p95 next to the stock predictor, "
-                    "1- and 5-class whole-volume time, the naive per-slice-per-class baseline, re-segmenting from "
-                    "the embedding cache, peak memory.")
+    p = add_command(sub, "bench", run, HELP, DESCRIPTION)
     p.add_argument("--backbones", default="litemedsam,sam2.1_hiera_t,sam_vit_b", help="comma-separated backbone ids")
     p.add_argument("--slices", type=int, default=6, help="number of slices (default 6)")
     p.add_argument("--repeats", type=int, default=20, help="refine/predict repetitions (default 20)")
@@ -29,7 +32,6 @@ def register(sub) -> None:
     add_device_option(p)
     p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

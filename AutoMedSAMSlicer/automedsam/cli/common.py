@@ -14,6 +14,13 @@ def emit_json(data) -> None:
     print(json.dumps(data, indent=2, allow_nan=False))  # strict JSON: NaN/Infinity are a bug here
 
 
+def add_command(sub, name: str, handler, help: str, description: str):
+    """A subcommand parser whose handler is ``handler(args)``; ``description`` is reflowed."""
+    parser = sub.add_parser(name, help=help, description=" ".join(description.split()))
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def add_device_option(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

@@ -5,23 +5,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_json_option, emit_json
+from .common import add_command, add_json_option, emit_json
+
+#: ``automedsam evaluate``: what ``--help`` says.
+HELP = "DSC and NSD per class of a prediction against a reference"
+DESCRIPTION = """\
+Compares PRED with REF in physical space (PRED is brought onto REF's grid, nearest neighbour, so
+their voxel orders may differ). Classes: name=value pairs (the label value in both files; in a
+.seg.nrrd the segment of that name is used), or by default every label value of REF. Empty vs
+empty scores 1, empty vs non-empty 0.
+"""
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "evaluate", help="DSC and NSD per class of a prediction against a reference",
-        description="Compares PRED with REF in physical space (PRED is brought onto REF's grid, nearest neighbour, "
-                    "so their voxel orders may differ). Classes: name=value pairs (the label value in both files; in "
-                    "a .seg.nrrd the segment of that name is used), or by default every label value of REF. "
-                    "Empty vs empty scores 1, empty vs non-empty 0.")
+    p = add_command(sub, "evaluate", run, HELP, DESCRIPTION)
     p.add_argument("--pred", action="append", required=True,
                    help="predicted label map or .seg.nrrd (repeat with --ref for more cases)")
     p.add_argument("--ref", action="append", required=True, help="reference label map or .seg.nrrd for each --pred")
     p.add_argument("--classes", help="e.g. liver=5,spleen=1 (default: all reference labels)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
     add_json_option(p)
-    p.set_defaults(handler=run)
 
 
 def class_masks(seg, classes: dict[str, int], grid) -> dict:

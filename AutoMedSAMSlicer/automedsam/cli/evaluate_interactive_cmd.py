@@ -7,20 +7,24 @@ import argparse
 import sys
 
 from .cases import add_case_arguments, check_case_arguments, load_cases
-from .common import add_json_option, emit_json
+from .common import add_command, add_json_option, emit_json
+
+#: ``automedsam evaluate-interactive``: what ``--help`` says.
+HELP = "simulate clicks: DSC by click, clicks to DSC 0.9, ms per interaction"
+DESCRIPTION = """\
+For each class and each slice holding it, start from the reference box (--start box, manual
+mode) or the bundle's automatic result (--start auto, semi mode), then click up to --clicks
+times at the point deepest inside the largest error region (+ in a missed, - in a false region);
+every refine builds on the earlier clicks and the previous low-resolution logits. With
+--propagation, also propagate from the middle reference slice of each class both ways and score
+the volume in 3-D.
+"""
 
 
 def register(sub) -> None:
     from ..models import DEFAULT_BACKBONE
 
-    p = sub.add_parser(
-        "evaluate-interactive", help="simulate clicks: DSC by click, clicks to DSC 0.9, ms per interaction",
-        description="For each class and each slice holding it, start from the reference box (--start box, manual "
-                    "mode) or the bundle's automatic result (--start auto, semi mode), then click up to --clicks "
-                    "times at the point deepest inside the largest error region (+ in a missed, - in a false "
-                    "region); every refine builds on the earlier clicks and the previous low-resolution logits. "
-                    "With --propagation, also propagate from the middle reference slice of each class both ways "
-                    "and score the volume in 3-D.")
+    p = add_command(sub, "evaluate-interactive", run, HELP, DESCRIPTION)
     add_case_arguments(p, "reference label map for each --image")
     p.add_argument("--model", help="model bundle (needed for --start auto)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
@@ -32,7 +36,6 @@ def register(sub) -> None:
     p.add_argument("--window", default="abdomen", help="CT window preset without --model, or 'mr'")
     p.add_argument("--device", default="auto")
     add_json_option(p)
-    p.set_defaults(handler=run)
 
 
 def _engine(args: argparse.Namespace):

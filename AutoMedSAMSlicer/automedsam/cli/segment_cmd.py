@@ -7,15 +7,19 @@ import os
 import sys
 from pathlib import Path
 
-from .common import add_device_option, emit_json
+from .common import add_command, add_device_option, emit_json
+
+#: ``automedsam segment``: what ``--help`` says.
+HELP = "segment classes in a volume with a model bundle"
+DESCRIPTION = """\
+Segment the given classes on every slice (or --slices) of INPUT with a model bundle's learned
+prompts and write a .seg.nrrd (named, coloured, terminology-coded segments) or a NIfTI/NRRD
+label map in the input's geometry.
+"""
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "segment", help="segment classes in a volume with a model bundle",
-        description="Segment the given classes on every slice (or --slices) of INPUT with a model bundle's learned "
-                    "prompts and write a .seg.nrrd (named, coloured, terminology-coded segments) or a NIfTI/NRRD "
-                    "label map in the input's geometry.")
+    p = add_command(sub, "segment", run, HELP, DESCRIPTION)
     p.add_argument("input", help="image file or DICOM folder")
     p.add_argument("--model", required=True, help="model bundle (folder or .zip)")
     p.add_argument("--classes", required=True, help="comma-separated class names, e.g. liver,spleen")
@@ -26,7 +30,6 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", help="reuse image embeddings across runs from this folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,19 +6,22 @@ import argparse
 from pathlib import Path
 
 from .cases import add_case_arguments, check_case_arguments, load_cases
-from .common import emit_json, run_training
+from .common import add_command, emit_json, run_training
+
+#: ``automedsam train``: what ``--help`` says.
+HELP = "train a prompt network from labelled volumes (writes a model bundle)"
+DESCRIPTION = """\
+Trains a prompt network (the class-map network, Sam2Rad's PPN or AutoMedSAM's diffusion class
+prompt encoder) on a frozen backbone (the mask decoder too with --finetune-decoder), validating
+on held-out slices or cases with the real engine, and writes the best epoch as a model bundle.
+"""
 
 
 def register(sub) -> None:
     from ..models import DEFAULT_BACKBONE
     from ..prompt_networks import DEFAULT_PROMPT_NETWORK, PROMPT_NETWORK_KINDS
 
-    p = sub.add_parser(
-        "train", help="train a prompt network from labelled volumes (writes a model bundle)",
-        description="Trains a prompt network (the class-map network, Sam2Rad's PPN or AutoMedSAM's diffusion "
-                    "class prompt encoder) on a frozen backbone (the mask decoder too with --finetune-decoder), "
-                    "validating on held-out slices or cases with the real engine, and writes the best epoch as a "
-                    "model bundle.")
+    p = add_command(sub, "train", run, HELP, DESCRIPTION)
     add_case_arguments(p, "label map / .seg.nrrd for each --image")
     p.add_argument("--prompt-network", "--generator", choices=PROMPT_NETWORK_KINDS, default=DEFAULT_PROMPT_NETWORK,
                    help=f"prompt network (default {DEFAULT_PROMPT_NETWORK})")
@@ -47,7 +50,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="bundle to write (.zip or folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(handler=run)
 
 
 def config_from_args(args: argparse.Namespace):
