@@ -352,3 +352,22 @@ def test_largest_component():
     m[1:3, 2:4, 2:4] = True
     kept = largest_component(m)
     assert kept.sum() == 8 and not kept[0, 0, 0]
+
+
+def test_the_frames_video_predictor_builds_the_state_sam2s_init_state_builds():
+    """FramesVideoPredictor states sam2's inference state itself (sam2 reads frames from files
+    only): its keys must be exactly those sam2's own init_state fills, so a sam2 upgrade that
+    changes them fails here instead of in a propagation."""
+    import inspect
+    import re
+
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    from automedsam.backbones.sam2 import build_sam2_model
+
+    theirs = set(re.findall(r'inference_state\["(\w+)"\] =', inspect.getsource(SAM2VideoPredictor.init_state)))
+    predictor = build_sam2_model("tiny", video=True)
+    frames = [torch.zeros(3, 32, 32)] * 3
+    ours = predictor.init_state_from_frames(frames, 32, offload_state_to_cpu=True)
+    assert theirs and set(ours) == theirs
+    assert ours["num_frames"] == 3 and ours["images"] is frames and ours["storage_device"] == torch.device("cpu")

@@ -4,10 +4,11 @@ Propagation reads what it needs through a :class:`SliceSource` (the backbone, th
 and their embeddings, the class's learned prompts, the thresholds), never the engine's internals.
 
 - SAM 2 backbones: the ``sam2`` video predictor treats the slices as frames and uses its memory
-  bank. sam2 loads frames from image files only; :class:`SliceFrames` feeds it the engine's
-  preprocessed slices lazily instead, and its "video" resolution is set to the model input size so
-  its output masks are in model space, which :class:`~automedsam.preprocess.SliceTransform` maps
-  back onto the volume's voxels exactly.
+  bank. sam2 loads frames from image files only; its subclass
+  :class:`~automedsam.backbones.sam2_video.FramesVideoPredictor` takes :class:`SliceFrames` (the
+  preprocessed slices, made lazily) instead, with the "video" resolution set to the model input
+  size, so its output masks are in model space, which :class:`~automedsam.preprocess.SliceTransform`
+  maps back onto the volume's voxels exactly.
 - SAM backbones (no memory): each next slice is prompted with the previous slice's mask (its box
   and the mask as a mask prompt), plus the bundle's learned tokens when a bundle is loaded.
 - Box-only backbones (LiteMedSAM): a one-class class-map prompt network is taught from the seed
@@ -19,8 +20,6 @@ previous one, or (with a bundle) an objectness logit below the engine's threshol
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from .preprocess import SliceTransform
     from .prompt_networks import GeneratedPrompts
 
-_LOADER_LOCK = threading.Lock()
 MASK_PROMPT_LOGIT = 8.0  # magnitude of the logits a binary mask becomes when used as a mask prompt
 
 
@@ -166,21 +164,6 @@ class SliceFrames:
         return self.source.backbone.normalize(self.source.model_input(int(k))[None])[0]
 
 
-@contextlib.contextmanager
-def _frames_from(frames: SliceFrames, size: int):
-    """Make sam2's ``init_state`` take ``frames`` instead of reading image files; the "video" size
-    is the model input size, so sam2 returns masks in model space."""
-    import sam2.sam2_video_predictor as video_module
-
-    with _LOADER_LOCK:
-        original = video_module.load_video_frames
-        video_module.load_video_frames = lambda **_: (frames, size, size)
-        try:
-            yield
-        finally:
-            video_module.load_video_frames = original
-
-
 #: One video predictor per backbone (with its current weights), dropped with the backbone.
 _PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -207,9 +190,8 @@ def _sam2_memory(source: SliceSource, k0: int, steps: Sequence[int], limit: int)
     t, size = source.transform, source.backbone.input_size
     seed = source.seed
     with torch.inference_mode():
-        with _frames_from(SliceFrames(source), size):
-            state = predictor.init_state(video_path="<automedsam slices>", offload_video_to_cpu=True,
-                                         offload_state_to_cpu=source.backbone.device.type == "cpu")
+        state = predictor.init_state_from_frames(SliceFrames(source), size,
+                                                 offload_state_to_cpu=source.backbone.device.type == "cpu")
         for step in steps:
             predictor.reset_state(state)
             predictor.add_new_mask(state, frame_idx=k0, obj_id=1, mask=torch.from_numpy(t.mask_to_model(seed)))

@@ -34,7 +34,8 @@ _POSTPROCESSING = {
 
 
 def build_sam2_model(arch: str, video: bool = False):
-    """Build a randomly initialised ``SAM2Base`` (or ``SAM2VideoPredictor`` with ``video``) from the
+    """Build a randomly initialised ``SAM2Base`` (or, with ``video``, a ``SAM2VideoPredictor`` that
+    takes frames: :class:`~automedsam.backbones.sam2_video.FramesVideoPredictor`) from the
     installed package's config ``arch`` (e.g. ``sam2.1_hiera_t``) or ``tiny``."""
     from importlib import resources
 
@@ -48,7 +49,7 @@ def build_sam2_model(arch: str, video: bool = False):
     if arch == "tiny":
         overrides.update(TINY_SAM2_OVERRIDES)
     if video:
-        overrides["model._target_"] = "sam2.sam2_video_predictor.SAM2VideoPredictor"
+        overrides["model._target_"] = "automedsam.backbones.sam2_video.FramesVideoPredictor"
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     OmegaConf.resolve(cfg)
