@@ -32,6 +32,13 @@ def ct(ct_dir):
     return read_image(ct_dir / "ct_lowres.nii.gz")
 
 
+def pytest_configure(config):
+    """Tests run PyTorch on the CPU unless they ask for a runtime (test_cpu_runtime.py checks OpenVINO
+    and ONNX Runtime against it): exporting each tiny test backbone again in every fresh cache would
+    only add minutes. Set before any fixture builds a backbone, worker processes inherit it."""
+    os.environ["AUTOMEDSAM_CPU_RUNTIME"] = "torch"
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory, monkeypatch) -> Path:
     """Every test gets its own empty AUTOMEDSAM_HOME so no test touches the user's cache."""

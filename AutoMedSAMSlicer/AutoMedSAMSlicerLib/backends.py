@@ -145,12 +145,16 @@ class WorkerBackend(RemoteBackend):
     restarted when it crashed, stopped on :meth:`shutdown` (Slicer exit)."""
 
     def __init__(self, python: str | None = None, device: str = "auto", pollSeconds: float = 0.05):
+        from automedsam.backbones.runtime import THREADS_ENV, threads_beside_gui
         from automedsam.worker import LocalWorker
 
         env = dict(os.environ)
         # The worker imports the automedsam package shipped inside the module folder.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
-        self.worker = LocalWorker(python or slicerPythonExecutable(), device=device, env=env)
+        # It computes beside Slicer's GUI: a core left free where there are enough, lower priority always.
+        env.setdefault(THREADS_ENV, str(threads_beside_gui()))
+        self.worker = LocalWorker(python or slicerPythonExecutable(), device=device, env=env,
+                                  extra_args=["--lower-priority"])
         super().__init__("", self.worker.token, pollSeconds)
 
     def _started(self) -> None:

@@ -2,7 +2,11 @@
 
 For each backbone (random weights unless ``weights`` names cached ones) and a volume of N slices:
 
-- ``encoder_ms_per_slice``: image encoder time per slice (batched as the engine batches).
+- ``encoder_ms_per_slice``: image encoder time per slice as the engine runs it (its CPU runtime, e.g.
+  OpenVINO; batched as the engine batches); ``encoder_ms_per_slice_torch``: the PyTorch fp32 path
+  on the same slices in the same run (up to 8 of them), ``encoder_speedup_vs_torch`` their ratio.
+- ``runtime_encoder`` / ``runtime_decoder``: what ran each part; ``runtime_compile_s``: exporting and
+  compiling both at first use (from the on-disk export cache when it has them).
 - ``refine_ms_p50/p95``: click-to-mask, :meth:`Engine.refine` of one + click on a cached slice
   with learned + manual prompts (semi-automatic), from the mapping to model pixels to the slice
   mask, repeated ``repeats`` times after one warm-up click.
@@ -10,7 +14,8 @@ For each backbone (random weights unless ``weights`` names cached ones) and a vo
   the same points on the same already-set image (LiteMedSAM: its reference inference with a box).
 - ``volume_s_1_class`` / ``volume_s_5_classes``: whole-volume ``segment`` from a cold engine.
 - ``naive_s_5_classes``: the naive way: stock predictor ``set_image`` + ``predict`` per slice per class
-  (LiteMedSAM: its own reference inference, encoder included, per slice and class).
+  (LiteMedSAM: its own reference inference, encoder included, per slice and class), PyTorch; left
+  out with ``naive=False`` (it costs 5 encoder passes per slice).
 - ``cached_resegment_decode_s``: ``segment`` of the 5 classes again on the cached embeddings
   (prompt network and decoder run again); ``cached_resegment_s``: once more, with the engine's memoised
   automatic results as well (what a user re-running segment with other options gets).
@@ -21,6 +26,7 @@ For each backbone (random weights unless ``weights`` names cached ones) and a vo
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import resource
 import statistics
@@ -131,8 +137,9 @@ def _uint8_rgb(engine, k: int) -> np.ndarray:
 
 def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, device: str = "cpu",
                    weights: str | None = "random", prompt_network: str = DEFAULT_PROMPT_NETWORK,
-                   service: bool = False) -> dict:
-    """Measure one backbone (see the module docstring); ``service`` adds refine through a worker."""
+                   service: bool = False, naive: bool = True, runtime: str | None = None) -> dict:
+    """Measure one backbone (see the module docstring); ``service`` adds refine through a worker,
+    ``runtime`` names the CPU runtime (None: ``$AUTOMEDSAM_CPU_RUNTIME`` or auto)."""
     import torch
 
     from .backbones import build_backbone
@@ -142,7 +149,10 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     from .preprocess import IntensityConfig
     from .prompt_networks import build_prompt_network, default_config
 
-    backbone = build_backbone(backbone_id, weights=weights, device=device)
+    backbone = build_backbone(backbone_id, weights=weights, device=device, runtime=runtime)
+    t = time.perf_counter()
+    runtimes = {part: backbone.runtime_id(part) for part in ("encoder", "decoder")}
+    compile_s = time.perf_counter() - t
     classes = [default_class_catalog().get(c) for c in BENCH_CLASSES]
     gen = build_prompt_network(prompt_network, default_config(prompt_network, backbone, len(classes)))
     bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"bench-{backbone_id}")
@@ -175,6 +185,12 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     t = time.perf_counter()  # embeddings and memoised automatic results (another run, other cleanup, ...)
     e5.segment_volume(list(BENCH_CLASSES), cleanup="none")
     resegment = time.perf_counter() - t
+    torch_slices = list(range(min(n, 8)))
+    with backbone.eager():  # the PyTorch fp32 encoder on the same slices, same run
+        e_torch = cold_engine()
+        t = time.perf_counter()
+        e_torch.encode(torch_slices)
+        encode_torch_s = time.perf_counter() - t
 
     # Click-to-mask on a cached slice vs the stock predictor on the same set image.
     def click():  # one click, as a user adds them (a fresh interaction each time, so all are alike)
@@ -192,14 +208,16 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
                                                        multimask_output=False), repeats)
 
     # The naive way: one stock set_image + predict per slice per class.
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for k in range(n):
-            image = _uint8_rgb(e5, k)
-            for _ in BENCH_CLASSES:
-                predictor.set_image(image)
-                predictor.predict(box=box, multimask_output=False)
-    naive_5 = time.perf_counter() - t
+    naive_5 = None
+    if naive:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for k in range(n):
+                image = _uint8_rgb(e5, k)
+                for _ in BENCH_CLASSES:
+                    predictor.set_image(image)
+                    predictor.predict(box=box, multimask_output=False)
+        naive_5 = time.perf_counter() - t
 
     result = {
         "backbone": backbone_id,
@@ -207,7 +225,13 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         "prompt_network": prompt_network,
         "slices": n,
         "slice_shape_ji": [int(height), int(width)],
+        "runtime_encoder": runtimes["encoder"],
+        "runtime_decoder": runtimes["decoder"],
+        "runtime_compile_s": round(compile_s, 2),
+        "cpu_threads": torch.get_num_threads(),
         "encoder_ms_per_slice": round(encode_s * 1000.0 / n, 2),
+        "encoder_ms_per_slice_torch": round(encode_torch_s * 1000.0 / len(torch_slices), 2),
+        "encoder_speedup_vs_torch": round((encode_torch_s / len(torch_slices)) / (encode_s / n), 2),
         "refine_ms_p50": _p(refine, 50),
         "refine_ms_p95": _p(refine, 95),
         "stock_predict_ms_p50": _p(stock, 50),
@@ -215,8 +239,8 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         "volume_s_1_class": round(volume_1, 3),
         "volume_s_5_classes": round(volume_5, 3),
         "five_vs_one_class": round(volume_5 / volume_1, 3),
-        "naive_s_5_classes": round(naive_5, 3),
-        "speedup_vs_naive_5_classes": round(naive_5 / volume_5, 2),
+        "naive_s_5_classes": None if naive_5 is None else round(naive_5, 3),
+        "speedup_vs_naive_5_classes": None if naive_5 is None else round(naive_5 / volume_5, 2),
         "cached_resegment_s": round(resegment, 3),
         "resegment_speedup": round(volume_5 / resegment, 2),
         "cached_resegment_decode_s": round(resegment_decode, 3),
@@ -224,22 +248,26 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         "peak_rss_mb": _peak_rss_mb(),
     }
     if service:
-        result.update(service_refine_latency(volume, bundle, repeats=repeats, device=device))
+        result.update(service_refine_latency(volume, bundle, repeats=repeats, device=device, runtime=runtime))
         result["service_overhead_ms_p50"] = round(result["service_refine_ms_p50"] - result["refine_ms_p50"], 2)
     return result
 
 
-def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str) -> dict:
-    """Click-to-mask through a local worker on loopback (same bundle, same slice, same clicks)."""
+def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str, runtime: str | None = None) -> dict:
+    """Click-to-mask through a local worker on loopback (same bundle, same slice, same clicks, same
+    CPU runtime)."""
+    import os
     import tempfile
     from pathlib import Path
 
+    from .backbones.runtime import RUNTIME_ENV
     from .worker import LocalWorker
 
     k, (height, width) = volume.num_slices // 2, volume.array.shape[1:3]
     points = np.array([[width * 0.4, height * 0.45], [width * 0.8, height * 0.2]])
     labels = np.array([1, 0])
-    with tempfile.TemporaryDirectory() as tmp, LocalWorker(device=device) as worker:
+    env = (os.environ | {RUNTIME_ENV: runtime}) if runtime else None
+    with tempfile.TemporaryDirectory() as tmp, LocalWorker(device=device, env=env) as worker:
         path = bundle.save(Path(tmp) / "bench.zip")
         remote = worker.client(bundle=str(path))
         remote.set_volume(volume)
@@ -255,16 +283,18 @@ def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str)
 def environment(device: str) -> dict:
     import torch
 
+    from .backbones.runtime import resolve_runtime
+
     versions = {"automedsam": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for module in ("segment_anything", "sam2", "numpy", "SimpleITK"):
+    for module in ("segment_anything", "sam2", "numpy", "SimpleITK", "openvino", "onnxruntime"):
         try:
-            mod = __import__(module)
-            versions[module] = getattr(mod, "__version__", "installed")
-        except ImportError:
+            versions[module] = importlib.metadata.version(module.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
             versions[module] = None
     return {
         "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
         "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
+        "cpu_runtime": resolve_runtime(),
         "versions": versions,
     }

@@ -59,8 +59,10 @@ class EmbeddingStore:
         _, j, i = volume.array.shape[:3]
         self.transform = self.backbone.slice_transform(j, i)
         self._features = {}
+        # The encoder's runtime is part of the key: bf16 embeddings are not PyTorch's fp32 ones.
         key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
-                        json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size)])
+                        json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size),
+                        self.backbone.runtime_id("encoder")])
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def clear(self) -> None:

@@ -269,6 +269,9 @@ class Engine:
         for n in names:
             masks[n][ks] = False
         present: dict[str, list[int]] = {n: [] for n in names}
+        # Voxel counts for the progress events, kept per slice: summing whole volumes after every
+        # slice would cost more than the decoder on a large CT.
+        counts = {n: int(masks[n].sum()) for n in names}
         t0 = time.perf_counter()
         yield ProgressEvent("start", 0, len(ks), f"segmenting {len(names)} class(es) on {len(ks)} slice(s)")
         batch = self.store.batch_size
@@ -283,8 +286,9 @@ class Engine:
                                                            self.config.mask_threshold).items():
                     masks[name][k] = mask
                     present[name].append(k)
+                    counts[name] += int(np.count_nonzero(mask))
             done = min(start + batch, len(ks))
-            yield ProgressEvent("segment", done, len(ks), partial={n: int(masks[n].sum()) for n in names})
+            yield ProgressEvent("segment", done, len(ks), partial=dict(counts))
         if cleanup == "largest_component":
             yield ProgressEvent("cleanup", len(ks), len(ks), "keeping the largest 3-D component per class")
             for n in names:  # judged in 3-D with the kept slices, applied to the segmented ones only

@@ -42,6 +42,11 @@ class WeightsLoadError(AutoMedSAMError):
     """A weights file exists but does not fit the model (missing/unexpected keys, wrong shapes)."""
 
 
+class RuntimeUnavailableError(AutoMedSAMError):
+    """A CPU inference runtime (OpenVINO, ONNX Runtime) asked for is not installed, or a part compiled
+    for it does not compute what PyTorch computes."""
+
+
 class TrainingFailedError(AutoMedSAMError):
     """Training stopped with an error after it had trained; the message says where its work was kept."""
 

@@ -45,6 +45,21 @@ def start_group(cmd: Sequence[str], *, env: dict | None = None, merge_stderr: bo
                             encoding="utf-8", errors="replace", env=env, **group)
 
 
+def lower_priority() -> bool:
+    """Run this process below normal priority (POSIX nice +10, Windows BELOW_NORMAL), so an
+    interactive program beside it (Slicer's GUI) gets the CPU first. Returns whether it worked."""
+    try:
+        if os.name == "nt":
+            import ctypes
+
+            kernel32 = ctypes.windll.kernel32
+            return bool(kernel32.SetPriorityClass(kernel32.GetCurrentProcess(), 0x00004000))  # BELOW_NORMAL
+        os.nice(10)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def signal_tree(process: subprocess.Popen, kill: bool) -> None:
     """Terminate (or kill) the process group that :func:`start_group` started.
 

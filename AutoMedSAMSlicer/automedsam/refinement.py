@@ -58,6 +58,34 @@ def _placed(state: Interaction | None, points, labels):
     return np.concatenate([state.points, points], axis=1), np.concatenate([state.labels, labels], axis=1)
 
 
+def distance_to_outside(side: np.ndarray, j: int, i: int) -> float:
+    """Euclidean distance (voxels) from (j, i) to the nearest voxel of the ``(J, I)`` slice outside
+    ``side``, the slice's border counting as outside. Computed in a window around the voxel that
+    doubles until the answer cannot lie beyond it: a click costs its neighbourhood, not the slice."""
+    from scipy import ndimage
+
+    height, width = side.shape
+    reach = 16
+    while True:
+        j0, j1, i0, i1 = max(j - reach, 0), min(j + reach + 1, height), max(i - reach, 0), min(i + reach + 1, width)
+        # Padding marks the window's edge as outside: exact at the slice's border; elsewhere it lies
+        # more than ``reach`` away, so any distance up to ``reach`` is the true one.
+        depth = float(ndimage.distance_transform_edt(np.pad(side[j0:j1, i0:i1], 1))[j - j0 + 1, i - i0 + 1])
+        if depth <= reach or (j0, i0, j1, i1) == (0, 0, height, width):
+            return depth
+        reach *= 2
+
+
+def disk(shape: tuple[int, int], j: int, i: int, radius: float) -> np.ndarray:
+    """``(J, I)`` bool: the voxels within ``radius`` (voxels) of (j, i)."""
+    out = np.zeros(shape, bool)
+    r = int(np.floor(radius))
+    j0, j1, i0, i1 = max(j - r, 0), min(j + r + 1, shape[0]), max(i - r, 0), min(i + r + 1, shape[1])
+    jj, ii = np.ogrid[j0:j1, i0:i1]
+    out[j0:j1, i0:i1] = (jj - j) ** 2 + (ii - i) ** 2 <= radius ** 2
+    return out
+
+
 class Refiner:
     """Refines slices of the store's volume; remembers each (class, slice)'s interaction."""
 
@@ -152,7 +180,6 @@ class Refiner:
             if points is None:
                 return mask
             voxels = t.points_from_model(points[0])
-            jj, ii = np.mgrid[0:mask.shape[0], 0:mask.shape[1]]
             for (x, y), (fi, fj), label in zip(points[0], voxels, labels[0], strict=True):
                 i, j = int(np.clip(round(fi), 0, mask.shape[1] - 1)), int(np.clip(round(fj), 0, mask.shape[0] - 1))
                 sparse, dense = backbone.embed_prompts(np.array([[[x, y]]]), np.array([[1]]))
@@ -165,9 +192,8 @@ class Refiner:
                 touched = parts == parts[j, i] if parts[j, i] else np.zeros_like(mask)
                 # Reach: a click far from the mask's edge fixes a large error, one next to it a
                 # sliver; the edit stays within twice that distance (plus 2 voxels) of the click.
-                depth = float(ndimage.distance_transform_edt(np.pad(side, 1))[1:-1, 1:-1][j, i])
-                near = (jj - j) ** 2 + (ii - i) ** 2 <= (2 * depth + 2) ** 2
-                touched = (touched & near) | ((jj - j) ** 2 + (ii - i) ** 2 <= 2)
+                touched &= disk(mask.shape, j, i, 2 * distance_to_outside(side, j, i) + 2)
+                touched |= disk(mask.shape, j, i, np.sqrt(2))
                 mask = (mask | touched) if label == 1 else (mask & ~touched)
         return mask
 

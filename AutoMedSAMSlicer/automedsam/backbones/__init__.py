@@ -147,7 +147,8 @@ def _random_init(build, seed: int):
 
 
 def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLike | None = None,
-                   device: str = "auto", seed: int = 0, catalog: BackboneCatalog | None = None) -> Backbone:
+                   device: str = "auto", seed: int = 0, catalog: BackboneCatalog | None = None,
+                   runtime: str | None = None) -> Backbone:
     """Build a frozen backbone.
 
     Args:
@@ -158,12 +159,21 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
             weights from ``seed`` (the only choice for test-only backbones); or a path to a
             ``.pt``/``.pth``/``.safetensors`` file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        runtime: CPU runtime for inference (``auto``, ``openvino``, ``openvino-f32``, ``onnxruntime``,
+            ``torch``; None: ``$AUTOMEDSAM_CPU_RUNTIME`` or ``auto``); see :mod:`automedsam.backbones.runtime`.
+            Training passes ``torch``.
 
     Raises:
         WeightsUnavailableError: weights not in the cache (says how to download or import them).
         WeightsLoadError: the file does not fit the model (names missing/unexpected keys).
-        InvalidInputError: unknown id or device.
+        InvalidInputError: unknown id, device or runtime.
+        RuntimeUnavailableError: a runtime named explicitly is not installed.
     """
+    import torch
+
+    from .runtime import cpu_threads, resolve_runtime
+
+    runtime = resolve_runtime(runtime)
     catalog = catalog or BackboneCatalog.load()
     spec = backbone_id if isinstance(backbone_id, BackboneSpec) else catalog.get(backbone_id)
     dev = resolve_device(device)
@@ -196,5 +206,7 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
         # A file from the cache was just verified against the catalog's sha256 (cached_weights).
         verified = spec.sha256 if from_cache and spec.sha256 else None
         fingerprint = f"sha256:{verified or sha256_file(source)}"
-    log.info("built backbone %s (%s weights) on %s", spec.id, fingerprint, dev)
-    return cls(spec, model, dev, _amp_dtype(dev), fingerprint)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads())
+    log.info("built backbone %s (%s weights) on %s (CPU runtime %s)", spec.id, fingerprint, dev, runtime)
+    return cls(spec, model, dev, _amp_dtype(dev), fingerprint, runtime)

@@ -12,11 +12,16 @@ exposes exactly what the prompt networks and the engine need:
   and, for SAM 2, an object-score logit ``(B, 1)``.
 
 Image preprocessing into model space and the way back is :mod:`automedsam.preprocess`.
+
+On the CPU, parts a backbone can export (:meth:`Backbone.export_spec`) run through OpenVINO or ONNX
+Runtime (:mod:`automedsam.backbones.runtime`) whenever no gradient is asked for; training, CUDA and
+:meth:`Backbone.eager` use PyTorch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,6 +31,15 @@ from ..preprocess import SliceTransform
 
 if TYPE_CHECKING:  # torch is imported lazily at run time
     import torch
+
+    from .runtime import CompiledPart, ExportSpec
+
+log = logging.getLogger(__name__)
+
+#: Largest difference (relative to the output's magnitude) a compiled part may show against
+#: PyTorch on its example inputs before it is refused: bf16 rounding stays well below it, a wrong
+#: graph (a shape baked in by the tracer) does not.
+_AGREEMENT_TOLERANCE = {"bf16": 0.15, "f16": 0.15, "f32": 1e-3}
 
 _PIXEL_NORMALIZATION = {
     # mean, std applied to 0..1 intensities
@@ -81,7 +95,7 @@ class Backbone(ABC):
     """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface."""
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, device: torch.device,
-                 amp_dtype: torch.dtype | None, weights_fingerprint: str = "random:seed=0"):
+                 amp_dtype: torch.dtype | None, weights_fingerprint: str = "random:seed=0", runtime: str = "torch"):
         import torch
 
         self.spec = spec
@@ -96,6 +110,11 @@ class Backbone(ABC):
         mean, std = _PIXEL_NORMALIZATION[spec.pixel_normalization]
         self._mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        #: CPU runtime of the exportable parts (see :mod:`automedsam.backbones.runtime`); "torch": none.
+        self.runtime = runtime
+        self._compiled: dict[str, tuple[CompiledPart | None, torch.nn.Module | None, tuple]] = {}
+        self._eager_depth = 0
+        self._dense_pe: torch.Tensor | None = None
 
     def to(self, device) -> Backbone:
         """Move the model to another device (e.g. CPU after a CUDA out-of-memory error)."""
@@ -104,6 +123,7 @@ class Backbone(ABC):
         device = torch.device(device)
         self.model.to(device)
         self._mean, self._std = self._mean.to(device), self._std.to(device)
+        self._dense_pe = None
         self.device = device
         if device.type != "cuda":
             self.amp_dtype = None
@@ -184,8 +204,14 @@ class Backbone(ABC):
 
     # ---------------------------------------------------------------------------- prompts
     def dense_pe(self) -> torch.Tensor:
-        """``(1, 256, E, E)`` positional encoding of the embedding grid."""
-        return self.prompt_encoder.get_dense_pe()
+        """``(1, 256, E, E)`` positional encoding of the embedding grid (fixed: it depends only on
+        the frozen prompt encoder's random Fourier matrix, so it is computed once)."""
+        if self._dense_pe is None:
+            import torch
+
+            with torch.no_grad():
+                self._dense_pe = self.prompt_encoder.get_dense_pe().detach()
+        return self._dense_pe
 
     @abstractmethod
     def embed_prompts(self, points=None, labels=None, boxes=None, masks=None,
@@ -210,6 +236,69 @@ class Backbone(ABC):
         """Decode masks for B prompt sets. ``features`` holds B images (one per prompt set) or
         one image shared by all B prompt sets. Gradients flow if enabled by the caller."""
 
+    # ------------------------------------------------------------------------- CPU runtime
+    def export_spec(self, part: str) -> ExportSpec | None:
+        """How to export ``part`` (``"encoder"``, ``"decoder"``) for a CPU runtime; None: PyTorch only."""
+        return None
+
+    @contextlib.contextmanager
+    def eager(self):
+        """PyTorch only inside the block (the exact fp32 reference, e.g. to compare against)."""
+        self._eager_depth += 1
+        try:
+            yield self
+        finally:
+            self._eager_depth -= 1
+
+    def compiled(self, part: str) -> CompiledPart | None:
+        """``part`` compiled for the CPU runtime, where it applies: a CPU device, a runtime other than
+        torch, no gradient asked for, outside :meth:`eager`, and an export that works. Compiled on first
+        use (export cached on disk); compiled again if the part's weights change (a bundle's
+        fine-tuned decoder)."""
+        import torch
+
+        if self.runtime == "torch" or self.device.type != "cpu" or self._eager_depth or torch.is_grad_enabled():
+            return None
+        compiled, module, versions = self._compiled.get(part, (None, None, None))
+        if versions is not None and (module is None or _versions(module) == versions):
+            return compiled
+        spec = self.export_spec(part)
+        if spec is None:
+            self._compiled[part] = (None, None, ())
+            return None
+        versions = _versions(spec.module)
+        try:
+            compiled = self._compile(spec)
+        except Exception as exc:  # an op the exporter or runtime cannot take: PyTorch still works
+            log.warning("%s %s: %s cannot run it (%s: %s); using PyTorch", self.id, part, self.runtime,
+                        type(exc).__name__, exc)
+            compiled = None
+        self._compiled[part] = (compiled, spec.module, versions)
+        return compiled
+
+    def _compile(self, spec: ExportSpec) -> CompiledPart:
+        import torch
+
+        from .runtime import check_agreement, compile_part
+
+        compiled = compile_part(self.runtime, spec, self.id, self.weights_fingerprint)
+        with torch.no_grad():
+            expected = spec.module(*spec.example_inputs)
+        expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else (expected,))]
+        got = compiled(*[x.numpy() for x in spec.example_inputs])
+        worst = check_agreement(expected, got, _AGREEMENT_TOLERANCE.get(compiled.precision, 1e-3))
+        log.info("%s %s runs on %s (%d threads; largest relative difference to PyTorch %.2g)", self.id,
+                 spec.part, compiled.id, compiled.threads, worst)
+        return compiled
+
+    def runtime_id(self, part: str) -> str:
+        """What computes ``part`` outside training: ``"torch"`` or e.g. ``"openvino 2026.4.1 bf16"``."""
+        import torch
+
+        with torch.no_grad():
+            compiled = self.compiled(part)
+        return compiled.id if compiled is not None else "torch"
+
     def _as_tensor(self, value, dtype):
         import numpy as np
         import torch
@@ -219,3 +308,9 @@ class Backbone(ABC):
         if isinstance(value, torch.Tensor):
             return value.to(self.device, dtype)
         return torch.as_tensor(np.asarray(value), dtype=dtype, device=self.device)
+
+
+def _versions(module: torch.nn.Module) -> tuple:
+    """Identity and in-place version counter of each parameter and buffer: changes whenever weights
+    are loaded, trained or moved, so a compiled copy is never used with other weights."""
+    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 from .base import Backbone, DecoderOutput, ImageFeatures
+from .runtime import ExportSpec
 
 #: Test-only "tiny-sam": the library's own classes with small widths/depths. 256-px input with
 #: 8-px patches gives a 32x32 embedding and 128x128 mask logits (fast on a CPU).
@@ -57,8 +58,36 @@ class SamBackbone(Backbone):
     def mask_decoder(self):
         return self.model.mask_decoder
 
+    def export_spec(self, part: str) -> ExportSpec | None:
+        """The image encoder at batch 1 (``(1, 3, S, S)`` -> ``(1, 256, E, E)``; its attention blocks
+        reshape with the batch size baked in), and the mask decoder's :class:`MaskDecoderGraph` with
+        the number of prompt sets and of sparse tokens free."""
+        import torch
+
+        s, e = self.input_size, self.embedding_size
+        if part == "encoder":
+            return ExportSpec("encoder", self.model.image_encoder, (torch.randn(1, 3, s, s),), ("image",),
+                              ("embeddings",), {})
+        if part == "decoder":
+            generator = torch.Generator().manual_seed(0)
+            inputs = (torch.randn(1, 256, e, e, generator=generator), self.dense_pe().cpu(),
+                      torch.randn(2, 3, 256, generator=generator), torch.randn(2, 256, e, e, generator=generator))
+            return ExportSpec("decoder", mask_decoder_graph(self.mask_decoder), inputs,
+                              ("image_embeddings", "image_pe", "sparse", "dense"), ("mask_logits", "iou"),
+                              {"sparse": {0: "prompt_sets", 1: "tokens"}, "dense": {0: "prompt_sets"},
+                               "mask_logits": {0: "prompt_sets"}, "iou": {0: "prompt_sets"}})
+        return None
+
     def _encode(self, x) -> ImageFeatures:
-        return ImageFeatures(self.model.image_encoder(x))
+        import numpy as np
+        import torch
+
+        compiled = self.compiled("encoder")
+        if compiled is None:
+            return ImageFeatures(self.model.image_encoder(x))
+        images = x.numpy()
+        return ImageFeatures(torch.from_numpy(np.concatenate([compiled(images[b:b + 1])[0]
+                                                              for b in range(len(images))])))
 
     def embed_prompts(self, points=None, labels=None, boxes=None, masks=None, batch_size: int = 1):
         import torch
@@ -83,6 +112,11 @@ class SamBackbone(Backbone):
 
         pe = self.dense_pe()
         n_img, n_prompt = len(features), int(sparse.shape[0])
+        compiled = self.compiled("decoder") if n_img == 1 and sparse.shape[1] > 0 else None
+        if compiled is not None:  # all prompt sets on the one image in a single call
+            logits, iou = compiled(*(t.detach().numpy() for t in (features.embeddings, pe, sparse, dense)))
+            picked = slice(1, None) if multimask else slice(0, 1)
+            return DecoderOutput(torch.from_numpy(logits[:, picked]), torch.from_numpy(iou[:, picked]), None)
         with self.autocast():
             if n_img == 1:
                 masks, iou = self.mask_decoder(features.embeddings, pe, sparse, dense, multimask)
@@ -94,3 +128,21 @@ class SamBackbone(Backbone):
             else:
                 raise ValueError(f"{n_img} images cannot pair with {n_prompt} prompt sets")
         return DecoderOutput(masks.float(), iou.float(), None)
+
+
+def mask_decoder_graph(decoder):
+    """``segment_anything``'s ``MaskDecoder`` as one exportable graph: ``(image_embeddings (1, 256, E, E),
+    image_pe (1, 256, E, E), sparse (B, N, 256), dense (B, 256, E, E))`` -> ``(mask_logits (B, 4, L, L),
+    iou (B, 4))``: every mask output; the caller picks the single or the multimask ones, as the
+    decoder's own ``forward`` does."""
+    import torch
+
+    class MaskDecoderGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, image_embeddings, image_pe, sparse, dense):
+            return self.decoder.predict_masks(image_embeddings, image_pe, sparse, dense)
+
+    return MaskDecoderGraph()

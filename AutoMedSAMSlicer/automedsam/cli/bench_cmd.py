@@ -13,7 +13,9 @@ DESCRIPTION = """\
 Benchmarks each backbone (real weights where they are at hand offline, LiteMedSAM's always;
 random ones otherwise, so nothing is downloaded) on a phantom or given volume: encoder ms/slice,
 refine latency p50/p95 next to the stock predictor, 1- and 5-class whole-volume time, the naive
-per-slice-per-class baseline, re-segmenting from the embedding cache, peak memory.
+per-slice-per-class baseline, re-segmenting from the embedding cache, peak memory. On the CPU the
+encoder runs through the CPU runtime (--cpu-runtime) and, in the same run, through PyTorch fp32
+(encoder_ms_per_slice vs encoder_ms_per_slice_torch).
 """
 
 
@@ -31,6 +33,8 @@ def register(sub) -> None:
                    help="prompt network")
     add_device_option(p)
     p.add_argument("--no-service", action="store_true", help="skip refine latency through a local worker")
+    p.add_argument("--no-naive", action="store_true",
+                   help="skip the naive per-slice-per-class baseline (5 encoder passes per slice; for large volumes)")
     p.add_argument("--json", action="store_true", help="print JSON (the default output is JSON too)")
 
 
@@ -53,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench {backbone_id} ...", file=sys.stderr)
         results.append(bench_backbone(backbone_id, volume, repeats=args.repeats, device=device,
                                       weights=_weights(backbone_id, args.weights),
-                                      prompt_network=args.prompt_network, service=not args.no_service))
+                                      prompt_network=args.prompt_network, service=not args.no_service,
+                                      naive=not args.no_naive))
     emit_json(environment(device) | {"volume": volume.name, "results": results})
     return 0
 

@@ -22,7 +22,27 @@ def add_command(sub, name: str, handler, help: str, description: str):
 
 
 def add_device_option(parser) -> None:
+    """``--device`` and ``--cpu-runtime`` (applied by :func:`apply_cpu_runtime` before the command runs)."""
+    from ..backbones.runtime import RUNTIMES
+
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--cpu-runtime", choices=RUNTIMES, default=None,
+                        help="how the CPU runs the image encoder and mask decoder: auto (OpenVINO if installed, "
+                             "else ONNX Runtime, else PyTorch), openvino, openvino-f32, onnxruntime or torch "
+                             "(default: $AUTOMEDSAM_CPU_RUNTIME, else auto)")
+
+
+def apply_cpu_runtime(args) -> None:
+    """Make ``--cpu-runtime`` the process's choice (``$AUTOMEDSAM_CPU_RUNTIME``), so every backbone the
+    command builds, and a worker it starts, uses it; refuses a runtime that is not installed."""
+    import os
+
+    from ..backbones.runtime import RUNTIME_ENV, resolve_runtime
+
+    choice = getattr(args, "cpu_runtime", None)
+    if choice:
+        resolve_runtime(choice)
+        os.environ[RUNTIME_ENV] = choice
 
 
 def add_json_option(parser) -> None:

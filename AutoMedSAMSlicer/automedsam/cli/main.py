@@ -9,6 +9,7 @@ import sys
 
 from .. import __version__
 from ..errors import AutoMedSAMError, InvalidInputError, WeightsUnavailableError
+from .common import apply_cpu_runtime
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
 
@@ -55,6 +56,7 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        apply_cpu_runtime(args)
         return int(args.handler(args) or EXIT_OK)
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import secrets
 import socket
 import sys
 from pathlib import Path
 
+from ..processes import lower_priority
 from .common import add_device_option
 
 
@@ -39,6 +41,8 @@ def register(sub) -> None:
                    help="URL prefix downloads may use besides the catalog's URLs (repeatable)")
     p.add_argument("--download-deadline-s", type=_bounded(1, 10**7, float), default=3600.0,
                    help="overall time limit of one weights download")
+    p.add_argument("--lower-priority", action="store_true",
+                   help="run below normal priority, so the application it serves (Slicer's GUI) gets the CPU first")
     p.set_defaults(handler=run)
 
 
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ..service.protocol import PROTOCOL
     from ..service.state import ServiceSettings
 
+    if args.lower_priority and not lower_priority():
+        logging.getLogger(__name__).warning("could not lower the worker's priority; it runs at normal priority")
     generated = None
     if args.token_file:
         try:

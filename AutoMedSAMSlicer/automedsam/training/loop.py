@@ -142,7 +142,10 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     check_classes_present(config.classes, [c.labels.array for c in cases],
                           "the label maps" if len(cases) > 1 else f"{cases[0].name}'s label map")
     split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
-    backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed)
+    # PyTorch throughout: gradients flow through the decoder, and the prompt network learns from the
+    # fp32 features (the CPU runtimes' embeddings agree with them; see automedsam.backbones.runtime).
+    backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed,
+                              runtime="torch")
     device = backbone.device
     yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.prompt_network} on {backbone.id} ({device})")
 

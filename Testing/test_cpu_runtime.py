@@ -1,0 +1,215 @@
+"""The CPU runtimes (OpenVINO, ONNX Runtime) against PyTorch: masks from the real LiteMedSAM weights
+on the shared CT agree (DSC >= 0.99 per class), exports are cached by weights and reused, a
+changed decoder is compiled again, and bad choices get clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from automedsam.backbones import build_backbone
+from automedsam.backbones.runtime import (
+    RUNTIME_ENV,
+    THREADS_ENV,
+    check_agreement,
+    cpu_threads,
+    resolve_runtime,
+    threads_beside_gui,
+)
+from automedsam.cli.main import run
+from automedsam.engine import Engine
+from automedsam.errors import InvalidInputError, RuntimeUnavailableError
+from automedsam.interactive_eval import box_of, next_click
+from automedsam.metrics import dice
+from automedsam.training import AugmentConfig, TrainConfig, load_case, train
+
+FAST_RUNTIMES = ("openvino", "onnxruntime")
+CLASSES = {"liver": 5, "spleen": 1, "right_kidney": 2, "left_kidney": 3}
+
+
+@pytest.fixture(scope="module")
+def case(ct_dir):
+    return load_case(ct_dir / "ct_lowres.nii.gz", ct_dir / "ct_lowres_labels.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def bundle(case, tmp_path_factory):
+    """A class-map bundle on the real LiteMedSAM weights, taught from every third slice of the CT."""
+    tmp = tmp_path_factory.mktemp("runtime_bundle")
+    config = TrainConfig(classes=CLASSES, device="cpu", epochs=25, train_slices="0::3", val_slices=None,
+                         augment=AugmentConfig(copies=0), validate_every=25, cache_dir=str(tmp / "cache"))
+    done = list(train(config, [case]))[-1]
+    assert done.stage == "done"
+    return done.bundle
+
+
+@pytest.fixture(scope="module")
+def torch_result(case, bundle):
+    engine = Engine(build_backbone("litemedsam", device="cpu", runtime="torch"), bundle)
+    engine.set_volume(case.image)
+    return engine.segment_volume(list(CLASSES))
+
+
+#: Least DSC to PyTorch's masks per runtime: the issue's 0.99, and what bf16 throughout was measured
+#: to keep on this CT (0.977 on the right kidney; on a CPU without native bf16 it is fp32 anyway).
+AGREEMENT = {"openvino": 0.99, "onnxruntime": 0.99, "openvino-bf16": 0.97}
+
+
+@pytest.mark.parametrize("runtime", AGREEMENT)
+def test_fast_runtime_masks_agree_with_pytorch_on_the_shared_ct(case, bundle, torch_result, runtime):
+    backbone = build_backbone("litemedsam", device="cpu", runtime=runtime)
+    engine = Engine(backbone, bundle)
+    engine.set_volume(case.image)
+    family = runtime.split("-")[0]
+    assert backbone.runtime_id("encoder").startswith(family) and backbone.runtime_id("decoder").startswith(family)
+    fast = engine.segment_volume(list(CLASSES))
+    for name, label in CLASSES.items():
+        reference = torch_result.masks[name]
+        agreement = dice(fast.masks[name], reference)
+        print(f"{runtime} {name}: DSC to PyTorch {agreement:.4f}")  # the figures for the record (-s)
+        assert reference.sum() > 500, name  # a real organ, not an empty agreement
+        assert agreement >= AGREEMENT[runtime], name
+        # And the model is still right about the organ (the labels of the shared CT).
+        assert dice(fast.masks[name], case.labels.array == label) >= 0.7, name
+
+
+@pytest.mark.parametrize("runtime", FAST_RUNTIMES)
+def test_fast_runtime_box_and_click_refines_agree_with_pytorch(case, runtime):
+    backbone = build_backbone("litemedsam", device="cpu", runtime=runtime)
+
+    def refines() -> list[np.ndarray]:
+        engine = Engine(backbone)
+        engine.set_volume(case.image)
+        out = []
+        for k in (10, 14, 18):
+            for label in (5, 1):  # liver, spleen: a box, then two corrective clicks as a user places them
+                truth = case.labels.array[k] == label
+                mask = engine.refine("organ", k, box=box_of(truth), mode="manual")
+                out.append(mask)
+                for _ in range(2):
+                    (i, j), positive = next_click(mask, truth)
+                    mask = engine.refine("organ", k, points=[(i, j)], point_labels=[positive])
+                    out.append(mask)
+        return out
+
+    fast = refines()
+    with backbone.eager():
+        reference = refines()
+    for got, expected in zip(fast, reference, strict=True):
+        assert expected.sum() > 100
+        assert dice(got, expected) >= 0.99
+
+
+def test_exports_are_cached_by_weights_and_a_changed_decoder_is_compiled_again(tiny_sam, isolated_home):
+    import torch
+
+    backbone = build_backbone("tiny-sam", device="cpu", runtime="onnxruntime")
+    assert backbone.runtime_id("encoder").startswith("onnxruntime")
+    exported = sorted((isolated_home / "compiled").glob("*/*.onnx"))
+    assert [p.name for p in exported] == ["encoder.onnx"]
+    stamp = exported[0].stat().st_mtime_ns
+    # Another backbone with the same weights finds the export (no new file, not rewritten).
+    again = build_backbone("tiny-sam", device="cpu", runtime="onnxruntime")
+    assert again.runtime_id("encoder") == backbone.runtime_id("encoder")
+    assert sorted((isolated_home / "compiled").glob("*/*.onnx")) == exported and exported[0].stat().st_mtime_ns == stamp
+
+    features = backbone.encode(np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32))
+    sparse, dense = backbone.embed_prompts(np.array([[[100.0, 120.0]]]), np.array([[1]]))
+
+    def decode():
+        with torch.inference_mode():
+            return backbone.decode(features, sparse, dense).mask_logits
+
+    def eager_decode():
+        with backbone.eager(), torch.inference_mode():
+            return backbone.decode(features, sparse, dense).mask_logits
+
+    first = decode()
+    assert torch.allclose(first, eager_decode(), atol=1e-3)
+    # A bundle's fine-tuned decoder: new weights loaded in place are never decoded with the old graph.
+    with torch.no_grad():
+        for p in backbone.mask_decoder.parameters():
+            p.mul_(1.5)
+    second = decode()
+    assert not torch.allclose(first, second, atol=1e-3)
+    assert torch.allclose(second, eager_decode(), atol=1e-3)
+    assert len(list((isolated_home / "compiled").glob("*/decoder.onnx"))) == 2
+
+
+def test_training_uses_pytorch_and_gradients_never_take_the_compiled_path(tiny_sam):
+    import torch
+
+    backbone = build_backbone("tiny-sam", device="cpu", runtime="onnxruntime")
+    with torch.no_grad():
+        assert backbone.compiled("decoder") is not None
+    assert backbone.compiled("decoder") is None  # gradients enabled
+    with backbone.eager(), torch.no_grad():
+        assert backbone.compiled("encoder") is None
+    assert build_backbone("tiny-sam2", device="cpu", runtime="onnxruntime").runtime_id("encoder") == "torch"
+
+
+def test_runtime_choice_and_thread_settings(monkeypatch):
+    monkeypatch.setenv(RUNTIME_ENV, "auto")
+    assert resolve_runtime() == "openvino"  # installed with the models extra
+    assert resolve_runtime("torch") == "torch"
+    with pytest.raises(InvalidInputError, match=r"unknown CPU runtime 'tensorrt'.*openvino-f32"):
+        resolve_runtime("tensorrt")
+    monkeypatch.setenv(RUNTIME_ENV, "fastest")
+    with pytest.raises(InvalidInputError, match=RUNTIME_ENV):
+        resolve_runtime()
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    with pytest.raises(RuntimeUnavailableError, match="pip install openvino"):
+        resolve_runtime("openvino")
+    monkeypatch.setenv(RUNTIME_ENV, "auto")
+    assert resolve_runtime() == "onnxruntime"  # the next best installed one
+
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert cpu_threads() == 3
+    monkeypatch.setenv(THREADS_ENV, "zero")
+    with pytest.raises(InvalidInputError, match=THREADS_ENV):
+        cpu_threads()
+    assert [threads_beside_gui(n) for n in (1, 2, 3, 8)] == [1, 2, 2, 7]
+
+
+def test_the_cli_refuses_a_runtime_that_is_not_installed(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    assert run(["backbones", "check", "tiny-sam", "--image", "x.nii.gz", "--cpu-runtime", "onnxruntime"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install onnxruntime" in err and "Traceback" not in err
+
+
+def test_a_part_that_disagrees_with_pytorch_is_refused():
+    good = [np.ones((2, 3), np.float32)]
+    assert check_agreement(good, [good[0] + 0.01], 0.15) == pytest.approx(0.01)
+    with pytest.raises(RuntimeUnavailableError, match="disagrees"):
+        check_agreement(good, [good[0] * 2], 0.15)
+    with pytest.raises(RuntimeUnavailableError, match="shape"):
+        check_agreement(good, [np.ones((1, 3), np.float32)], 0.15)
+    with pytest.raises(RuntimeUnavailableError):
+        check_agreement(good, [np.full((2, 3), np.nan, np.float32)], 0.15)
+
+
+def test_click_reach_in_a_window_equals_the_whole_slice_distance_transform():
+    from scipy import ndimage
+
+    from automedsam.refinement import disk, distance_to_outside
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        side = ndimage.binary_opening(rng.random((90, 130)) < rng.uniform(0.5, 0.97), iterations=2)
+        side[rng.integers(0, 90), :rng.integers(0, 130)] = True  # long runs: windows must grow
+        j, i = int(rng.integers(0, 90)), int(rng.integers(0, 130))
+        whole = ndimage.distance_transform_edt(np.pad(side, 1))[1:-1, 1:-1][j, i]
+        assert distance_to_outside(side, j, i) == pytest.approx(whole)
+    jj, ii = np.mgrid[0:90, 0:130]
+    for radius in (0.5, np.sqrt(2), 7.3, 200.0):
+        assert (disk((90, 130), 3, 128, radius) == ((jj - 3) ** 2 + (ii - 128) ** 2 <= radius ** 2)).all()
+    assert distance_to_outside(np.ones((40, 50), bool), 20, 25) == 20.0  # the border is the edge (row 40)
