@@ -75,9 +75,14 @@ def make_bundle(tmp_path_factory):
     """``make_bundle(backbone_id, kind)`` -> path of a saved random-weight test bundle (cached)."""
     made = {}
 
-    def make(backbone_id: str = "tiny-sam2", kind: str = "ppn", decoder_finetuned: bool = False):
-        key = (backbone_id, kind, decoder_finetuned)
+    def make(backbone_id: str = "tiny-sam2", kind: str = "ppn", decoder_finetuned: bool = False,
+             seed: int | None = None):
+        """``seed``: the prompt network's torch seed, for tests that need the same (non-empty) masks
+        in every session (tiny-sam2 + ppn, seed 2: partial liver and spleen masks on the shared CT)."""
+        key = (backbone_id, kind, decoder_finetuned, seed)
         if key not in made:
+            import torch
+
             from automedsam.backbones import build_backbone
             from automedsam.bundle import create_bundle
             from automedsam.classes import default_class_catalog
@@ -86,10 +91,12 @@ def make_bundle(tmp_path_factory):
 
             backbone = build_backbone(backbone_id, weights="random", device="cpu")
             classes = [default_class_catalog().get(c) for c in BUNDLE_CLASSES]
+            if seed is not None:
+                torch.manual_seed(seed)
             gen = build_prompt_network(kind, default_config(kind, backbone, len(classes)))
             bundle = create_bundle(backbone, gen, classes, IntensityConfig.ct(), name=f"test-{backbone_id}-{kind}",
                                    decoder_finetuned=decoder_finetuned)
-            path = tmp_path_factory.mktemp("bundles") / f"{backbone_id}-{kind}-{int(decoder_finetuned)}.zip"
+            path = tmp_path_factory.mktemp("bundles") / f"{backbone_id}-{kind}-{int(decoder_finetuned)}-{seed}.zip"
             made[key] = bundle.save(path)
         return made[key]
 

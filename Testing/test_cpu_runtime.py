@@ -213,3 +213,28 @@ def test_click_reach_in_a_window_equals_the_whole_slice_distance_transform():
     for radius in (0.5, np.sqrt(2), 7.3, 200.0):
         assert (disk((90, 130), 3, 128, radius) == ((jj - 3) ** 2 + (ii - 128) ** 2 <= radius ** 2)).all()
     assert distance_to_outside(np.ones((40, 50), bool), 20, 25) == 20.0  # the border is the edge (row 40)
+
+
+def test_a_part_that_cannot_be_exported_falls_back_once_not_on_every_slice(monkeypatch, caplog):
+    """Without the onnx package torch's exporter fails after tracing, which rebuilds TinyViT's
+    attention-bias buffers; the fall-back must still be decided once per part (it was retried,
+    export and warning included, on every slice: 3.7x slower batch runs)."""
+    import sys
+
+    import torch
+
+    from automedsam.backbones import runtime as runtime_module
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx -> ImportError, as when not installed
+    attempts = []
+    real = runtime_module.exported_onnx
+    monkeypatch.setattr(runtime_module, "exported_onnx", lambda *a, **k: attempts.append(a[0].part) or real(*a, **k))
+    backbone = build_backbone("litemedsam", device="cpu", runtime="openvino")
+    images = np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32)
+    with caplog.at_level("WARNING"):
+        first = backbone.encode(images).embeddings
+        for _ in range(2):
+            again = backbone.encode(images).embeddings
+    assert attempts == ["encoder"] and backbone.runtime_id("encoder") == "torch"
+    assert sum("cannot run it" in r.getMessage() for r in caplog.records) == 1
+    torch.testing.assert_close(first, again)

@@ -37,7 +37,7 @@ if [ ! -f "$stamp" ]; then
   pip_install -q -c constraints.txt torch torchvision
   SAM2_BUILD_CUDA=0 pip_install -q --no-build-isolation -c constraints.txt \
     segment-anything sam2
-  pip_install -q -c constraints.txt -e ".[models,service,dev]"
+  pip_install -q -c constraints.txt -e ".[models,service,cluster,dev]"
   touch "$stamp"
 fi
 # Cheap on every run: points the editable install at this checkout (CI clones to new paths).

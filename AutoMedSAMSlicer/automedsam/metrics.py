@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from .segmentation import Segmentation
+    from .volume import Volume
 
 
 def _check(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,3 +99,33 @@ def evaluate_masks(pred: dict[str, np.ndarray], ref: dict[str, np.ndarray], spac
     mean = {m: round(float(np.mean([c[m] for c in classes.values()])), 4) if classes else None
             for m in ("dsc", "nsd")}
     return {"classes": classes, "mean": mean, "absent": absent, "tolerance_mm": tolerance_mm}
+
+
+def reference_masks(seg: Segmentation, classes: dict[str, int], grid: Volume) -> dict[str, np.ndarray]:
+    """Boolean ``(K, J, I)`` masks on ``grid`` per class: the segment of that name (or its catalog
+    spelling or display name) if the segmentation has one (a ``.seg.nrrd``), else the voxels with
+    that label value; brought onto ``grid`` through physical space (nearest neighbour), so the two
+    may store their voxels in different orders.
+
+    Raises:
+        GeometryError: the segmentation does not overlap ``grid`` at all."""
+    from .classes import default_class_catalog
+    from .resample import labels_onto_grid
+
+    catalog = default_class_catalog()
+    by_name = {key.lower(): s for s in seg.segments for key in (s.name, s.segment_id)}
+    merged = None
+    out = {}
+    for name, value in classes.items():
+        # The name as given, else its catalog spelling or display name (kidney_right -> right_kidney).
+        known = catalog.get(name) if name in catalog else None
+        keys = [name] + ([known.name, known.display_name] if known else [])
+        info = next((by_name[k.lower()] for k in keys if k.lower() in by_name), None)
+        if info is not None:
+            layer = seg.layers[info.layer]
+            mask = layer.with_array((layer.array == info.label_value).astype("uint8"))
+        else:
+            merged = merged if merged is not None else seg.label_volume()
+            mask = merged.with_array((merged.array == value).astype("uint8"))
+        out[name] = labels_onto_grid(mask, grid).array > 0
+    return out

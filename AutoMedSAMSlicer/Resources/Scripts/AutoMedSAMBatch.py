@@ -10,8 +10,14 @@ file Slicer reads or a DICOM series folder (read with SimpleITK, refusing uneven
 ``--output`` ending in ``.seg.nrrd`` keeps named, coloured segments; ``.nrrd``, ``.nii.gz``,
 ``.nii`` or ``.mha`` writes a label map (values 1..N in the order of ``--classes``).
 
+A whole dataset: ``--input`` a folder of volumes (NIfTI, NRRD, MetaImage, DICOM series folders)
+or a ``.csv`` list, and ``--output`` a folder. That runs the same code as ``automedsam batch``
+(:mod:`automedsam.batch`: resumable, one record and preview per case, a report with an HTML index)
+in Slicer's Python, the model loaded once.
+
 Exit codes (as the ``automedsam`` CLI): 0 done, 1 failed, 2 bad input or arguments,
-3 model weights unavailable (download them first).
+3 model weights unavailable (download them first), 4 some cases of a folder failed (the others
+are written).
 """
 
 import argparse
@@ -24,7 +30,7 @@ import slicer
 # The module folder (two levels up) holds AutoMedSAMSlicerLib and the automedsam package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WEIGHTS, EXIT_CASES_FAILED = 0, 1, 2, 3, 4
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
@@ -32,11 +38,15 @@ def parseArguments(argv):
     parser = argparse.ArgumentParser(
         prog="Slicer --no-main-window --python-script AutoMedSAMBatch.py --",
         description="Segment organ/lesion classes of a volume with an AutoMedSAM model bundle.")
-    parser.add_argument("--input", required=True, help="image file, or a DICOM series folder")
+    parser.add_argument("--input", required=True,
+                        help="image file or DICOM series folder; with an output folder: a folder of volumes or a .csv")
     parser.add_argument("--classes", required=True, help="comma-separated class names, e.g. liver,spleen")
     parser.add_argument("--model", required=True, help="model bundle (.zip or folder)")
     parser.add_argument("--output", required=True,
-                        help="output .seg.nrrd (segments), or a label map: .nrrd, .nii.gz, .nii, .mha")
+                        help="output .seg.nrrd (segments), or a label map: .nrrd, .nii.gz, .nii, .mha; "
+                             "or a folder for a whole dataset")
+    parser.add_argument("--workers", type=int, default=None, help="dataset: worker processes (default: one per GPU, "
+                                                                   "else one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--slices", default=None, help="k-slices to segment, e.g. 10:80 or 3,7,9 (default: all)")
@@ -74,6 +84,44 @@ def saveOutput(segmentationNode, volumeNode, output: Path, classNames) -> None:
         raise RuntimeError(f"could not write {output} (folder missing or not writable?)")
 
 
+def isDataset(args) -> bool:
+    """A whole dataset: the output names a folder (no file suffix) and the input is a .csv or a
+    folder that is not itself a DICOM series."""
+    output = Path(args.output)
+    name = output.name.lower()
+    if name.endswith(".seg.nrrd") or name.endswith(LABELMAP_SUFFIXES):
+        return False
+    from automedsam.batch.cases import is_dicom_file
+
+    source = Path(args.input)
+    if source.is_file():
+        return source.suffix.lower() == ".csv"
+    return source.is_dir() and not any(is_dicom_file(p) for p in source.iterdir() if p.is_file())
+
+
+def runDataset(args) -> int:
+    """The dataset through automedsam.batch, in this process (Slicer's Python), with progress in the log."""
+    from automedsam.batch import BatchConfig, run_batch
+    from automedsam.cli.batch_cmd import parse_classes
+
+    names, values = parse_classes(args.classes)
+    config = BatchConfig(model=Path(args.model), classes=names, output=Path(args.output), reference_values=values,
+                         device=args.device, overwrite=args.overwrite)
+    summary = None
+    for event in run_batch(config, args.input, workers=args.workers):
+        if event.stage == "start":
+            logging.info("%s", event.message)
+        elif event.stage == "case":
+            record = event.record
+            reason = f": {record['error']['message']}" if record["status"] != "done" else ""
+            print(f"{event.done}/{event.total} {record['case']} {record['status']}{reason}")
+        elif event.stage == "done":
+            summary = event.report["summary"]
+    print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} finished earlier; report: "
+          f"{Path(args.output) / 'index.html'}")
+    return EXIT_CASES_FAILED if summary["failed"] else EXIT_OK
+
+
 def checkPaths(args) -> str | None:
     """What is wrong with the paths, checked before any work, or None."""
     output = Path(args.output)
@@ -91,18 +139,23 @@ def checkPaths(args) -> str | None:
     return None
 
 
-def main(argv) -> int:
-    try:
-        args = parseArguments(argv)
-    except SystemExit as exc:  # --help (0) or bad arguments (2)
-        return int(exc.code or 0)
-    problem = checkPaths(args)
-    if problem:
-        sys.stderr.write(f"error: {problem}\n")
+def exitCodeFor(exc: Exception) -> int:
+    """Report an error on stderr; the exit code that names its kind."""
+    from automedsam.errors import InvalidInputError, WeightsUnavailableError
+
+    sys.stderr.write(f"error: {exc}\n")
+    if isinstance(exc, WeightsUnavailableError):
+        return EXIT_WEIGHTS
+    if isinstance(exc, (InvalidInputError, ValueError)):  # bad input
         return EXIT_BAD_INPUT
+    logging.exception("AutoMedSAM batch run failed")
+    return EXIT_FAILED
+
+
+def runOne(args) -> int:
+    """One volume through the module's logic (in process)."""
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
 
-    from automedsam.errors import InvalidInputError, WeightsUnavailableError
     from automedsam.selection import parse_slices
 
     logic = AutoMedSAMSlicerLogic()
@@ -117,20 +170,26 @@ def main(argv) -> int:
             volumeNode, classNames, model=args.model, slices=slices,
             progressCallback=lambda fraction, message: logging.info("%3d%% %s", round(100 * fraction), message))
         saveOutput(segmentationNode, volumeNode, Path(args.output), classNames)
-    except WeightsUnavailableError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_WEIGHTS
-    except (InvalidInputError, ValueError) as exc:  # bad input
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        logging.exception("AutoMedSAM batch run failed")
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_FAILED
     finally:
         logic.shutdown()
     print(f"wrote {args.output}")
     return EXIT_OK
+
+
+def main(argv) -> int:
+    try:
+        args = parseArguments(argv)
+    except SystemExit as exc:  # --help (0) or bad arguments (2)
+        return int(exc.code or 0)
+    dataset = isDataset(args)
+    problem = None if dataset else checkPaths(args)
+    if problem:
+        sys.stderr.write(f"error: {problem}\n")
+        return EXIT_BAD_INPUT
+    try:
+        return runDataset(args) if dataset else runOne(args)
+    except Exception as exc:
+        return exitCodeFor(exc)
 
 
 if __name__ == "__main__":

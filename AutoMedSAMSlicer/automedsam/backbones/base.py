@@ -266,14 +266,16 @@ class Backbone(ABC):
         if spec is None:
             self._compiled[part] = (None, None, ())
             return None
-        versions = _versions(spec.module)
         try:
             compiled = self._compile(spec)
         except Exception as exc:  # an op the exporter or runtime cannot take: PyTorch still works
             log.warning("%s %s: %s cannot run it (%s: %s); using PyTorch", self.id, part, self.runtime,
                         type(exc).__name__, exc)
             compiled = None
-        self._compiled[part] = (compiled, spec.module, versions)
+        # Taken after the export: exporting switches the module to eval mode, and some modules
+        # (TinyViT's attention) make new buffers then; taken before, every later call would see
+        # "new weights" and export or compile again (once per slice when the export fails).
+        self._compiled[part] = (compiled, spec.module, _versions(spec.module))
         return compiled
 
     def _compile(self, spec: ExportSpec) -> CompiledPart:

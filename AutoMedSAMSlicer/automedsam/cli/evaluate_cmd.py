@@ -27,31 +27,6 @@ def register(sub) -> None:
     add_json_option(p)
 
 
-def class_masks(seg, classes: dict[str, int], grid) -> dict:
-    """Boolean masks on ``grid`` per class: the segment of that name if the file has one (a
-    .seg.nrrd), else the voxels with that label value; brought onto ``grid`` in physical space."""
-    from ..classes import default_class_catalog
-    from ..resample import labels_onto_grid
-
-    catalog = default_class_catalog()
-    by_name = {key.lower(): s for s in seg.segments for key in (s.name, s.segment_id)}
-    merged = None
-    out = {}
-    for name, value in classes.items():
-        # The name as given, else its catalog spelling or display name (kidney_right -> right_kidney).
-        known = catalog.get(name) if name in catalog else None
-        keys = [name] + ([known.name, known.display_name] if known else [])
-        info = next((by_name[k.lower()] for k in keys if k.lower() in by_name), None)
-        if info is not None:
-            layer = seg.layers[info.layer]
-            mask = layer.with_array((layer.array == info.label_value).astype("uint8"))
-        else:
-            merged = merged if merged is not None else seg.label_volume()
-            mask = merged.with_array((merged.array == value).astype("uint8"))
-        out[name] = labels_onto_grid(mask, grid).array > 0
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import math
 
@@ -59,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import InvalidInputError
     from ..io import read_segmentation
-    from ..metrics import evaluate_masks
+    from ..metrics import evaluate_masks, reference_masks
     from ..training.data import parse_class_mapping
 
     if len(args.pred) != len(args.ref):
@@ -76,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
             values = [int(v) for v in np.unique(ref.label_volume().array) if v > 0]
             classes = {f"label_{v}": v for v in values}
         grid = ref.grid
-        report = evaluate_masks(class_masks(pred, classes, grid), class_masks(ref, classes, grid),
+        report = evaluate_masks(reference_masks(pred, classes, grid), reference_masks(ref, classes, grid),
                                 tuple(reversed(grid.spacing)), args.tolerance_mm)
         for name in report["absent"]:
             print(f"warning: class {name} (label {classes[name]}) is in neither {pred_path} nor {ref_path}; it is "

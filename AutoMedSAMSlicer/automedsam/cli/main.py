@@ -17,6 +17,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
 def build_parser() -> argparse.ArgumentParser:
     from . import (
         backbones_cmd,
+        batch_cmd,
         bench_cmd,
         demo_cmd,
         evaluate_cmd,
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automedsam",
         description="Learned-prompt SAM / MedSAM / SAM 2.1 segmentation of medical volumes.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 weights or network missing.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 weights or network missing, "
+               "4 (batch) some cases failed.",
     )
     parser.add_argument("--version", action="version", version=f"automedsam {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.register(sub)
     backbones_cmd.register(sub)
     segment_cmd.register(sub)
+    batch_cmd.register(sub)
     bench_cmd.register(sub)
     evaluate_cmd.register(sub)
     evaluate_interactive_cmd.register(sub)

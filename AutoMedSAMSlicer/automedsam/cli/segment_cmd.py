@@ -29,7 +29,23 @@ def register(sub) -> None:
     p.add_argument("--no-cleanup", action="store_true", help="keep every connected component (default: largest)")
     p.add_argument("--cache-dir", help="reuse image embeddings across runs from this folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--preview", metavar="PNG", help="also write a picture to check the result at a glance: a few axial "
+                                                    "slices and one coronal with the masks in their colours")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def check_preview(path: str, overwrite: bool) -> Path:
+    """The preview's file name, checked before any work (a .png in an existing folder)."""
+    from ..errors import InvalidInputError
+
+    p = Path(path).expanduser()
+    if p.suffix.lower() != ".png":
+        raise InvalidInputError(f"--preview {p.name}: the preview is a PNG picture; name it *.png")
+    if not p.parent.is_dir():
+        raise InvalidInputError(f"--preview folder {p.parent} does not exist; create it first")
+    if p.exists() and not overwrite:
+        raise InvalidInputError(f"--preview {p} exists; pass --overwrite to replace it")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import run_segment
 
     out = check_output(args.output, args.overwrite)  # before segmenting, not after
+    preview = check_preview(args.preview, args.overwrite) if args.preview else None
     if out.exists() and Path(args.input).exists() and os.path.samefile(out, args.input):
         raise InvalidInputError(f"the output {out} is the input image; --overwrite never replaces the input. "
                                 "Choose another output name.")
@@ -61,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
     write_segmentation(result.to_segmentation(), out)
     summary = result.summary() | {"output": str(out), "device": str(engine.backbone.device),
                                   "bundle": bundle.name, "backbone": bundle.backbone_id}
+    if preview is not None:
+        from ..preview import write_preview
+
+        write_preview(preview, volume, result.masks, {c.name: c.color for c in result.classes},
+                      title=Path(args.input).name, intensity=bundle.intensity,
+                      lines=["; ".join(f"{n}: {s['volume_ml']:.1f} mL" for n, s in summary["classes"].items())])
+        summary["preview"] = str(preview)
     if args.json:
         emit_json(summary)
     else:
