@@ -50,8 +50,9 @@ def torch_result(case, bundle):
     return engine.segment_volume(list(CLASSES))
 
 
-#: Least DSC to PyTorch's masks per runtime: the issue's 0.99, and what bf16 throughout was measured
-#: to keep on this CT (0.977 on the right kidney; on a CPU without native bf16 it is fp32 anyway).
+#: Least DSC to PyTorch's masks per runtime: the issue's 0.99 (``openvino``, bf16 linear layers, was
+#: measured at 0.993 on the right kidney), and what bf16 throughout was measured to keep on this CT
+#: (0.977 on the right kidney; on a CPU without native bf16 both are fp32 anyway).
 AGREEMENT = {"openvino": 0.99, "onnxruntime": 0.99, "openvino-bf16": 0.97}
 
 
@@ -238,3 +239,43 @@ def test_a_part_that_cannot_be_exported_falls_back_once_not_on_every_slice(monke
     assert attempts == ["encoder"] and backbone.runtime_id("encoder") == "torch"
     assert sum("cannot run it" in r.getMessage() for r in caplog.records) == 1
     torch.testing.assert_close(first, again)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript exporter, as the runtime uses
+def test_only_the_linear_layers_are_put_in_bf16(tmp_path):
+    """``openvino``'s encoder: matrix products with a weight go through bf16, convolutions and the
+    products of two activations (attention's) stay in fp32, and the result stays close to fp32."""
+    ov = pytest.importorskip("openvino")
+    import torch
+
+    from automedsam.backbones.runtime import bf16_linear_layers
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            tokens = self.conv(x).flatten(2).transpose(1, 2)  # (1, 64, 8)
+            tokens = self.linear(tokens)
+            return tokens @ tokens.transpose(1, 2)  # an activation product, no weight
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(1, 4, 8, 8)
+    torch.onnx.export(block, (x,), tmp_path / "block.onnx", dynamo=False)
+    core = ov.Core()
+    model = bf16_linear_layers(core.read_model(str(tmp_path / "block.onnx")))
+    matmuls = [n for n in model.get_ordered_ops() if n.get_type_name() == "MatMul"]
+    in_bf16 = [all(n.get_input_element_type(i) == ov.Type.bf16 for i in range(2)) for n in matmuls]
+    assert sorted(in_bf16) == [False, True]  # the linear layer's product, not attention's
+    convolutions = [n for n in model.get_ordered_ops() if n.get_type_name() == "Convolution"]
+    assert convolutions and all(n.get_input_element_type(0) == ov.Type.f32 for n in convolutions)
+    assert model.output(0).get_element_type() == ov.Type.f32
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled(x.numpy())[0]
+    with torch.no_grad():
+        expected = block(x).numpy()
+    error = np.abs(got - expected).max() / np.abs(expected).max()
+    assert error < 0.02

@@ -28,7 +28,8 @@ def add_device_option(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--cpu-runtime", choices=RUNTIMES, default=None,
                         help="how the CPU runs the image encoder and mask decoder: auto (OpenVINO if installed, "
-                             "else ONNX Runtime, else PyTorch), openvino, openvino-f32, onnxruntime or torch "
+                             "else ONNX Runtime, else PyTorch), openvino (bf16 linear layers), openvino-bf16, "
+                             "openvino-f32, onnxruntime or torch "
                              "(default: $AUTOMEDSAM_CPU_RUNTIME, else auto)")
 
 
