@@ -279,3 +279,36 @@ def test_only_the_linear_layers_are_put_in_bf16(tmp_path):
         expected = block(x).numpy()
     error = np.abs(got - expected).max() / np.abs(expected).max()
     assert error < 0.02
+
+
+def test_a_prompt_batch_that_repeats_gets_a_static_compile_with_the_same_masks(isolated_home):
+    """Every slice of an automatic run decodes its classes with one shape: from the third time on it
+    runs on a static-shape compile (faster in OpenVINO), giving what the dynamic graph gives; single
+    prompts (clicks) stay on the dynamic graph."""
+    pytest.importorskip("openvino")
+    import torch
+
+    backbone = build_backbone("tiny-sam", weights="random", device="cpu", runtime="openvino")
+    features = backbone.encode(np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32))
+    with torch.inference_mode():  # a compiled part serves calls without gradients only
+        decoder = backbone.compiled("decoder")
+    assert decoder is not None and decoder.specialised_shapes == []
+
+    def decode(boxes):
+        sparse, dense = backbone.embed_prompts(boxes=np.asarray(boxes, np.float32))
+        with torch.inference_mode():
+            return backbone.decode(features, sparse, dense).mask_logits
+
+    three = [[10, 20, 120, 140], [60, 60, 200, 230], [0, 0, 255, 255]]
+    dynamic = decode(three)
+    for _ in range(3):
+        assert decode(three[:1]).shape[0] == 1
+    assert decoder.specialised_shapes == []  # single prompts never
+    decode(three)
+    assert decoder.specialised_shapes == []  # seen twice
+    static = decode(three)
+    assert [shape["sparse"][0] for shape in decoder.specialised_shapes] == [3]
+    # The same graph: the kernels differ only in bf16 rounding (the decoder runs in bf16 where native).
+    assert check_agreement([dynamic.numpy()], [static.numpy()], 0.02) < 0.02
+    with backbone.eager():
+        assert check_agreement([decode(three).numpy()], [static.numpy()], 0.05) < 0.05
