@@ -13,6 +13,7 @@ from automedsam.backbones.runtime import (
     THREADS_ENV,
     check_agreement,
     cpu_threads,
+    part_runtime,
     resolve_runtime,
     threads_beside_gui,
 )
@@ -61,8 +62,8 @@ def test_fast_runtime_masks_agree_with_pytorch_on_the_shared_ct(case, bundle, to
     backbone = build_backbone("litemedsam", device="cpu", runtime=runtime)
     engine = Engine(backbone, bundle)
     engine.set_volume(case.image)
-    family = runtime.split("-")[0]
-    assert backbone.runtime_id("encoder").startswith(family) and backbone.runtime_id("decoder").startswith(family)
+    for part in ("encoder", "decoder"):  # openvino's decoder is ONNX Runtime's on a CPU without bf16
+        assert backbone.runtime_id(part).startswith(part_runtime(runtime, part).split("-")[0]), part
     fast = engine.segment_volume(list(CLASSES))
     for name, label in CLASSES.items():
         reference = torch_result.masks[name]
@@ -167,6 +168,16 @@ def test_runtime_choice_and_thread_settings(monkeypatch):
         resolve_runtime("openvino")
     monkeypatch.setenv(RUNTIME_ENV, "auto")
     assert resolve_runtime() == "onnxruntime"  # the next best installed one
+
+    from automedsam.backbones import runtime as runtime_module
+
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    for native_bf16, decoder in ((True, "openvino"), (False, "onnxruntime")):
+        monkeypatch.setattr(runtime_module, "openvino_has_native_bf16", lambda native_bf16=native_bf16: native_bf16)
+        assert part_runtime("openvino", "decoder") == decoder
+        assert part_runtime("openvino", "encoder") == "openvino"
+        assert part_runtime("openvino-f32", "decoder") == "openvino-f32"  # asked for by name: kept
+        assert part_runtime("onnxruntime", "encoder") == "onnxruntime"
 
     monkeypatch.setenv(THREADS_ENV, "3")
     assert cpu_threads() == 3
@@ -288,7 +299,8 @@ def test_a_prompt_batch_that_repeats_gets_a_static_compile_with_the_same_masks(i
     pytest.importorskip("openvino")
     import torch
 
-    backbone = build_backbone("tiny-sam", weights="random", device="cpu", runtime="openvino")
+    # openvino-bf16: OpenVINO's decoder on any CPU (plain openvino hands it to ONNX Runtime without bf16)
+    backbone = build_backbone("tiny-sam", weights="random", device="cpu", runtime="openvino-bf16")
     features = backbone.encode(np.random.default_rng(0).random((1, 256, 256, 3), dtype=np.float32))
     with torch.inference_mode():  # a compiled part serves calls without gradients only
         decoder = backbone.compiled("decoder")
@@ -312,3 +324,99 @@ def test_a_prompt_batch_that_repeats_gets_a_static_compile_with_the_same_masks(i
     assert check_agreement([dynamic.numpy()], [static.numpy()], 0.02) < 0.02
     with backbone.eager():
         assert check_agreement([decode(three).numpy()], [static.numpy()], 0.05) < 0.05
+
+
+@pytest.mark.parametrize("runtime", ("torch", *FAST_RUNTIMES))
+def test_the_exported_decoder_is_the_stock_one_and_a_window_is_exact_inside(case, runtime):
+    """The decoder graph the runtimes run (channels-last upscaling, cells of a window only) gives
+    ``predict_masks``'s logits; a decode window gives the whole decode's logits inside it and the
+    background logit outside, on every runtime; a window that does not fit is refused."""
+    import torch
+
+    from automedsam.backbones.base import OUTSIDE_WINDOW_LOGIT, ImageFeatures
+    from automedsam.backbones.sam import mask_decoder_graph, window_cells
+
+    backbone = build_backbone("litemedsam", device="cpu", runtime=runtime)
+    engine = Engine(backbone)
+    engine.set_volume(case.image)
+    features: ImageFeatures = engine.store.features(14)
+    sparse, dense = backbone.embed_prompts(boxes=np.array([[60.0, 70, 150, 160], [20, 30, 240, 200]]))
+    with torch.inference_mode():
+        stock = backbone.mask_decoder.predict_masks(features.embeddings, backbone.dense_pe(), sparse, dense)
+        rows, cols = (torch.from_numpy(c) for c in window_cells(None, backbone.embedding_size))
+        graph = mask_decoder_graph(backbone.mask_decoder)(features.embeddings, backbone.dense_pe(), sparse, dense,
+                                                          rows, cols)
+        assert check_agreement([t.numpy() for t in stock], [t.numpy() for t in graph], 1e-5) < 1e-5
+        whole = backbone.decode(features, sparse, dense, multimask=True).mask_logits
+        for window in ((0, 256, 0, 256), (37, 90, 101, 103), (250, 256, 0, 9), (0, 1, 255, 256)):
+            got = backbone.decode(features, sparse, dense, multimask=True, window=window).mask_logits
+            r0, r1, c0, c1 = window
+            inside = got[..., r0:r1, c0:c1]
+            assert check_agreement([whole[..., r0:r1, c0:c1].numpy()], [inside.numpy()], 1e-5) < 1e-5
+            outside = got.clone()
+            outside[..., r0:r1, c0:c1] = OUTSIDE_WINDOW_LOGIT
+            assert (outside == OUTSIDE_WINDOW_LOGIT).all()
+        for bad in ((0, 0, 0, 10), (10, 5, 0, 10), (0, 10, -1, 10), (0, 257, 0, 10), (0, 10, 0)):
+            with pytest.raises(ValueError, match="decode window"):
+                backbone.decode(features, sparse, dense, window=bad)
+
+
+def test_a_crop_reads_only_the_logits_of_its_window():
+    """``logits_window`` names every low-resolution pixel that ``logits_to_slice`` samples for a
+    crop of voxels (borders, non-square slices, up- and downscaling): with the logits outside it
+    replaced, the crop's values do not change, and they equal that part of the whole slice."""
+    import torch
+
+    from automedsam.preprocess import SliceTransform
+
+    rng = np.random.default_rng(5)
+    for height, width, size, mask_size in ((512, 512, 256, 256), (512, 400, 256, 256), (90, 130, 1024, 256),
+                                           (301, 77, 256, 256)):
+        transform = SliceTransform(height, width, size)
+        logits = torch.from_numpy(rng.normal(size=(mask_size, mask_size)).astype(np.float32))
+        whole = transform.logits_to_slice(logits)
+        for _ in range(40):
+            j0, i0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+            crop = (j0, int(rng.integers(j0 + 1, height + 1)), i0, int(rng.integers(i0 + 1, width + 1)))
+            r0, r1, c0, c1 = transform.logits_window(crop, mask_size)
+            assert 0 <= r0 < r1 <= mask_size and 0 <= c0 < c1 <= mask_size
+            masked = torch.full_like(logits, -1e4)
+            masked[r0:r1, c0:c1] = logits[r0:r1, c0:c1]
+            got = transform.logits_to_slice(masked, crop)
+            torch.testing.assert_close(got, whole[crop[0]:crop[1], crop[2]:crop[3]])
+
+
+@pytest.mark.parametrize("runtime", ("onnxruntime", "torch"))
+def test_the_glue_around_compiled_parts_runs_on_one_torch_thread(runtime):
+    """A refine and an automatic slice beside a compiled encoder and decoder run PyTorch's small ops
+    on one thread (its spinning workers would take the runtime's cores) and give the threads back
+    after; on the PyTorch runtime, which does the heavy work itself, nothing changes."""
+    import torch
+
+    from automedsam.bundle import create_bundle
+    from automedsam.classes import default_class_catalog
+    from automedsam.preprocess import IntensityConfig
+    from automedsam.prompt_networks import build_prompt_network, default_config
+    from automedsam.volume import Volume
+
+    backbone = build_backbone("tiny-sam", weights="random", device="cpu", runtime=runtime)
+    classes = [default_class_catalog().get("liver")]
+    network = build_prompt_network("classmap", default_config("classmap", backbone, 1))
+    engine = Engine(backbone, create_bundle(backbone, network, classes, IntensityConfig.ct(), name="glue"))
+    rng = np.random.default_rng(0)
+    engine.set_volume(Volume(rng.normal(0, 200, (2, 64, 64)).astype(np.int16), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0)))
+    seen = []
+    real_decode = backbone.decode
+    backbone.decode = lambda *a, **k: seen.append(torch.get_num_threads()) or real_decode(*a, **k)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # more than one, whatever the machine: one is what the glue must get
+    try:
+        engine.segment_volume(["liver"])
+        engine.refine("liver", 1, points=[(30, 30)], point_labels=[1])
+        engine.refine("liver", 1, box=(10, 10, 40, 40), mode="manual")
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        del backbone.decode
+        torch.set_num_threads(before)
+    assert len(seen) >= 3
+    assert set(seen) == ({1} if runtime != "torch" else {2})

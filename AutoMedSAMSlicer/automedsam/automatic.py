@@ -112,9 +112,10 @@ class LearnedPrompts:
         if todo:
             backbone = self.store.backbone
             feats = self.store.features(k)
-            generated = self._generate(todo, feats)
-            sparse, dense = decoder_prompts(backbone, generated)
-            out = backbone.decode(feats, sparse, dense)
+            with backbone.one_torch_thread():  # the prompt network is small beside the compiled decoder
+                generated = self._generate(todo, feats)
+                sparse, dense = decoder_prompts(backbone, generated)
+                out = backbone.decode(feats, sparse, dense)
             for row, n in enumerate(todo):
                 logits = out.mask_logits[row, 0].to("cpu", torch.float16)
                 self.memo.put((n, k), float(generated.object_logit[row]), logits)

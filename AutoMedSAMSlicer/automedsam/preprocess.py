@@ -284,17 +284,20 @@ class SliceTransform:
         cols = np.floor((np.arange(self.width) + 0.5) * sx * to_out).astype(np.int64).clip(0, n - 1)
         return m[..., rows[:, None], cols[None, :]]
 
-    def logits_to_slice(self, logits):
-        """Mask logits ``(..., L, L)`` covering the padded model input -> ``(..., J, I)`` logits.
+    def logits_to_slice(self, logits, crop: tuple[int, int, int, int] | None = None):
+        """Mask logits ``(..., L, L)`` covering the padded model input -> ``(..., J, I)`` logits, or
+        only the voxels of ``crop`` = ``(j0, j1, i0, i1)`` (half-open voxel ranges) as
+        ``(..., j1 - j0, i1 - i0)``.
 
         Bilinear sampling at every voxel centre directly from the low-resolution logits (no
         intermediate S x S upsampling): the same values as SAM's upsample-crop-resize path up to
-        interpolation order, at the cost of J*I samples. Accepts numpy arrays or torch tensors
-        and returns the same kind (float32).
+        interpolation order, at the cost of one sample per voxel. Accepts numpy arrays or torch
+        tensors and returns the same kind (float32).
         """
         import torch
         import torch.nn.functional as F  # noqa: N812
 
+        j0, j1, i0, i1 = crop if crop is not None else (0, self.height, 0, self.width)
         was_numpy = not isinstance(logits, torch.Tensor)
         t = _to_torch(logits).float()
         lead = t.shape[:-2]
@@ -302,9 +305,29 @@ class SliceTransform:
         sx, sy = self.scale_xy
         # Normalised grid coordinates (align_corners=False): -1 and 1 are the outer edges of the
         # padded S x S input, whatever L is.
-        xs = (torch.arange(self.width, dtype=torch.float32, device=t.device) + 0.5) * (2 * sx / self.size) - 1
-        ys = (torch.arange(self.height, dtype=torch.float32, device=t.device) + 0.5) * (2 * sy / self.size) - 1
+        xs = (torch.arange(i0, i1, dtype=torch.float32, device=t.device) + 0.5) * (2 * sx / self.size) - 1
+        ys = (torch.arange(j0, j1, dtype=torch.float32, device=t.device) + 0.5) * (2 * sy / self.size) - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(t.shape[0], -1, -1, -1)
         out = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out = out.reshape(*lead, self.height, self.width)
+        out = out.reshape(*lead, j1 - j0, i1 - i0)
         return out.numpy() if was_numpy else out
+
+    def logits_window(self, crop: tuple[int, int, int, int], mask_size: int) -> tuple[int, int, int, int]:
+        """The ``(row0, row1, col0, col1)`` low-resolution pixels (half-open, on the ``L x L`` grid,
+        ``L = mask_size``) that :meth:`logits_to_slice` reads for the voxels of ``crop`` =
+        ``(j0, j1, i0, i1)``, with one pixel to spare on each side: a decode window
+        (:meth:`automedsam.backbones.base.Backbone.decode`) that gives those voxels exact values."""
+        j0, j1, i0, i1 = crop
+        sx, sy = self.scale_xy
+
+        def span(first: int, last: int, scale: float) -> tuple[int, int]:
+            # Voxel v samples L pixels floor(u) and floor(u) + 1, u = (v + 0.5) * scale * L / S - 0.5.
+            def u(v):
+                return (v + 0.5) * scale * mask_size / self.size - 0.5
+
+            lo = int(np.floor(u(first))) - 1
+            hi = int(np.floor(u(last))) + 3
+            return min(max(lo, 0), mask_size - 1), max(min(hi, mask_size), 1)
+
+        rows, cols = span(j0, j1 - 1, sy), span(i0, i1 - 1, sx)
+        return (*rows, *cols)

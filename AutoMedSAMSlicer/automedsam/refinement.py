@@ -76,11 +76,17 @@ def distance_to_outside(side: np.ndarray, j: int, i: int) -> float:
         reach *= 2
 
 
+def disk_bounds(shape: tuple[int, int], j: int, i: int, radius: float) -> tuple[int, int, int, int]:
+    """``(j0, j1, i0, i1)``: the half-open voxel ranges of the square around the disk of ``radius``
+    (voxels) at (j, i), clipped to a ``(J, I)`` slice."""
+    r = int(np.floor(radius))
+    return max(j - r, 0), min(j + r + 1, shape[0]), max(i - r, 0), min(i + r + 1, shape[1])
+
+
 def disk(shape: tuple[int, int], j: int, i: int, radius: float) -> np.ndarray:
     """``(J, I)`` bool: the voxels within ``radius`` (voxels) of (j, i)."""
     out = np.zeros(shape, bool)
-    r = int(np.floor(radius))
-    j0, j1, i0, i1 = max(j - r, 0), min(j + r + 1, shape[0]), max(i - r, 0), min(i + r + 1, shape[1])
+    j0, j1, i0, i1 = disk_bounds(shape, j, i, radius)
     jj, ii = np.ogrid[j0:j1, i0:i1]
     out[j0:j1, i0:i1] = (jj - j) ** 2 + (ii - i) ** 2 <= radius ** 2
     return out
@@ -102,6 +108,11 @@ class Refiner:
                mode: str = "manual", reset: bool = False) -> np.ndarray:
         """The new ``(J, I)`` mask of class ``name`` on slice k, whose current ``(J, I)`` mask is
         ``current`` (None: the class has none). See :meth:`automedsam.engine.Engine.refine`."""
+        with self.store.backbone.one_torch_thread():
+            return self._refine(name, k, current, points, point_labels, box, mode, reset)
+
+    def _refine(self, name: str, k: int, current: np.ndarray | None, points, point_labels, box, mode: str,
+                reset: bool) -> np.ndarray:
         import torch
 
         from .prompt_networks import decoder_prompts
@@ -155,11 +166,11 @@ class Refiner:
         point prompts or its own logits as a mask prompt: each click edits the slice's current
         mask locally. The model proposes the region at the click (its best of three candidates for
         that single point); a + click adds the part of it outside the mask that touches the click, a -
-        click removes the part inside the mask that touches the click, both within twice the
-        click's distance to the mask's edge plus 2 voxels (and at least the click's voxel). Far
-        parts of the mask never change. The start is the slice's current mask, or what the box
-        (or, in semi mode, the learned prompts) decodes to when a box is given or the slice is
-        empty.
+        click removes the part inside the mask that touches the click, both within the click's
+        reach: twice its distance to the mask's edge plus 2 voxels (and at least the click's voxel).
+        "Touches" is judged inside the square around that reach. Far parts of the mask never
+        change. The start is the slice's current mask, or what the box (or, in semi mode, the
+        learned prompts) decodes to when a box is given or the slice is empty.
         """
         import torch
         from scipy import ndimage
@@ -182,19 +193,25 @@ class Refiner:
             voxels = t.points_from_model(points[0])
             for (x, y), (fi, fj), label in zip(points[0], voxels, labels[0], strict=True):
                 i, j = int(np.clip(round(fi), 0, mask.shape[1] - 1)), int(np.clip(round(fj), 0, mask.shape[0] - 1))
-                sparse, dense = backbone.embed_prompts(np.array([[[x, y]]]), np.array([[1]]))
-                out = backbone.decode(feats, sparse, dense, multimask=True)
-                best = int(out.iou[0].argmax())
-                proposal = (t.logits_to_slice(out.mask_logits[0, best].float().cpu()) > self.mask_threshold).numpy()
                 side = ~mask if label == 1 else mask  # where this click can change voxels
-                region = proposal & side
-                parts, _ = ndimage.label(region)
-                touched = parts == parts[j, i] if parts[j, i] else np.zeros_like(mask)
                 # Reach: a click far from the mask's edge fixes a large error, one next to it a
-                # sliver; the edit stays within twice that distance (plus 2 voxels) of the click.
-                touched &= disk(mask.shape, j, i, 2 * distance_to_outside(side, j, i) + 2)
-                touched |= disk(mask.shape, j, i, np.sqrt(2))
-                mask = (mask | touched) if label == 1 else (mask & ~touched)
+                # sliver; the edit stays within twice that distance (plus 2 voxels) of the click,
+                # so the model's proposal is only needed there (a decode window: the decoder's
+                # upscaling then costs that area, not the slice).
+                reach = 2 * distance_to_outside(side, j, i) + 2
+                crop = disk_bounds(mask.shape, j, i, reach)
+                area = (slice(crop[0], crop[1]), slice(crop[2], crop[3]))
+                sparse, dense = backbone.embed_prompts(np.array([[[x, y]]]), np.array([[1]]))
+                out = backbone.decode(feats, sparse, dense, multimask=True,
+                                      window=t.logits_window(crop, backbone.mask_size))
+                best = int(out.iou[0].argmax())
+                proposal = t.logits_to_slice(out.mask_logits[0, best].float().cpu(), crop).numpy() > self.mask_threshold
+                parts, _ = ndimage.label(proposal & side[area])
+                cj, ci = j - crop[0], i - crop[2]
+                touched = parts == parts[cj, ci] if parts[cj, ci] else np.zeros_like(proposal)
+                touched &= disk(proposal.shape, cj, ci, reach)
+                touched |= disk(proposal.shape, cj, ci, np.sqrt(2))
+                mask[area] = (mask[area] | touched) if label == 1 else (mask[area] & ~touched)
         return mask
 
     def manual_prompts(self, points, point_labels, box):

@@ -91,6 +91,40 @@ class DecoderOutput:
     object_logits: torch.Tensor | None = None
 
 
+#: The mask logit outside a decode window (see :meth:`Backbone.decode`): background at any usual
+#: threshold, and finite, so bilinear sampling next to the window stays finite.
+OUTSIDE_WINDOW_LOGIT = -1.0e4
+
+
+def check_window(window, mask_size: int) -> tuple[int, int, int, int] | None:
+    """``window`` as four ints ``(row0, row1, col0, col1)`` inside the ``mask_size`` grid, or None.
+
+    Raises:
+        ValueError: not four bounds with ``0 <= row0 < row1 <= L`` and ``0 <= col0 < col1 <= L``.
+    """
+    if window is None:
+        return None
+    bounds = tuple(int(v) for v in window)
+    if len(bounds) != 4 or not (0 <= bounds[0] < bounds[1] <= mask_size and 0 <= bounds[2] < bounds[3] <= mask_size):
+        raise ValueError(f"decode window must be (row0, row1, col0, col1) with 0 <= row0 < row1 <= {mask_size} and "
+                         f"0 <= col0 < col1 <= {mask_size}, got {window}")
+    return bounds
+
+
+def keep_window(logits: torch.Tensor, window: tuple[int, int, int, int] | None) -> torch.Tensor:
+    """``(..., L, L)`` logits with everything outside ``window`` set to :data:`OUTSIDE_WINDOW_LOGIT`
+    (in place where the tensor allows it); unchanged when ``window`` is None."""
+    if window is None:
+        return logits
+    r0, r1, c0, c1 = window
+    out = logits.clone() if logits.requires_grad else logits
+    out[..., :r0, :] = OUTSIDE_WINDOW_LOGIT
+    out[..., r1:, :] = OUTSIDE_WINDOW_LOGIT
+    out[..., :, :c0] = OUTSIDE_WINDOW_LOGIT
+    out[..., :, c1:] = OUTSIDE_WINDOW_LOGIT
+    return out
+
+
 class Backbone(ABC):
     """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface."""
 
@@ -112,7 +146,9 @@ class Backbone(ABC):
         self._std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         #: CPU runtime of the exportable parts (see :mod:`automedsam.backbones.runtime`); "torch": none.
         self.runtime = runtime
-        self._compiled: dict[str, tuple[CompiledPart | None, torch.nn.Module | None, tuple]] = {}
+        #: part -> (compiled part or None, the tensors of the module it was exported from, their
+        #: versions then); see :meth:`compiled`.
+        self._compiled: dict[str, tuple[CompiledPart | None, list | None, tuple]] = {}
         self._eager_depth = 0
         self._dense_pe: torch.Tensor | None = None
 
@@ -205,12 +241,13 @@ class Backbone(ABC):
     # ---------------------------------------------------------------------------- prompts
     def dense_pe(self) -> torch.Tensor:
         """``(1, 256, E, E)`` positional encoding of the embedding grid (fixed: it depends only on
-        the frozen prompt encoder's random Fourier matrix, so it is computed once)."""
+        the frozen prompt encoder's random Fourier matrix, so it is computed once). Contiguous: a CPU
+        runtime would otherwise copy the prompt encoder's permuted view (4 MB) on every decode."""
         if self._dense_pe is None:
             import torch
 
             with torch.no_grad():
-                self._dense_pe = self.prompt_encoder.get_dense_pe().detach()
+                self._dense_pe = self.prompt_encoder.get_dense_pe().detach().contiguous()
         return self._dense_pe
 
     @abstractmethod
@@ -232,9 +269,15 @@ class Backbone(ABC):
     # ---------------------------------------------------------------------------- decoding
     @abstractmethod
     def decode(self, features: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
-               multimask: bool = False) -> DecoderOutput:
+               multimask: bool = False, window: tuple[int, int, int, int] | None = None) -> DecoderOutput:
         """Decode masks for B prompt sets. ``features`` holds B images (one per prompt set) or
-        one image shared by all B prompt sets. Gradients flow if enabled by the caller."""
+        one image shared by all B prompt sets. Gradients flow if enabled by the caller.
+
+        ``window``: ``(row0, row1, col0, col1)``, half-open, in low-resolution mask pixels (the
+        ``L x L`` grid; row = model y / (S / L)): only these logits are wanted (a click that can change
+        a small area). They are exact; every logit outside is :data:`OUTSIDE_WINDOW_LOGIT`, whatever
+        the backend computed there. A backend may compute less outside (SAM's upscaling per window).
+        """
 
     # ------------------------------------------------------------------------- CPU runtime
     def export_spec(self, part: str) -> ExportSpec | None:
@@ -250,6 +293,28 @@ class Backbone(ABC):
         finally:
             self._eager_depth -= 1
 
+    @contextlib.contextmanager
+    def one_torch_thread(self):
+        """PyTorch's own ops on one thread inside the block when a CPU runtime runs both the encoder
+        and the decoder, so PyTorch is left with the small glue between them (prompt embedding,
+        sampling a crop): its OpenMP workers spin-wait after each parallel op and take the cores the
+        runtime's threads need (measured on 2 cores: a one-prompt decode 28 -> 35 ms right after one
+        small torch op). A no-op where PyTorch does heavy work itself (``torch`` runtime, CUDA,
+        :meth:`eager`, a part without a compiled copy)."""
+        import torch
+
+        with torch.no_grad():
+            light = all(self.compiled(part) is not None for part in ("encoder", "decoder"))
+        if not light:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def compiled(self, part: str) -> CompiledPart | None:
         """``part`` compiled for the CPU runtime, where it applies: a CPU device, a runtime other than
         torch, no gradient asked for, outside :meth:`eager`, and an export that works. Compiled on first
@@ -259,8 +324,8 @@ class Backbone(ABC):
 
         if self.runtime == "torch" or self.device.type != "cpu" or self._eager_depth or torch.is_grad_enabled():
             return None
-        compiled, module, versions = self._compiled.get(part, (None, None, None))
-        if versions is not None and (module is None or _versions(module) == versions):
+        compiled, tensors, versions = self._compiled.get(part, (None, None, None))
+        if versions is not None and (tensors is None or _versions(tensors) == versions):
             return compiled
         spec = self.export_spec(part)
         if spec is None:
@@ -275,7 +340,8 @@ class Backbone(ABC):
         # Taken after the export: exporting switches the module to eval mode, and some modules
         # (TinyViT's attention) make new buffers then; taken before, every later call would see
         # "new weights" and export or compile again (once per slice when the export fails).
-        self._compiled[part] = (compiled, spec.module, _versions(spec.module))
+        tensors = [*spec.module.parameters(), *spec.module.buffers()]
+        self._compiled[part] = (compiled, tensors, _versions(tensors))
         return compiled
 
     def _compile(self, spec: ExportSpec) -> CompiledPart:
@@ -312,7 +378,9 @@ class Backbone(ABC):
         return torch.as_tensor(np.asarray(value), dtype=dtype, device=self.device)
 
 
-def _versions(module: torch.nn.Module) -> tuple:
-    """Identity and in-place version counter of each parameter and buffer: changes whenever weights
-    are loaded, trained or moved, so a compiled copy is never used with other weights."""
-    return tuple((t.data_ptr(), t._version) for t in (*module.parameters(), *module.buffers()))
+def _versions(tensors: list) -> tuple:
+    """Identity and in-place version counter of each of a module's parameters and buffers (listed
+    once, at compile time: walking the module on every call cost 2 ms a click): they change whenever
+    weights are loaded (``load_state_dict`` copies in place), trained or moved, so a compiled copy is
+    never used with other weights."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)

@@ -15,7 +15,10 @@ Runtimes (``AUTOMEDSAM_CPU_RUNTIME`` or ``build_backbone(runtime=...)``):
   DSC >= 0.99 per class on the shared CT (0.993 on its right kidney, the least). Why not bf16
   throughout: OpenVINO's native bf16 also keeps convolutions and the residual stream in bf16, and
   the convolutions are where the error comes from (0.977 on that kidney, where the model itself is
-  unsure); the linear layers alone cost a third of it.
+  unsure); the linear layers alone cost a third of it. On a CPU without native bf16 (AVX2 only)
+  the decoder runs on ONNX Runtime when it is installed (:func:`part_runtime`): there both are
+  fp32, and ONNX Runtime ran LiteMedSAM's decoder in 40 ms for one prompt and 213 ms for five, where
+  OpenVINO took 56 and 249 ms (its encoder stays on OpenVINO: 690 vs 732 ms).
 - ``openvino-bf16``: encoder and decoder in native bf16: the fastest (about 1.4x ``openvino``'s
   encoder), at that small cost in agreement.
 - ``openvino-f32``: OpenVINO, fp32 throughout.
@@ -33,6 +36,7 @@ Threads: ``AUTOMEDSAM_CPU_THREADS``, else every core this process may run on (it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -68,7 +72,7 @@ _OPENVINO_PRECISION = {
     "openvino-f32": {"encoder": "f32", "decoder": "f32"},
 }
 #: Bump when the exported graphs change meaning (another wrapper, another opset).
-EXPORT_FORMAT = "1"
+EXPORT_FORMAT = "2"
 ONNX_OPSET = 17
 
 
@@ -92,6 +96,24 @@ def threads_beside_gui(cores: int | None = None) -> int:
     priority instead (``serve --lower-priority``), so the GUI still wins the core when it needs it."""
     cores = cores or cpu_threads()
     return cores - 1 if cores >= 3 else cores
+
+
+@functools.cache
+def openvino_has_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin reports native bf16 on this CPU (AVX512-BF16 or AMX)."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def part_runtime(runtime: str, part: str) -> str:
+    """The runtime that runs ``part`` (``"encoder"``, ``"decoder"``) when ``runtime`` is asked for:
+    ``runtime`` itself, except that ``openvino``'s mask decoder runs on ONNX Runtime (if installed)
+    on a CPU without native bf16, where both runtimes are fp32 and ONNX Runtime is the faster
+    (see the module docstring). The explicit ``openvino-bf16`` / ``openvino-f32`` keep OpenVINO."""
+    if runtime == "openvino" and part == "decoder" and _installed("onnxruntime") and not openvino_has_native_bf16():
+        return "onnxruntime"
+    return runtime
 
 
 def _installed(runtime: str) -> str | None:
@@ -139,8 +161,9 @@ class ExportSpec:
 
 
 class CompiledPart:
-    """An exported part run by OpenVINO or ONNX Runtime: float32 numpy arrays in (in ``input_names``
-    order), a list of numpy arrays out (in ``output_names`` order)."""
+    """An exported part run by OpenVINO or ONNX Runtime: numpy arrays in (in ``input_names`` order;
+    floating point ones as float32, integer ones as int64), a list of numpy arrays out (in
+    ``output_names`` order)."""
 
     def __init__(self, runtime: str, onnx_path: Path, spec: ExportSpec, threads: int):
         self.runtime = runtime
@@ -199,8 +222,8 @@ class CompiledPart:
         return f"{self.runtime.split('-')[0]} {self.version} {self.precision}"
 
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        feed = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in zip(self.input_names, arrays,
-                                                                                    strict=True)}
+        feed = {name: np.ascontiguousarray(a, dtype=np.int64 if np.asarray(a).dtype.kind in "iu" else np.float32)
+                for name, a in zip(self.input_names, arrays, strict=True)}
         if self.runtime.startswith("openvino"):
             # Inputs are read in place (no copy); outputs are copied: the request reuses its buffers.
             request = self._specialise.request_for(feed) or self._request
@@ -330,10 +353,11 @@ def exported_onnx(spec: ExportSpec, key: str, cache_root: Path | None = None) ->
 
 def compile_part(runtime: str, spec: ExportSpec, backbone_id: str, fingerprint: str,
                  threads: int | None = None, cache_root: Path | None = None) -> CompiledPart:
-    """Export (or find in the cache) and compile one part for ``runtime`` (not ``torch``/``auto``)."""
+    """Export (or find in the cache) and compile one part for ``runtime`` (not ``torch``/``auto``;
+    :func:`part_runtime` says which runtime a part then gets)."""
     key = export_key(backbone_id, fingerprint, spec, weights_digest(spec.module))
     path = exported_onnx(spec, key, cache_root)
-    return CompiledPart(runtime, path, spec, threads or cpu_threads())
+    return CompiledPart(part_runtime(runtime, spec.part), path, spec, threads or cpu_threads())
 
 
 def check_agreement(expected: Sequence[np.ndarray], got: Sequence[np.ndarray], tolerance: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backbone, DecoderOutput, ImageFeatures
+from .base import Backbone, DecoderOutput, ImageFeatures, check_window, keep_window
 
 #: Test-only "tiny-sam2": SAM 2.1 Hiera-T's config with small widths/depths and a 256-px input
 #: (embedding 16x16, high-res maps 64x64 and 32x32, mask logits 64x64).
@@ -105,7 +105,9 @@ class Sam2Backbone(Backbone):
         return self.prompt_encoder(points=(points, labels) if points is not None else None, boxes=None,
                                    masks=masks)
 
-    def decode(self, features: ImageFeatures, sparse, dense, multimask: bool = False) -> DecoderOutput:
+    def decode(self, features: ImageFeatures, sparse, dense, multimask: bool = False,
+               window: tuple[int, int, int, int] | None = None) -> DecoderOutput:
+        window = check_window(window, self.mask_size)
         n_img, n_prompt = len(features), int(sparse.shape[0])
         if n_img not in (1, n_prompt):
             raise ValueError(f"{n_img} images cannot pair with {n_prompt} prompt sets")
@@ -115,4 +117,4 @@ class Sam2Backbone(Backbone):
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
                 repeat_image=n_img == 1 and n_prompt > 1, high_res_features=list(features.high_res),
             )
-        return DecoderOutput(masks.float(), iou.float(), obj.float())
+        return DecoderOutput(keep_window(masks.float(), window), iou.float(), obj.float())
