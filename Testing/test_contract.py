@@ -1,6 +1,6 @@
 """One engine contract: the in-process Engine and the RemoteEngine (through a real worker on
-127.0.0.1) have the same public signatures and pass the same behaviour suite: the same events,
-results, masks, class names and named errors."""
+127.0.0.1) have the same public signatures and defaults and pass the same behaviour suite: the same
+events, results, masks, class names and named errors. Neither holds masks: the caller owns them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from automedsam import contract
 from automedsam.client import RemoteEngine
 from automedsam.contract import (
     CancelledError,
@@ -33,9 +34,12 @@ def contract_members() -> list[str]:
 
 
 def test_both_engines_state_the_contract_with_the_same_signatures():
+    """Signatures include the defaults: a default that drifts on one side fails here."""
     members = contract_members()
-    assert {"segment", "refine", "undo", "can_undo", "propagate", "set_masks", "masks_of", "teach", "class_info",
-            "class_catalog", "segment_volume", "require_volume", "set_volume", "device_info", "close"} <= set(members)
+    assert {"segment", "refine", "propagate", "teach", "class_info", "class_catalog", "segment_volume",
+            "require_volume", "set_volume", "device_info", "close"} <= set(members)
+    for stateful in ("undo", "can_undo", "set_masks", "masks_of", "masks", "history"):  # the caller owns masks
+        assert not any(hasattr(cls, stateful) for cls in (SegmentationEngine, Engine, RemoteEngine)), stateful
     for name in members:
         ours = inspect.getattr_static(SegmentationEngine, name)
         for cls in (Engine, RemoteEngine):
@@ -63,7 +67,7 @@ def open_engine(request, make_bundle):
     opened = []
 
     def make(bundle: bool = True, backbone: str = "tiny-sam2"):
-        path = str(make_bundle("tiny-sam2", "ppn")) if bundle else None
+        path = str(make_bundle("tiny-sam2", "ppn", seed=2)) if bundle else None  # seed 2: non-empty masks
         if request.param == "inprocess":
             engine = Engine.from_bundle(path, "cpu") if bundle else Engine.manual(backbone, "cpu")
         else:
@@ -103,41 +107,42 @@ def test_segment_events_results_and_masks(open_engine, ct):
     assert isinstance(result, SegmentationResult) and result.slices == SLICES
     assert [c.name for c in result.classes] == ["liver", "spleen"]
     assert set(result.masks) == {"liver", "spleen"} and result.masks["liver"].shape == ct.array.shape
-    assert np.array_equal(engine.masks_of("liver"), result.masks["liver"])
-    assert engine.can_undo("liver")
+    assert all(result.masks["liver"][k].any() for k in SLICES)
+    others = [k for k in range(ct.num_slices) if k not in SLICES]
+    assert not result.masks["liver"][others].any()  # the caller keeps what it has on the other slices
     again = engine.segment_volume(["liver"], SLICES, cleanup="none")
     assert np.array_equal(again.masks["liver"], result.masks["liver"])
 
 
 def test_the_same_masks_in_process_and_through_the_worker(worker, make_bundle, ct):
-    path = str(make_bundle("tiny-sam2", "ppn"))
+    path = str(make_bundle("tiny-sam2", "ppn", seed=2))
     engines = [Engine.from_bundle(path, "cpu"), worker.client(bundle=path)]
     outputs = []
     for engine in engines:
         engine.set_volume(ct)
         seg = engine.segment_volume(["liver"], SLICES, cleanup="none").masks["liver"]
-        refined = engine.refine("liver", 13, points=[[60, 50], [10, 10]], point_labels=[1, 0])
-        propagated = list(engine.propagate("liver", 13, "forward", max_slices=2))[-1].partial["slices"]
-        outputs.append((seg, refined, propagated, engine.masks_of("liver")))
+        refined = engine.refine("liver", 13, points=[[60, 50], [10, 10]], point_labels=[1, 0], mask=seg[13])
+        again = engine.refine("liver", 13, points=[[62, 52]], point_labels=[1], mask=refined)
+        propagated = list(engine.propagate("liver", 13, again, "forward", max_slices=2))[-1].result
+        outputs.append((seg, refined, again, propagated.slices, propagated.masks["liver"]))
         engine.close()
+    assert outputs[0][0].any() and outputs[0][1].any() and outputs[0][2].any()
     for a, b in zip(*outputs, strict=True):
         assert np.array_equal(a, b)
 
 
-def test_refine_undo_and_set_masks(open_engine, ct):
+def test_refine_takes_the_callers_mask(open_engine, ct):
     engine = open_engine()
     engine.set_volume(ct)
-    assert not engine.can_undo("liver") and engine.undo("liver") is None
     mask = engine.refine("liver", 13, box=[40, 30, 90, 80], mode="manual")
-    assert mask.shape == ct.array.shape[1:] and mask.dtype == bool
-    assert np.array_equal(engine.masks_of("liver")[13], mask) and engine.can_undo("liver")
-    assert engine.undo("liver") == [13] and not engine.masks_of("liver")[13].any()
-    drawn = np.zeros(ct.array.shape, bool)
-    drawn[13, 40:60, 50:70] = True
-    engine.set_masks("Liver", drawn)
-    assert np.array_equal(engine.masks_of("liver"), drawn)
-    with pytest.raises(InvalidInputError, match="not on the volume grid"):
-        engine.set_masks("liver", drawn[:3])
+    assert mask.shape == ct.array.shape[1:] and mask.dtype == bool and mask.any()
+    continued = engine.refine("liver", 13, box=[40, 30, 90, 80], mode="manual", mask=mask)
+    # the caller's slice differs from what the engine returned (the user erased it): a new interaction,
+    # so the same box gives the first result again, not one built on the previous logits
+    fresh = engine.refine("liver", 13, box=[40, 30, 90, 80], mode="manual", mask=np.zeros_like(mask))
+    assert np.array_equal(fresh, mask) and not np.array_equal(continued, mask)
+    with pytest.raises(InvalidInputError, match="not a slice of the volume"):
+        engine.refine("liver", 13, box=[40, 30, 90, 80], mask=np.zeros((3, 4), bool))
     with pytest.raises(InvalidInputError, match="out of range"):
         engine.refine("liver", 999, box=[40, 30, 90, 80])
 
@@ -145,15 +150,18 @@ def test_refine_undo_and_set_masks(open_engine, ct):
 def test_propagate_events(open_engine, ct):
     engine = open_engine()
     engine.set_volume(ct)
-    engine.refine("liver", 13, box=[40, 30, 90, 80], mode="manual")
-    events = list(engine.propagate("liver", 13, "forward", max_slices=2))
+    seed = engine.refine("liver", 13, box=[40, 30, 90, 80], mode="manual")
+    events = list(engine.propagate("liver", 13, seed, "forward", max_slices=2))
     assert all(isinstance(e, ProgressEvent) for e in events) and events[-1].stage == "done"
-    written = events[-1].partial["slices"]
-    assert set(written) <= {14, 15}
+    result = events[-1].result
+    assert isinstance(result, SegmentationResult) and result.slices == events[-1].partial["slices"]
+    assert set(result.slices) <= {14, 15}
+    assert all(result.masks["liver"][k].any() for k in result.slices)
+    assert not result.masks["liver"][[k for k in range(ct.num_slices) if k not in result.slices]].any()
     with pytest.raises(InvalidInputError, match="no mask"):
-        list(engine.propagate("spleen", 13))
+        list(engine.propagate("spleen", 13, np.zeros_like(seed)))
     with pytest.raises(InvalidInputError, match="direction"):
-        list(engine.propagate("liver", 13, "sideways"))
+        list(engine.propagate("liver", 13, seed, "sideways"))
 
 
 def test_bad_input_and_cancel_raise_the_same_named_errors(open_engine, ct):
@@ -167,7 +175,6 @@ def test_bad_input_and_cancel_raise_the_same_named_errors(open_engine, ct):
     cancel.set()
     with pytest.raises(CancelledError):
         engine.segment_volume(["liver"], SLICES, cancel=cancel)
-    assert not engine.masks_of("liver").any()  # a cancelled run changes nothing
 
 
 def test_missing_weights_arrive_as_weights_unavailable(open_engine):
@@ -194,6 +201,27 @@ def test_teach_saves_the_bundle_and_uses_it(open_engine, ct, ct_dir, tmp_path):
 def test_device_info(open_engine):
     info = open_engine().device_info()
     assert info["device"].startswith("cpu") and info["gpu"] is None
+
+
+def test_the_wire_models_and_the_slicer_logic_share_the_contracts_defaults(slicer):
+    """The teach default once drifted (30 epochs in the wire model, 40 elsewhere): every request
+    field's default is its contract parameter's, and the Slicer Logic and panel defaults are the
+    contract's constants."""
+    from automedsam.service import protocol as p
+
+    for model, method in ((p.SegmentRequest, "segment"), (p.RefineRequest, "refine"),
+                          (p.PropagateRequest, "propagate"), (p.TeachRequest, "teach")):
+        parameters = inspect.signature(getattr(SegmentationEngine, method)).parameters
+        for name, field in model.model_fields.items():
+            default = parameters[name].default
+            if default is inspect.Parameter.empty:
+                assert field.is_required(), (model.__name__, name)
+            else:
+                assert field.default == default, (model.__name__, name, field.default, default)
+    from AutoMedSAMSlicerLib.parameterNode import AutoMedSAMSlicerParameterNode
+
+    assert AutoMedSAMSlicerParameterNode.teachEpochs == contract.TEACH_EPOCHS
+    assert AutoMedSAMSlicerParameterNode.teachPromptNetwork == contract.DEFAULT_PROMPT_NETWORK
 
 
 def test_every_request_model_field_is_a_parameter_of_its_contract_method():

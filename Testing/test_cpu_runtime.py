@@ -90,7 +90,7 @@ def test_fast_runtime_box_and_click_refines_agree_with_pytorch(case, runtime):
                 out.append(mask)
                 for _ in range(2):
                     (i, j), positive = next_click(mask, truth)
-                    mask = engine.refine("organ", k, points=[(i, j)], point_labels=[positive])
+                    mask = engine.refine("organ", k, points=[(i, j)], point_labels=[positive], mask=mask)
                     out.append(mask)
         return out
 
@@ -412,7 +412,7 @@ def test_the_glue_around_compiled_parts_runs_on_one_torch_thread(runtime):
     torch.set_num_threads(2)  # more than one, whatever the machine: one is what the glue must get
     try:
         engine.segment_volume(["liver"])
-        engine.refine("liver", 1, points=[(30, 30)], point_labels=[1])
+        engine.refine("liver", 1, points=[(30, 30)], point_labels=[1], mask=np.zeros((64, 64), bool))
         engine.refine("liver", 1, box=(10, 10, 40, 40), mode="manual")
         assert torch.get_num_threads() == 2  # given back
     finally:

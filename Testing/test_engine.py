@@ -1,5 +1,6 @@
-"""The engine: segment events, shared encoder pass, gating, caches, cancel, refine/undo, propagate,
-and masks landing on the right voxels of real volumes whatever their geometry."""
+"""The engine: segment events, shared encoder pass, gating, caches, cancel, refine, propagate, the
+caller's masks as the only masks, and masks landing on the right voxels of real volumes whatever
+their geometry."""
 
 from __future__ import annotations
 
@@ -113,11 +114,8 @@ def test_cancel_and_early_stop_change_nothing(make_engine):
         stages.append(event.stage)
         if event.stage == "segment":
             cancel.set()
-    assert stages[-1] == "cancelled" and engine.masks == {}
-    for event in engine.segment(["liver"]):
-        if event.stage == "segment":
-            break  # the consumer walks away
-    assert engine.masks == {}
+    assert stages[-1] == "cancelled" and all(e.result is None for e in engine.segment(["liver"], cancel=cancel))
+    assert not hasattr(engine, "masks")  # the engine holds no masks: a cancelled run has nowhere to leave any
 
 
 def test_bad_requests_are_specific(make_engine):
@@ -138,43 +136,69 @@ def test_bad_requests_are_specific(make_engine):
     with pytest.raises(InvalidInputError, match="at least one point or a box"):
         engine.refine("liver", 1, mode="manual")
     with pytest.raises(InvalidInputError, match="no mask"):
-        list(engine.propagate("liver", 1))
+        list(engine.propagate("liver", 1, np.zeros((40, 50), bool)))
+    with pytest.raises(InvalidInputError, match=r"expected \(J, I\) = \(40, 50\)"):
+        list(engine.propagate("liver", 1, np.ones((50, 40), bool)))
+    with pytest.raises(InvalidInputError, match="not a slice of the volume"):
+        engine.refine("liver", 1, points=[[3, 3]], mask=np.ones((3, 40, 50), bool))
     for points, box in (([[np.nan, 3.0]], None), ([[2.0, np.inf]], None), (None, [1, 1, np.nan, 5])):
         with pytest.raises(InvalidInputError, match="finite"):  # NaN passes every < / > range test
             engine.refine("liver", 1, points=points, box=box, mode="manual")
-    assert "liver" not in engine.masks  # nothing was written
 
 
-def test_segmenting_some_slices_keeps_the_others(make_engine):
+def test_segmenting_some_slices_returns_only_those(make_engine):
     engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
     engine.set_volume(small_volume(5))
-    drawn = np.zeros((5, 40, 50), bool)
-    drawn[:, 5:15, 5:15] = True
-    engine.set_masks("liver", drawn)  # e.g. the user's own work in the Segment Editor
     result = engine.segment_volume(["liver"], slices=[2])
-    kept = [0, 1, 3, 4]
-    assert np.array_equal(engine.masks["liver"][kept], drawn[kept])
-    assert np.array_equal(result.masks["liver"][kept], drawn[kept])
-    assert not np.array_equal(engine.masks["liver"][2], drawn[2])  # slice 2 was recomputed
-    assert engine.undo("liver") == [0, 1, 2, 3, 4] and np.array_equal(engine.masks["liver"], drawn)
+    assert result.slices == [2] and result.masks["liver"][2].any()
+    assert not result.masks["liver"][[0, 1, 3, 4]].any()  # the caller keeps what it has there
 
 
-def test_refine_and_undo(make_engine):
+def test_the_callers_mask_is_what_a_refine_starts_from(make_engine):
+    """The defect seen in Slicer: segment, the user erases half of the slice, then a + click inside
+    what is left. The click must build on the erased mask (what the caller passes), never bring
+    back what the user erased; the clicks before the edit are forgotten with it."""
     engine = make_engine("tiny-sam", "ppn")
     engine.set_volume(small_volume(4))
-    result = engine.segment_volume(["liver"])
-    before = result.masks["liver"].copy()
-    mask = engine.refine("liver", 2, points=[[25, 20], [2, 2]], point_labels=[1, 0])
-    assert mask.shape == (40, 50) and np.array_equal(engine.masks["liver"][2], mask)
-    assert np.array_equal(result.masks["liver"], before)  # the result handed out is not changed by refine
-    manual = engine.refine("liver", 2, box=[15, 10, 34, 29], mode="manual")
-    assert np.array_equal(engine.masks["liver"][2], manual)
-    assert engine.undo("liver") == [2]
-    assert np.array_equal(engine.masks["liver"][2], mask)
-    assert engine.undo("liver") == [2]
-    assert np.array_equal(engine.masks["liver"], before)
-    assert engine.undo("liver") == [0, 1, 2, 3]  # the segmentation itself
-    assert "liver" not in engine.masks and engine.undo("liver") is None
+    disc_decoder(engine, radius_sq=4.0)
+    seen = []
+    original = engine.backbone.embed_prompts
+
+    def spy(points=None, labels=None, boxes=None, masks=None, batch_size=1):
+        seen.append(None if points is None else np.asarray(points).shape[1])
+        return original(points, labels, boxes, masks, batch_size)
+
+    engine.backbone.embed_prompts = spy
+    first = engine.refine("liver", 2, points=[[25, 20]], mode="manual")
+    assert first[20, 25] and seen[-1] == 1
+    second = engine.refine("liver", 2, points=[[26, 21]], mode="manual", mask=first)
+    assert second.any() and seen[-1] == 2  # the caller shows what the engine returned: the clicks add up
+    edited = second.copy()
+    edited[:, 25:] = False  # the user erases the right half in the Segment Editor
+    engine.refine("liver", 2, points=[[22, 20]], mode="manual", mask=edited)
+    assert seen[-1] == 1  # another mask than the engine's last: the clicks before the edit are dropped
+
+
+def test_box_only_clicks_edit_the_callers_mask(make_engine):
+    """LiteMedSAM-style clicks (box-only backbones) edit the slice's current mask locally: with the
+    caller's erased mask, what the user erased away from the click stays erased."""
+    import dataclasses
+
+    engine = make_engine("tiny-sam", "ppn")
+    engine.set_volume(small_volume(4))
+    disc_decoder(engine, radius_sq=4.0)
+    spec = engine.backbone.spec
+    engine.backbone.spec = dataclasses.replace(spec, box_only=True)
+    try:
+        full = np.zeros((40, 50), bool)
+        full[10:30, 10:40] = True
+        erased = full.copy()
+        erased[:, 25:] = False
+        out = engine.refine("liver", 1, points=[[15, 20]], point_labels=[1], mode="manual", mask=erased)
+        assert erased.sum() > 0 and not out[:, 30:].any()  # what the user erased stays erased
+        assert (out | erased).sum() == out.sum()  # a + click only adds to the caller's mask
+    finally:
+        engine.backbone.spec = spec
 
 
 def test_manual_mode_works_without_a_bundle(tiny_sam):
@@ -204,7 +228,8 @@ class Oracle:
 
     def decode(self, features, sparse, dense, multimask=False):
         t, low = self.engine.transform, self.engine.backbone.mask_size
-        model = t.mask_to_model(self.truth[self.slice], out_size=low)
+        truth = self.engine.orientation.to_canonical(self.truth)  # the slices the model sees
+        model = t.mask_to_model(truth[self.slice], out_size=low)
         logits = torch.from_numpy(np.where(model, 20.0, -20.0).astype(np.float32))
         b = sparse.shape[0]
         m = 3 if multimask else 1
@@ -216,21 +241,28 @@ def dice(a, b):
 
 
 def disc_decoder(engine, radius_sq: float = 9.0) -> None:
-    """Decoder stand-in painting a disc where the prompt encoder was told the (first) click is."""
+    """Decoder stand-in painting a disc where the prompt encoder was told the (first) click is, or
+    the box it was given when there is no click."""
     seen = {}
     original = engine.backbone.embed_prompts
 
     def embed(points=None, labels=None, boxes=None, masks=None, batch_size=1):
-        seen["points"] = torch.as_tensor(points).clone()
+        seen["points"] = None if points is None else torch.as_tensor(points).clone()
+        seen["box"] = None if boxes is None else torch.as_tensor(boxes).clone()
         return original(points, labels, boxes, masks, batch_size)
 
-    def decode(features, sparse, dense, multimask=False):
+    def decode(features, sparse, dense, multimask=False, window=None):  # full logits are exact in any window
         low, size = engine.backbone.mask_size, engine.backbone.input_size
-        x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
         yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
-        disc = ((xx - x) ** 2 + (yy - y) ** 2 < radius_sq).float() * 40 - 20
+        if seen["points"] is not None:
+            x, y = (seen["points"][0, 0] + 0.5) * low / size - 0.5
+            inside = (xx - x) ** 2 + (yy - y) ** 2 < radius_sq
+        else:
+            x0, y0, x1, y1 = (seen["box"].reshape(-1) + 0.5) * low / size - 0.5
+            inside = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
         m = 3 if multimask else 1
-        return DecoderOutput(disc[None, None].expand(1, m, low, low), torch.ones(1, m), None)
+        logits = inside.float() * 40 - 20
+        return DecoderOutput(logits[None, None].expand(1, m, low, low), torch.ones(1, m), None)
 
     engine.backbone.embed_prompts, engine.backbone.decode = embed, decode
 
@@ -290,15 +322,16 @@ def test_refines_on_a_slice_build_on_the_clicks_and_logits_placed_before(make_en
         return original(points, labels, boxes, masks, batch_size)
 
     engine.backbone.embed_prompts = spy
-    engine.refine("liver", 12, points=[[30, 40]], point_labels=[1], mode="manual")
+    shown = engine.refine("liver", 12, points=[[30, 40]], point_labels=[1], mode="manual")
     assert seen[-1][0].shape == (1, 1, 2) and not seen[-1][1]
-    engine.refine("liver", 12, points=[[60, 50]], point_labels=[0], mode="manual")
-    first = engine.transform.points_to_model(np.array([[30.0, 40.0]]))[0]
+    shown = engine.refine("liver", 12, points=[[60, 50]], point_labels=[0], mode="manual", mask=shown)
+    first = engine.transform.points_to_model(engine.orientation.points_to_canonical(12, [[30.0, 40.0]]))[0]
     assert seen[-1][0].shape == (1, 2, 2) and np.allclose(seen[-1][0][0, 0], first) and seen[-1][1]
-    engine.refine("liver", 12, points=[[30, 40], [60, 50], [70, 20]], point_labels=[1, 0, 1], mode="manual")
+    engine.refine("liver", 12, points=[[30, 40], [60, 50], [70, 20]], point_labels=[1, 0, 1], mode="manual",
+                  mask=shown)
     assert seen[-1][0].shape == (1, 3, 2)  # the two placed before are not added twice
-    engine.undo("liver")  # the slice no longer shows what the last refine wrote: start over
-    engine.refine("liver", 12, points=[[70, 20]], point_labels=[1], mode="manual")
+    # the caller's slice is not what the last refine returned (the user undid it): start over
+    engine.refine("liver", 12, points=[[70, 20]], point_labels=[1], mode="manual", mask=np.zeros((101, 122), bool))
     assert seen[-1][0].shape == (1, 1, 2) and not seen[-1][1]
     engine.refine("liver", 12, points=[[10, 10]], point_labels=[1], mode="manual", reset=True)
     assert seen[-1][0].shape == (1, 1, 2)
@@ -313,37 +346,31 @@ def test_propagation_with_sam_seeding_stops_where_the_object_ends(make_engine):
     truth = np.zeros((10, 40, 50), bool)
     truth[2:8, 12:28, 16:34] = True  # the object spans slices 2..7
     Oracle(engine, truth)
-    engine.masks["liver"] = np.zeros_like(truth)
-    engine.masks["liver"][5] = truth[5]
-    events = list(engine.propagate("liver", 5))
-    assert events[-1].partial["slices"] == [2, 3, 4, 6, 7]
-    assert all(engine.masks["liver"][k].any() for k in range(2, 8))
-    assert not engine.masks["liver"][[0, 1, 8, 9]].any()
-    assert engine.undo("liver") == [2, 3, 4, 6, 7]
-    assert engine.masks["liver"].sum() == truth[5].sum()
-    forward = list(engine.propagate("liver", 5, direction="forward", max_slices=1))
-    assert forward[-1].partial["slices"] == [6]
+    events = list(engine.propagate("liver", 5, truth[5]))
+    result = events[-1].result
+    assert events[-1].partial["slices"] == result.slices == [2, 3, 4, 6, 7]
+    assert all(result.masks["liver"][k].any() for k in range(2, 8) if k != 5)
+    assert not result.masks["liver"][[0, 1, 5, 8, 9]].any()  # the seed slice is the caller's
+    forward = list(engine.propagate("liver", 5, truth, direction="forward", max_slices=1))
+    assert forward[-1].result.slices == [6]
 
 
-def test_propagation_with_sam2_memory(make_engine):
-    from automedsam.propagation import SliceFrames
-
+def test_propagation_with_sam2_memory_runs_sam2s_video_predictor(make_engine):
+    """Smoke test of the memory path (random tiny-sam2 weights decode empty masks, so propagation
+    ends at the seed; the written masks themselves are tested with the seeded path above)."""
     engine = make_engine("tiny-sam2", "ppn")
     volume = small_volume(6)
     engine.set_volume(volume)
-    engine.masks["liver"] = np.ones((6, 40, 50), bool)
-    frames = SliceFrames(engine.slice_source("liver", 3))
-    assert len(frames) == 6
-    torch.testing.assert_close(frames[3], engine.backbone.normalize(engine.model_input(3)[None])[0])
-    seed = np.zeros((6, 40, 50), bool)
-    seed[3, 10:30, 15:35] = True
-    engine.masks["liver"] = seed.copy()
-    events = list(engine.propagate("liver", 3, max_slices=2))
-    written = events[-1].partial["slices"]
+    seed = np.zeros((40, 50), bool)
+    seed[10:30, 15:35] = True
+    events = list(engine.propagate("liver", 3, seed, max_slices=2))
+    result = events[-1].result
+    written = result.slices
+    assert events[0].stage == "start" and events[-1].stage == "done" and written == events[-1].partial["slices"]
     assert set(written) <= {1, 2, 4, 5}
     for k in written:  # contiguous around the seed
         assert all(m in written for m in range(min(k, 3) + 1, max(k, 3)) if m != 3)
-    assert np.array_equal(engine.masks["liver"][3], seed[3])
+        assert result.masks["liver"][k].any()
 
 
 def test_largest_component():
@@ -371,3 +398,18 @@ def test_the_frames_video_predictor_builds_the_state_sam2s_init_state_builds():
     ours = predictor.init_state_from_frames(frames, 32, offload_state_to_cpu=True)
     assert theirs and set(ours) == theirs
     assert ours["num_frames"] == 3 and ours["images"] is frames and ours["storage_device"] == torch.device("cpu")
+
+
+def test_sam2_models_come_from_sam2s_own_builders_with_their_post_processing():
+    """build_sam2 / build_sam2_video_predictor build both models, so sam2's post-processing is the
+    stock predictor's (the video settings were dropped when the config was instantiated by hand)."""
+    from automedsam.backbones.sam2 import _has_postprocessing_kernel, build_sam2_model
+
+    image = build_sam2_model("tiny")
+    assert image.sam_mask_decoder.dynamic_multimask_via_stability and not image.training
+    video = build_sam2_model("tiny", video=True)
+    assert type(video).__name__ == "FramesVideoPredictor"
+    assert video.binarize_mask_from_pts_for_mem_enc is True
+    # hole filling needs sam2's CUDA extension; without it, it is off rather than warning every frame
+    assert video.fill_hole_area == (8 if _has_postprocessing_kernel() else 0)
+    assert video.image_size == image.image_size == 256

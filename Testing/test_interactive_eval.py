@@ -56,7 +56,7 @@ class _PerfectClicks:
     def encode(self, ks):
         pass
 
-    def refine(self, name, k, points=None, point_labels=None, box=None, mode=None, reset=False):
+    def refine(self, name, k, points=None, point_labels=None, box=None, mode=None, reset=False, mask=None):
         current = self.masks.setdefault(k, np.zeros(self.ref.shape[1:], bool))
         if box is not None:  # a box gives the left half of the object
             current[:] = False

@@ -22,7 +22,6 @@ import requests
 from test_service import child_env
 
 from automedsam.io import read_label_map
-from automedsam.service.codec import pack_mask
 from automedsam.worker import LocalWorker, wait_until
 
 UPLOAD_MB = 2
@@ -82,9 +81,23 @@ def assert_error(r: requests.Response, status: int, code: str, words: str) -> No
     assert err["code"] == code and words.lower() in err["message"].lower(), err
 
 
+def mask_json(mask: np.ndarray) -> dict:
+    from automedsam.service.codec import mask_to_json
+
+    return mask_to_json(mask)
+
+
+def refine_with(bits: bytes, shape: list[int]) -> dict:
+    """A refine request whose slice mask is ``bits`` declared as ``shape``."""
+    import base64
+
+    return {"class_name": "liver", "slice_index": 1, "box": [1, 1, 5, 5], "mode": "manual",
+            "mask": {"shape": shape, "bits": base64.b64encode(bits).decode()}}
+
+
 def test_every_bad_request_is_a_specific_4xx(strict, sid, ct):
     k, j, i = ct.array.shape
-    nbytes = (k * j * i + 7) // 8
+    nbytes = (j * i + 7) // 8
     nan_body = '{"class_name": "liver", "slice_index": 3, "points": [[NaN, 4.0]], "mode": "manual"}'
     cases = [
         # volume metadata: shapes and geometry are checked before a byte is read
@@ -99,14 +112,19 @@ def test_every_bad_request_is_a_specific_4xx(strict, sid, ct):
             "X-Volume-Meta": meta_of(ct, direction=[0.0] * 9)}}, 422, "invalid_input", "singular"),
         ("PUT", f"/v1/sessions/{sid}/volume", {"data": b"\0" * 10, "headers": {"X-Volume-Meta": meta_of(ct)}},
          422, "invalid_input", "needs"),
-        # masks: exactly the packed size of the session's volume
-        ("PUT", f"/v1/sessions/{sid}/masks/liver", {"data": b""}, 422, "invalid_input", "packs into"),
-        ("PUT", f"/v1/sessions/{sid}/masks/liver", {"data": b"\xff" * (nbytes - 1)}, 422, "invalid_input",
-         "packs into"),
-        ("PUT", f"/v1/sessions/{sid}/masks/liver", {"data": b"\xff" * (nbytes + 1)}, 422, "invalid_input",
-         "packs into"),
-        ("PUT", f"/v1/sessions/{sid}/masks/liver", {"data": b"\0" * (UPLOAD_MB * 2**20 + 1)}, 413, "too_large",
-         "at most"),
+        # the caller's slice mask: exactly the packed size of its shape, and a slice of the volume
+        ("POST", f"/v1/sessions/{sid}/refine", {"json": refine_with(b"\xff" * (nbytes - 1), [j, i])}, 422,
+         "invalid_input", "packs into"),
+        ("POST", f"/v1/sessions/{sid}/refine", {"json": refine_with(b"\xff" * (nbytes + 1), [j, i])}, 422,
+         "invalid_input", "packs into"),
+        ("POST", f"/v1/sessions/{sid}/refine", {"json": refine_with(b"\xff" * ((j * i + 7) // 8), [i, j])}, 422,
+         "invalid_input", "not a slice of the volume"),
+        ("POST", f"/v1/sessions/{sid}/refine", {"json": dict(refine_with(b"", [j, i]), mask={
+            "shape": [j, i], "bits": "not base64!"})}, 422, "invalid_input", "base64"),
+        ("POST", f"/v1/sessions/{sid}/refine", {"data": b'{"class_name": "liver", "slice_index": 1, "mask": '
+                                                        b'{"shape": [1, 1], "bits": "' + b"A" * (UPLOAD_MB * 2**20)
+                                                        + b'"}}', "headers": {"Content-Type": "application/json"}},
+         413, "too_large", "at most"),
         ("PUT", f"/v1/sessions/{sid}/labels", {"data": b"\0" * (UPLOAD_MB * 2**20 + 1)}, 413, "too_large", "at most"),
         # chunked, without Content-Length: counted as it arrives
         ("PUT", f"/v1/sessions/{sid}/labels", {"data": iter([b"\0" * 2**20] * (UPLOAD_MB + 1))}, 413, "too_large",
@@ -121,8 +139,10 @@ def test_every_bad_request_is_a_specific_4xx(strict, sid, ct):
         ("POST", f"/v1/sessions/{sid}/segment", {"json": {"classes": ["liver"], "slices": [0, k + 5]}},
          422, "invalid_input", "out of range"),
         ("POST", f"/v1/sessions/{sid}/segment", {"json": {"classes": ["livr"]}}, 422, "invalid_input", "livr"),
-        ("POST", f"/v1/sessions/{sid}/propagate", {"json": {"class_name": "liver", "from_slice": k}},
-         422, "invalid_input", "out of range"),
+        ("POST", f"/v1/sessions/{sid}/propagate", {"json": {"class_name": "liver", "from_slice": 1}},
+         422, "invalid_request", "seed"),
+        ("POST", f"/v1/sessions/{sid}/propagate", {"json": {"class_name": "liver", "from_slice": k, "seed": mask_json(
+            np.ones((j, i), bool))}}, 422, "invalid_input", "out of range"),
         # training options
         ("POST", f"/v1/sessions/{sid}/teach", {"json": {"classes": {"liver": 0}}}, 422, "invalid_request",
          "greater than or equal to 1"),
@@ -158,7 +178,7 @@ def test_every_bad_request_is_a_specific_4xx(strict, sid, ct):
         ("GET", "/v1/nothing-here", {}, 404, "not_found", "no route"),
         ("DELETE", "/health", {}, 405, "method_not_allowed", "no route"),
         ("GET", "/docs", {}, 404, "not_found", "no route"),
-        ("GET", "/v1/sessions/nope/masks/liver", {}, 404, "not_found", "no session"),
+        ("GET", "/v1/jobs/nope/masks/liver", {}, 404, "not_found", "no job"),
     ]
     for method, path, kwargs, status, code, words in cases:
         assert_error(call(strict, method, path, **kwargs), status, code, words)
@@ -220,8 +240,8 @@ def test_the_client_uploads_a_local_bundle_and_the_worker_keeps_it_by_hash(stric
     assert stored.startswith("uploaded/") and stored.endswith(".zip")
     assert {c["name"] for c in remote.classes} >= {"liver", "spleen"}
     # Names resolve as the engine resolves them, in the client too (alias, case, spaces).
-    list(remote.segment(["Left Kidney"]))
-    assert "left_kidney" in remote.masks and "Left Kidney" not in remote.masks
+    result = list(remote.segment(["Left Kidney"]))[-1].result
+    assert set(result.masks) == {"left_kidney"}
     remote.close()
 
 
@@ -238,7 +258,7 @@ def test_session_limit_holds_under_parallel_creates(strict):
         call(strict, "DELETE", f"/v1/sessions/{s}")
 
 
-def test_uploads_and_mask_puts_never_block_the_event_loop(strict, ct, ct_dir):
+def test_uploads_and_refines_never_block_the_event_loop(strict, ct, ct_dir):
     a, b = session(strict), session(strict)
     try:
         assert upload(strict, a, ct).status_code == 200
@@ -253,13 +273,15 @@ def test_uploads_and_mask_puts_never_block_the_event_loop(strict, ct, ct_dir):
             time.sleep(0.05)
         # They wait for the model thread or session a's lock; none may hold up the server, not even
         # more of them than the server has worker threads.
+        shown = mask_json(np.ones(ct.array.shape[1:], bool))  # each refine carries the caller's slice mask
+        click = {"class_name": "liver", "slice_index": 12, "points": [[60, 50]], "mode": "manual", "mask": shown}
         for _ in range(48):
-            threading.Thread(target=call, args=(strict, "POST", f"/v1/sessions/{a}/undo"),
-                             kwargs={"json": {"class_name": "liver"}, "timeout": 120}, daemon=True).start()
+            threading.Thread(target=call, args=(strict, "POST", f"/v1/sessions/{a}/refine"),
+                             kwargs={"json": click, "timeout": 120}, daemon=True).start()
         results = {}
         pending = [threading.Thread(target=lambda: results.__setitem__("volume", upload(strict, b, ct))),
                    threading.Thread(target=lambda: results.__setitem__("masks", call(
-                       strict, "PUT", f"/v1/sessions/{a}/masks/liver", data=pack_mask(np.ones(ct.array.shape, bool)))))]
+                       strict, "POST", f"/v1/sessions/{a}/refine", json=click, timeout=120)))]
         for t in pending:
             t.start()
         time.sleep(0.5)

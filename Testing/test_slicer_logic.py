@@ -510,3 +510,42 @@ def test_a_box_counts_only_once_both_corners_are_placed(slicer):
     assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=0))
     assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=1))  # first corner only
     assert roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=2))
+
+
+@pytest.mark.parametrize("kind", ["lps", "flipped_j"])
+def test_a_click_after_the_users_edit_or_undo_keeps_what_the_segment_shows(logic_with, make_engine, slicer, kind):
+    """The defect seen on Slicer's libraries: refine, erase part of the segment in the Segment
+    Editor, click + inside what is left: the erased voxels must not come back (the engine used to
+    refine from its own stale copy). Likewise after Slicer-side undo. Box-only clicks (LiteMedSAM's
+    kind) edit the segment as it is now, around the click."""
+    import dataclasses
+
+    volume_node, _ = sphere_volume(kind)
+    engine = make_engine("tiny-sam", "ppn")
+    engine.backbone.spec = dataclasses.replace(engine.backbone.spec, box_only=True)
+    disc_decoder(engine, radius_sq=30.0)
+    logic = logic_with(engine)
+    seg_node = slicer_fake.FakeSegmentationNode()
+    k = 4
+    corners = np.array([volume_node.ijkToRas @ [i, j, k, 1] for i, j in ((8, 10), (40, 34))])[:, :3]
+    assert logic.refine(volume_node, seg_node, "liver", box=corners, mode="manual") == k
+    sid = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
+    shown = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
+    assert shown[k].sum() > 100
+    edited = shown.copy()
+    edited[k, :, 24:] = False  # the user's eraser: the right part of the slice
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, sid, volume_node)
+    jj, ii = np.nonzero(edited[k])
+    click = volume_node.ijkToRas @ [int(ii.min()) + 2, int(jj.mean()), k, 1]
+    logic.refine(volume_node, seg_node, "liver", points=[click[:3]], pointLabels=[1], mode="manual")
+    after = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
+    assert not after[k, :, 30:].any()  # far from the click, what the user erased stays erased
+    assert (after[k] >= edited[k]).all()  # the click only added, around itself
+    # Slicer-side undo of the click, then another click: it starts from the undone segment.
+    assert logic.undo(seg_node).startswith("refine")
+    undone = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
+    assert np.array_equal(undone, edited)
+    logic.refine(volume_node, seg_node, "liver", points=[click[:3]], pointLabels=[1], mode="manual")
+    again = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
+    assert not again[k, :, 30:].any() and (again[k] >= edited[k]).all()
+

@@ -144,12 +144,15 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             infos = ready["infos"]
             masks = last.result.masks
             return self._writeResults(volumeNode, segmentationNode, infos, masks, onEditedSegment,
-                                      f"segment {', '.join(i.display_name for i in infos)}")
+                                      f"segment {', '.join(i.display_name for i in infos)}", last.result.slices)
 
         job = Job("segmentation", events(), finish, progressCallback, cancel)
         return job.wait() if waitForCompletion else job
 
-    def _writeResults(self, volumeNode, segmentationNode, infos, masks: dict, onEditedSegment, label: str):
+    def _writeResults(self, volumeNode, segmentationNode, infos, masks: dict, onEditedSegment, label: str,
+                      slices: Sequence[int] | None = None):
+        """Write ``masks`` (class name -> ``(K, J, I)``) into the classes' segments; with ``slices``
+        only those k-slices change (a segment keeps what it has on the others)."""
         segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
         targets, edited = [], []
         for info in infos:
@@ -175,7 +178,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                 step.recordCreated(sid)
             else:
                 step.recordMask(sid, current)
-            nodes.writeSegmentMask(segmentationNode, sid, np.asarray(masks[info.name], bool), volumeNode)
+            mask = np.asarray(masks[info.name], bool)
+            if slices is not None and current is not None and not keepUsers:
+                mask = np.where(_sliceSelector(mask.shape[0], slices)[:, None, None], mask, current)
+            nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode)
         self.history.push(step)
         return segmentationNode
 
@@ -205,7 +211,11 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         if ijkBox is not None:
             bx = [ijkBox[:, 0].min(), ijkBox[:, 1].min(), ijkBox[:, 0].max(), ijkBox[:, 1].max()]
         mode = {"semi-automatic": "semi", "automatic": "semi"}.get(mode, mode)
-        key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
+        # On the calling thread, from MRML: the volume and the slice as the user sees it now (their
+        # own edits included): the engine refines from that, never from a copy of its own.
+        key, volume = self._volumeSnapshot(volumeNode)
+        current = self._currentMask(volumeNode, segmentationNode, className)
+        shown = None if current is None or not 0 <= k < current.shape[0] else current[k]
         ready = {}
 
         def events():
@@ -213,7 +223,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             info = ready["info"] = self._classInfos(engine, [className])[0]
             self._sendVolume(engine, key, volume)
             ready["mask"] = self._call(engine, lambda e: e.refine(info.name, k, points=pts, point_labels=labels,
-                                                                  box=bx, mode=mode))
+                                                                  box=bx, mode=mode, mask=shown))
             yield {"stage": "done", "done": 1, "total": 1, "message": f"refined slice {k}"}
 
         def finish(last):
@@ -250,14 +260,11 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                   progressCallback: Callable | None = None, model: str | None = None, device: str | None = None):
         """Carry the class's mask on slice ``sliceIndex`` (as it is in the segment now, user edits
         included) to neighbouring slices until the object ends. One undo step."""
-        from automedsam.classes import resolve_class
-
         # On the calling thread: everything read from MRML (the segment as the user left it).
-        guess = resolve_class(_className(className))
-        sid = nodes.segmentId(segmentationNode, guess.name, guess.display_name) if segmentationNode else None
-        if sid is None:
-            raise ValueError(f"no {guess.display_name!r} segment to propagate: segment or refine it first")
-        current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
+        current = self._currentMask(volumeNode, segmentationNode, className)
+        if current is None:
+            raise ValueError(f"no {className!r} segment to propagate: segment or refine it first")
+        seed = current[int(sliceIndex)] if 0 <= int(sliceIndex) < current.shape[0] else current
         key, volume = self._volumeSnapshot(volumeNode)
         cancel = threading.Event()
         ready = {}
@@ -267,15 +274,12 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             engine = ready["engine"] = self.engine(model, device)
             info = ready["info"] = self._classInfos(engine, [className])[0]
             self._sendVolume(engine, key, volume)
-            self._call(engine, lambda e: e.set_masks(info.name, current))
-            yield from self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), direction, maxSlices,
+            yield from self._call(engine, lambda e: e.propagate(info.name, int(sliceIndex), seed, direction, maxSlices,
                                                                 cancel=cancel))
-            if not cancel.is_set():  # read here, on the job's thread: from a worker it is a request
-                ready["masks"] = self._call(engine, lambda e: e.masks_of(info.name))
 
         def finish(last):
-            info, masks = ready["info"], ready["masks"]
-            written = last.partial.get("slices") or []
+            info, masks = ready["info"], last.result.masks[ready["info"].name]
+            written = last.result.slices
             if written:
                 self._writeSlices(volumeNode, segmentationNode, info, {k: masks[k] for k in written},
                                   f"propagate {info.display_name} from slice {sliceIndex}")
@@ -293,15 +297,23 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return self.history.canUndo(segmentationNode)
 
     # ---------------------------------------------------------------------------------- teach
-    def teach(self, volumeNode, segmentationNode, segments=None, promptNetwork: str = "classmap", epochs: int = 40,
+    def teach(self, volumeNode, segmentationNode, segments=None, promptNetwork: str | None = None,
+              epochs: int | None = None,
               outputPath: str | None = None, waitForCompletion: bool = True, progressCallback: Callable | None = None,
-              model: str | None = None, device: str | None = None, decoderLearningRate: float = 1e-5):
+              model: str | None = None, device: str | None = None, decoderLearningRate: float | None = None):
         """Train a prompt network from segments drawn or corrected on a few slices of ``volumeNode``.
 
         ``segments``: segment names (or ``{segment name: class name}``); default all segments. Only
         slices with any of them are used. The new bundle is saved to ``outputPath`` (default: the
         AutoMedSAM home's ``bundles`` folder) and used at once. Returns the bundle path (or a Job).
+        ``promptNetwork``, ``epochs`` and ``decoderLearningRate`` default to the engine's
+        (:data:`automedsam.contract.DEFAULT_PROMPT_NETWORK`, ``TEACH_EPOCHS``, ``TEACH_DECODER_LR``).
         """
+        from automedsam import contract
+
+        promptNetwork = promptNetwork or contract.DEFAULT_PROMPT_NETWORK
+        epochs = epochs or contract.TEACH_EPOCHS
+        decoderLearningRate = decoderLearningRate or contract.TEACH_DECODER_LR
         key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
         labels, classes = self._labelMap(volumeNode, segmentationNode, segments)
         from automedsam.training.teach import labelled_slices
@@ -356,6 +368,18 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return labels, classes
 
     # -------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _currentMask(volumeNode, segmentationNode, className: str):
+        """The class's segment as the user has it now, ``(K, J, I)`` bool on the volume's grid, or
+        None when the segmentation has no segment for the class. Read on the thread that owns MRML."""
+        from automedsam.classes import resolve_class
+
+        if segmentationNode is None:
+            return None
+        guess = resolve_class(_className(className))
+        sid = nodes.segmentId(segmentationNode, guess.name, guess.display_name)
+        return nodes.readSegmentMask(segmentationNode, sid, volumeNode) if sid else None
+
     def _call(self, engine, fn):
         return self.backend.call(engine, fn)
 
@@ -429,6 +453,13 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                 f"{volumeNode.GetName()!r}:"
                 " place them on one slice of the volume's own slice orientation, or pass sliceIndex")
         return int(np.round(np.median(ks)))
+
+
+def _sliceSelector(count: int, slices: Sequence[int]) -> np.ndarray:
+    """``(count,)`` bool: True at the k-slices listed in ``slices``."""
+    selected = np.zeros(count, bool)
+    selected[list(slices)] = True
+    return selected
 
 
 def _className(segmentName: str) -> str:

@@ -77,59 +77,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
-def _stock_predictor(backbone):
-    """The library's own predictor around the same model."""
-    if backbone.spec.family == "litemedsam":
-        return _LiteMedSamReference(backbone)
-    if backbone.spec.family == "sam":
-        from segment_anything import SamPredictor
-
-        return SamPredictor(backbone.model)
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    predictor = SAM2ImagePredictor(backbone.model)
-    s = backbone.input_size  # the stock predictor assumes 1024-px models; set the real feature sizes
-    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
-    return predictor
-
-
-class _LiteMedSamReference:
-    """LiteMedSAM's own inference, step for step as its reference script runs it (one slice, one
-    box): uint8 RGB slice, INTER_AREA resize of the longest side to 256, min-max, zero padding,
-    encoder, prompt encoder + decoder, crop and bilinear resize back, sigmoid > 0.5. The bench's
-    stand-in for a stock predictor and the naive per-slice, per-class baseline."""
-
-    def __init__(self, backbone):
-        self.model = backbone.model
-        self.device = backbone.device
-
-    def set_image(self, image: np.ndarray) -> None:
-        import cv2
-        import torch
-
-        h, w = image.shape[:2]
-        scale = 256 / max(h, w)
-        resized = cv2.resize(image, (int(w * scale + 0.5), int(h * scale + 0.5)), interpolation=cv2.INTER_AREA)
-        norm = (resized - resized.min()) / max(float(resized.max() - resized.min()), 1e-8)
-        padded = np.zeros((256, 256, 3), np.float32)
-        padded[:norm.shape[0], :norm.shape[1]] = norm
-        self.size, self.new_size, self.scale = (h, w), norm.shape[:2], scale
-        x = torch.from_numpy(padded).permute(2, 0, 1)[None].to(self.device)
-        self.embedding = self.model.image_encoder(x)
-
-    def predict(self, box: np.ndarray, **_) -> np.ndarray:
-        import torch
-
-        box_t = torch.as_tensor(np.floor(np.asarray(box) * self.scale)[None, None], dtype=torch.float32,
-                                device=self.device)
-        sparse, dense = self.model.prompt_encoder(points=None, boxes=box_t, masks=None)
-        logits, _ = self.model.mask_decoder(image_embeddings=self.embedding,
-                                            image_pe=self.model.prompt_encoder.get_dense_pe(),
-                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                            multimask_output=False)
-        return (torch.sigmoid(self.model.postprocess_masks(logits, self.new_size, self.size)) > 0.5).cpu().numpy()
-
-
 def _uint8_rgb(engine, k: int) -> np.ndarray:
     from .preprocess import normalize_intensity
 
@@ -194,20 +141,19 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
         e_torch.encode(torch_slices)
         encode_torch_s = time.perf_counter() - t
 
-    # Click-to-mask on a cached slice vs the stock predictor on the same set image.
-    def click():  # one click, as a user adds them (a fresh interaction each time, so all are alike)
-        e5.refine(BENCH_CLASSES[0], k_mid, points=points[:1], point_labels=labels[:1], reset=True)
+    # Click-to-mask on a cached slice vs the stock predictor on the same set image. Each click sends
+    # the slice's mask as a caller would (a fresh interaction each time, so all clicks are alike).
+    shown = e5.refine(BENCH_CLASSES[0], k_mid, points=points[:1], point_labels=labels[:1], reset=True)
+
+    def click():
+        e5.refine(BENCH_CLASSES[0], k_mid, points=points[:1], point_labels=labels[:1], reset=True, mask=shown)
 
     click()  # warm-up (learned prompts cached)
     refine = _time_ms(click, repeats)
-    predictor = _stock_predictor(backbone)
+    predictor = backbone.stock_predictor()
     with torch.inference_mode():
         predictor.set_image(_uint8_rgb(e5, k_mid))
-        if backbone.spec.box_only:  # its reference inference takes a box, not points
-            stock = _time_ms(lambda: predictor.predict(box=box), repeats)
-        else:
-            stock = _time_ms(lambda: predictor.predict(point_coords=points, point_labels=labels,
-                                                       multimask_output=False), repeats)
+        stock = _time_ms(lambda: predictor.click(points, labels, box), repeats)
 
     # The naive way: one stock set_image + predict per slice per class.
     naive_5 = None
@@ -218,7 +164,7 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
                 image = _uint8_rgb(e5, k)
                 for _ in BENCH_CLASSES:
                     predictor.set_image(image)
-                    predictor.predict(box=box, multimask_output=False)
+                    predictor.box(box)
         naive_5 = time.perf_counter() - t
 
     result = {
@@ -275,8 +221,10 @@ def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str,
         path = bundle.save(Path(tmp) / "bench.zip")
         remote = worker.client(bundle=str(path))
         remote.set_volume(volume)
-        def click():  # the same click as in process
-            remote.refine(BENCH_CLASSES[0], k, points=points[:1], point_labels=labels[:1], reset=True)
+        shown = remote.refine(BENCH_CLASSES[0], k, points=points[:1], point_labels=labels[:1], reset=True)
+
+        def click():  # the same click as in process, the slice's mask sent along
+            remote.refine(BENCH_CLASSES[0], k, points=points[:1], point_labels=labels[:1], reset=True, mask=shown)
 
         click()  # encodes the slice, warms up
         times, overheads = [], []

@@ -30,6 +30,7 @@ from . import __version__
 from .catalog import load_validated
 from .classes import ClassCatalog, ClassInfo
 from .errors import CatalogError, InvalidInputError, WeightsLoadError
+from .orientation import CANONICAL, STORAGE
 from .preprocess import IntensityConfig
 
 if TYPE_CHECKING:
@@ -73,6 +74,12 @@ class ModelBundle:
         """Classes in the prompt network's index order."""
         items = sorted(self.manifest["classes"], key=lambda c: c["index"])
         return [ClassInfo.from_dict({k: v for k, v in c.items() if k != "index"}) for c in items]
+
+    @property
+    def slice_orientation(self) -> str:
+        """The slice orientation the prompt network was taught in (:mod:`automedsam.orientation`):
+        ``"lps-axial"``, or ``"storage"`` for bundles made before it was recorded."""
+        return self.manifest["preprocessing"].get("orientation", STORAGE)
 
     @property
     def intensity(self) -> IntensityConfig:
@@ -366,7 +373,8 @@ def create_bundle(backbone: Backbone, prompt_network, classes: list[ClassInfo], 
         "generator": {"type": prompt_network.kind, "config": prompt_network.config.to_dict()},
         "decoder_finetuned": decoder_finetuned,
         "classes": [{"index": i, **c.to_dict()} for i, c in enumerate(classes)],
-        "preprocessing": {"intensity": intensity.to_dict(), "input_size": backbone.input_size},
+        "preprocessing": {"intensity": intensity.to_dict(), "input_size": backbone.input_size,
+                          "orientation": CANONICAL},
         "weights_sha256": hashlib.sha256(_weights_blob(tensors)).hexdigest(),
         "training": training or {},
         "metrics": metrics or {},

@@ -2,9 +2,9 @@
 serve``) on this machine or another: the same methods, events, results and errors as the in-process
 :class:`~automedsam.engine.Engine`, over the protocol of :mod:`automedsam.service.protocol`.
 
-The client keeps a copy of every class's masks (``RemoteEngine.masks``): after a worker crash,
-``reconnect`` opens a new session on the (restarted) worker and uploads the volume and every mask
-again. Needs numpy, requests and pydantic (the ``service`` extra), never torch.
+Neither side keeps masks between calls (the caller owns them, see :mod:`automedsam.contract`), so a
+worker crash loses nothing: ``reconnect`` opens a new session on the (restarted) worker and uploads
+the volume again. Needs numpy, requests and pydantic (the ``service`` extra), never torch.
 
 Coordinates are the engine's: slice index k, points (i, j), boxes (i0, j0, i1, j1), masks KJI.
 """
@@ -21,7 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from .classes import ClassCatalog, ClassInfo, resolve_class
-from .contract import ProgressEvent, SegmentationResult, TrainEvent, result_of
+from .contract import (
+    DEFAULT_PROMPT_NETWORK,
+    TEACH_DECODER_LR,
+    TEACH_EPOCHS,
+    TEACH_NAME,
+    TEACH_VAL_SLICES,
+    ProgressEvent,
+    SegmentationResult,
+    TrainEvent,
+    result_of,
+)
 from .errors import (
     InvalidInputError,
     NotFoundError,
@@ -30,7 +40,7 @@ from .errors import (
     ServiceUnavailableError,
 )
 from .service import protocol as p
-from .service.codec import mask_from_json, pack_mask, unpack_mask
+from .service.codec import mask_from_json, mask_to_json, unpack_mask
 from .volume import Volume
 
 __all__ = ["ProtocolMismatchError", "RemoteEngine", "ServiceError", "ServiceUnavailableError"]
@@ -54,7 +64,6 @@ class RemoteEngine:
         self._http.headers["Authorization"] = f"Bearer {token}"
         self.model = {"bundle": bundle, "backbone": backbone, "device": device}
         self.volume: Volume | None = None
-        self.masks: dict[str, np.ndarray] = {}
         self.session_id: str | None = None
         self.classes: list[dict] = []
         self._session_device = "unknown"
@@ -140,14 +149,12 @@ class RemoteEngine:
         return self.classes
 
     def reconnect(self) -> None:
-        """After a worker restart: new session, the same volume and the client's masks re-uploaded."""
+        """After a worker restart: a new session with the same volume (nothing else lived there)."""
         self.check_protocol()
         self.session_id = None
         self._ensure_session()
         if self.volume is not None:
             self._upload(self.volume)
-            for name, masks in self.masks.items():
-                self._put_masks(name, masks)
 
     def close(self) -> None:
         """Delete the worker session (the worker frees its volume and masks)."""
@@ -189,12 +196,12 @@ class RemoteEngine:
         return self.volume
 
     def set_volume(self, volume: Volume) -> None:
-        """Upload a volume (raw bytes + geometry). Clears the masks."""
+        """Upload a volume (raw bytes + geometry)."""
         if not isinstance(volume, Volume):
             raise InvalidInputError(f"set_volume needs a Volume, got {type(volume).__name__}")
         self._ensure_session()
         self._upload(volume)
-        self.volume, self.masks = volume, {}
+        self.volume = volume
 
     def _upload(self, volume: Volume) -> None:
         array = np.ascontiguousarray(volume.array)
@@ -206,29 +213,10 @@ class RemoteEngine:
                    headers={p.VOLUME_META_HEADER: json.dumps(meta), "Content-Type": "application/octet-stream"},
                    timeout=max(self.timeout, 600))
 
-    # ------------------------------------------------------------------------------ masks
-    def masks_of(self, class_name: str) -> np.ndarray:
-        """The class's ``(K, J, I)`` masks as the worker holds them (the local copy is refreshed)."""
-        self.require_volume()
-        name = self.class_info(class_name).name
-        r = self._call("GET", self._session_path(p.MASKS, class_name=name))
-        masks = unpack_mask(r.content, tuple(json.loads(r.headers[p.SHAPE_HEADER])))
-        self.masks[name] = masks.copy()
-        return masks
-
-    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
-        """Replace the class's ``(K, J, I)`` masks on the worker (not an undo step)."""
-        volume = self.require_volume()
-        masks = np.asarray(masks)
-        if masks.shape != volume.array.shape[:3]:
-            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
-        name = self.class_info(class_name).name
-        self._put_masks(name, masks.astype(bool))
-        self.masks[name] = masks.astype(bool, copy=True)
-
-    def _put_masks(self, name: str, masks: np.ndarray) -> None:
-        self._call("PUT", self._session_path(p.MASKS, class_name=name), data=pack_mask(masks),
-                   headers={"Content-Type": "application/octet-stream"})
+    def _job_masks(self, job_id: str, name: str) -> np.ndarray:
+        """A finished job's ``(K, J, I)`` masks of class ``name``."""
+        r = self._call("GET", p.JOB_MASKS.format(jid=job_id, class_name=name))
+        return unpack_mask(r.content, tuple(json.loads(r.headers[p.SHAPE_HEADER])))
 
     # ---------------------------------------------------------------------------- segment
     def _follow(self, job: dict, cancel: threading.Event | None = None) -> Iterator[dict]:
@@ -266,7 +254,7 @@ class RemoteEngine:
             if state["state"] != "done":
                 yield self._event(state)
                 continue
-            masks = {i.name: self.masks_of(i.name) for i in infos}
+            masks = {i.name: self._job_masks(job["id"], i.name) for i in infos}
             yield self._event(state, result=p.result_from_json(state["result"], volume, infos, masks))
 
     def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None, *,
@@ -274,7 +262,7 @@ class RemoteEngine:
         return result_of(self.segment(classes, slices, cleanup=cleanup, cancel=cancel))
 
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None, reset: bool = False) -> np.ndarray:
+               mode: str | None = None, reset: bool = False, mask=None) -> np.ndarray:
         """As :meth:`Engine.refine`; returns the new ``(J, I)`` mask."""
         self.require_volume()
         name = self.class_info(class_name).name
@@ -282,42 +270,32 @@ class RemoteEngine:
                       points=None if points is None else np.asarray(points, float).reshape(-1, 2).tolist(),
                       point_labels=None if point_labels is None else np.asarray(point_labels, int).reshape(-1).tolist(),
                       box=None if box is None else np.asarray(box, float).reshape(-1).tolist(), mode=mode,
-                      reset=bool(reset))
-        mask = mask_from_json(self._call("POST", self._session_path(p.REFINE), json=body).json()["mask"])
-        local = self.masks.setdefault(name, np.zeros(self.volume.array.shape[:3], bool))
-        local[int(slice_index)] = mask
-        return mask
+                      reset=bool(reset), mask=None if mask is None else mask_to_json(np.asarray(mask, bool)))
+        return mask_from_json(self._call("POST", self._session_path(p.REFINE), json=body).json()["mask"])
 
-    def undo(self, class_name: str) -> list[int] | None:
-        self.require_volume()
-        name = self.class_info(class_name).name
-        slices = self._call("POST", self._session_path(p.UNDO), json=p.body(p.ClassRequest, class_name=name)).json()
-        if slices["slices"] is not None:
-            self.masks_of(name)
-        return slices["slices"]
-
-    def can_undo(self, class_name: str) -> bool:
-        self.require_volume()
-        name = self.class_info(class_name).name
-        return bool(self._call("GET", self._session_path(p.UNDO), params={"class_name": name}).json()["can_undo"])
-
-    def propagate(self, class_name: str, from_slice: int, direction: str = "both", max_slices: int | None = None,
-                  cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
-        self.require_volume()
-        name = self.class_info(class_name).name
-        body = p.body(p.PropagateRequest, class_name=name, from_slice=int(from_slice), direction=direction,
-                      max_slices=max_slices)
+    def propagate(self, class_name: str, from_slice: int, seed, direction: str = "both",
+                  max_slices: int | None = None, cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        """As :meth:`Engine.propagate`; the "done" event's result holds the masks written."""
+        volume = self.require_volume()
+        info = self.class_info(class_name)
+        seed = np.asarray(seed, bool)
+        if seed.ndim == 3 and seed.shape == volume.array.shape[:3] and 0 <= int(from_slice) < seed.shape[0]:
+            seed = seed[int(from_slice)]
+        body = p.body(p.PropagateRequest, class_name=info.name, from_slice=int(from_slice), seed=mask_to_json(seed),
+                      direction=direction, max_slices=max_slices)
         job = self._call("POST", self._session_path(p.PROPAGATE), json=body).json()
         for state in self._follow(job, cancel):
-            if state["state"] == "done":
-                self.masks_of(name)
-            yield self._event(state)
+            if state["state"] != "done":
+                yield self._event(state)
+                continue
+            masks = {info.name: self._job_masks(job["id"], info.name)}
+            yield self._event(state, result=p.result_from_json(state["result"], volume, [info], masks))
 
     # ------------------------------------------------------------------------------ teach
     def teach(self, labels: np.ndarray, classes: dict[str, int], save_to: str | Path, *,
-              prompt_network: str = "classmap", epochs: int = 40, train_slices: str | None = None,
-              val_slices: str | None = "0::3", lr: float | None = None, decoder_lr: float = 1e-5,
-              use_now: bool = True, name: str = "taught-in-session",
+              prompt_network: str = DEFAULT_PROMPT_NETWORK, epochs: int = TEACH_EPOCHS,
+              train_slices: str | None = None, val_slices: str | None = TEACH_VAL_SLICES, lr: float | None = None,
+              decoder_lr: float = TEACH_DECODER_LR, use_now: bool = True, name: str = TEACH_NAME,
               cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
         """As :meth:`Engine.teach`: trained on the worker, the bundle downloaded to ``save_to``."""
         from .bundle import check_bundle_destination

@@ -11,10 +11,17 @@ is ``k`` (``volume.array[k]``); points are ``(i, j)`` (column, row) on that slic
 arrays ``(J, I)`` per slice or ``(K, J, I)`` per volume ("KJI", slices, rows, columns) on the volume's
 own grid, so they carry its geometry (any direction, flipped or oblique) unchanged; physical
 positions (LPS millimetres) live in the :class:`~automedsam.volume.Volume`, never in these calls.
+The same volume stored in another voxel order gives the same masks (the engine shows the model
+one slice orientation, see :mod:`automedsam.orientation`).
 
-Long work (``segment``, ``propagate``, ``teach``) is a generator of events. A run stores its result
-only when it completes: a consumer that stops iterating, or a ``cancel`` event that is set, changes
-nothing. Numpy only: importing this never imports torch.
+The caller owns the masks: an engine returns them and takes them back as arguments (``refine``'s
+``mask``, ``propagate``'s ``seed``); it holds no copy of its own, so nothing is lost when a worker
+restarts, and an edit made elsewhere (Slicer's Segment Editor, an undo) is what the next call
+starts from. Undo is the caller's (Slicer's history, :class:`automedsam.annotation.Annotation`).
+
+Long work (``segment``, ``propagate``, ``teach``) is a generator of events; the result comes on the
+last event of a completed run: a consumer that stops iterating, or a ``cancel`` event that is set,
+gets none. Numpy only: importing this never imports torch.
 """
 
 from __future__ import annotations
@@ -35,18 +42,27 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+#: Teaching defaults, stated once for the engine, the remote client, the wire protocol, the
+#: training configuration, the CLI and the Slicer Logic.
+DEFAULT_PROMPT_NETWORK = "classmap"
+TEACH_EPOCHS = 40
+TEACH_VAL_SLICES = "0::3"
+TEACH_DECODER_LR = 1e-5
+TEACH_NAME = "taught-in-session"
+
+
 class CancelledError(AutoMedSAMError):
     """A run was cancelled before it finished; nothing was changed."""
 
 
 @dataclass
 class SegmentationResult:
-    """Masks of one ``segment`` run.
+    """Masks of one ``segment`` (or ``propagate``) run.
 
     Attributes:
-        masks: class name -> ``(K, J, I)`` bool mask on the volume's grid.
+        masks: class name -> ``(K, J, I)`` bool mask on the volume's grid (False outside ``slices``).
         classes: the classes, in the order asked for.
-        slices: the slice indices k that were segmented.
+        slices: the slice indices k that were segmented (or propagated to).
         present_slices: class name -> slice indices where the class was predicted present.
         seconds: wall time of the run.
     """
@@ -103,7 +119,7 @@ class ProgressEvent:
         done, total: progress in slices.
         message: human-readable status (e.g. a CPU fall-back after CUDA out-of-memory).
         partial: class name -> voxels so far (``segment``) or the slice just written (``propagate``).
-        result: on the ``"done"`` event of ``segment``, the :class:`SegmentationResult`.
+        result: on the ``"done"`` event of ``segment`` and ``propagate``, the :class:`SegmentationResult`.
     """
 
     stage: str
@@ -181,12 +197,12 @@ class SegmentationEngine(Protocol):
         """The volume; raises InvalidInputError when none was set."""
 
     def set_volume(self, volume: Volume) -> None:
-        """Take a volume (any geometry); drops the masks and history of the previous one."""
+        """Take a volume (any geometry, any voxel order)."""
 
     def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
                 cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
         """Automatic masks of ``classes`` on ``slices`` k (default all). The "done" event carries the
-        :class:`SegmentationResult`; slices outside ``slices`` keep their masks. ``cleanup``:
+        :class:`SegmentationResult`, whose masks are False outside ``slices``. ``cleanup``:
         ``"largest_component"`` or ``"none"`` (default: the engine's configuration)."""
 
     def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None, *,
@@ -194,35 +210,25 @@ class SegmentationEngine(Protocol):
         """:meth:`segment` run to its end; raises :class:`CancelledError` when cancelled."""
 
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None, reset: bool = False) -> np.ndarray:
+               mode: str | None = None, reset: bool = False, mask=None) -> np.ndarray:
         """Correct slice k of a class with ``points`` ``(N, 2)`` (i, j) and ``point_labels`` ``(N,)``
-        (1 include, 0 exclude) and/or a ``box`` (i0, j0, i1, j1); returns the new ``(J, I)`` bool mask.
-        ``mode``: ``"semi"`` (the model's learned prompts plus these) or ``"manual"``; ``reset``
-        forgets the prompts placed earlier on this slice."""
+        (1 include, 0 exclude) and/or a ``box`` (i0, j0, i1, j1); ``mask`` is the slice's ``(J, I)``
+        bool mask as the caller has it now (None: none yet). Returns the new ``(J, I)`` bool mask.
+        ``mode``: ``"semi"`` (the model's learned prompts plus these) or ``"manual"``. Clicks build
+        on the prompts placed before on the slice while ``mask`` is what the engine last returned
+        there; ``reset`` (or any other ``mask``) starts a new interaction."""
 
-    def undo(self, class_name: str) -> list[int] | None:
-        """Undo the class's last change; the slices k it touched, or None if there was nothing."""
-
-    def can_undo(self, class_name: str) -> bool:
-        """Whether :meth:`undo` has something to undo for the class."""
-
-    def masks_of(self, class_name: str) -> np.ndarray:
-        """A copy of the class's ``(K, J, I)`` bool masks (all False where it has none)."""
-
-    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
-        """Replace the class's ``(K, J, I)`` masks with edits made elsewhere (e.g. Slicer's Segment
-        Editor), so refine and propagate start from what the user sees. Not an undo step."""
-
-    def propagate(self, class_name: str, from_slice: int, direction: str = "both", max_slices: int | None = None,
-                  cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
-        """Carry slice ``from_slice``'s mask to its neighbours (``"forward"``: increasing k,
-        ``"backward"`` or ``"both"``) until the object ends. The "done" event's ``partial["slices"]``
-        lists the slices written (one undo step)."""
+    def propagate(self, class_name: str, from_slice: int, seed, direction: str = "both",
+                  max_slices: int | None = None, cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
+        """Carry ``seed`` (the class's ``(J, I)`` mask on ``from_slice`` as the caller has it, or its
+        ``(K, J, I)`` masks) to the neighbouring slices (``"forward"``: increasing k, ``"backward"``
+        or ``"both"``) until the object ends. The "done" event's ``result`` holds the class's masks
+        on the slices written (``result.slices``, also ``partial["slices"]``)."""
 
     def teach(self, labels: np.ndarray, classes: dict[str, int], save_to: str | Path, *,
-              prompt_network: str = "classmap", epochs: int = 40, train_slices: str | None = None,
-              val_slices: str | None = "0::3", lr: float | None = None, decoder_lr: float = 1e-5,
-              use_now: bool = True, name: str = "taught-in-session",
+              prompt_network: str = DEFAULT_PROMPT_NETWORK, epochs: int = TEACH_EPOCHS,
+              train_slices: str | None = None, val_slices: str | None = TEACH_VAL_SLICES, lr: float | None = None,
+              decoder_lr: float = TEACH_DECODER_LR, use_now: bool = True, name: str = TEACH_NAME,
               cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
         """Teach ``classes`` (name -> label value) from ``labels`` (``(K, J, I)`` label values on the
         volume's grid) by training a prompt network on this engine's backbone. The bundle (called

@@ -4,23 +4,34 @@ Coordinates in every public call are voxel indices of the volume set with :meth:
 ``slice_index`` is ``k`` (``volume.array[k]``), points are ``(i, j)`` (column, row) on that slice,
 boxes are ``(i0, j0, i1, j1)`` indices of their extreme voxels (inclusive). Masks are boolean
 arrays ``(J, I)`` per slice or ``(K, J, I)`` per volume, on the volume's own grid, so they carry the
-volume's geometry (any direction, flipped or oblique) unchanged. The engine maps to and from model
-pixels with :class:`~automedsam.preprocess.SliceTransform`.
+volume's geometry (any direction, flipped or oblique) unchanged.
+
+The caller owns the masks: ``segment`` and ``propagate`` return them, ``refine`` takes the slice's
+current mask and returns the new one. The engine keeps only what is a function of the volume and
+the model (embeddings, learned prompts) and, between clicks on one slice, the interaction that
+produced the mask it last returned there, dropped as soon as the caller's mask differs from it.
+Undo is the caller's too (Slicer's history; :class:`automedsam.annotation.Annotation` in Python).
+
+Inside, the model sees every volume in one slice orientation (:mod:`automedsam.orientation`: the
+nearest axial LPS order), whatever order the file stored the voxels in; masks are mapped back onto
+the caller's grid exactly (axis permutations and flips only). A volume whose k-slices are not
+axial (stored sagittally or coronally) is segmented in axial slices; refine and propagate on its
+own k-slices then run on those slices as stored.
 
 Long work (``segment``, ``propagate``, ``teach``) is a generator of events; the last event of a
-completed run carries the result. Results are stored only when a run completes, so a cancelled run
-(consumer stops iterating, or ``cancel`` is set) changes nothing. Changes to a class's masks can be
-undone with :meth:`Engine.undo` (the last ``EngineConfig.undo_steps`` of them).
+completed run carries the result. A consumer that stops iterating, or a ``cancel`` that is set,
+gets no result.
 
 The engine is a facade (:class:`automedsam.contract.SegmentationEngine`) over parts with one job
 each: :class:`~automedsam.embeddings.EmbeddingStore` (slice embeddings: memory, disk, batches,
 out-of-memory fall-back), :class:`~automedsam.automatic.LearnedPrompts` (the prompt network's
 prompts and memoised automatic results), :class:`~automedsam.refinement.Refiner` (interactive
-correction), :class:`~automedsam.history.UndoStack` (undo) and :mod:`automedsam.propagation`.
+correction) and :mod:`automedsam.propagation`, one set of them per :class:`SliceView`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -33,11 +44,21 @@ import numpy as np
 
 from .automatic import LearnedPrompts
 from .classes import ClassCatalog, ClassInfo, resolve_class
-from .contract import ProgressEvent, SegmentationResult, TrainEvent, result_of
+from .contract import (
+    DEFAULT_PROMPT_NETWORK,
+    TEACH_DECODER_LR,
+    TEACH_EPOCHS,
+    TEACH_NAME,
+    TEACH_VAL_SLICES,
+    ProgressEvent,
+    SegmentationResult,
+    TrainEvent,
+    result_of,
+)
 from .embeddings import EmbeddingStore
 from .errors import InvalidInputError
-from .history import PackedMask, UndoStack
-from .preprocess import IntensityConfig, SliceTransform
+from .orientation import CANONICAL, Reorientation
+from .preprocess import IntensityConfig, SliceTransform, check_slice_points
 from .refinement import Refiner
 from .volume import Volume
 
@@ -46,7 +67,6 @@ if TYPE_CHECKING:
 
     from .backbones import Backbone, ImageFeatures
     from .bundle import ModelBundle
-    from .propagation import SliceSource
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +92,6 @@ class EngineConfig:
         propagation: ``"memory"`` (SAM 2 only), ``"seeded"`` (previous mask as box + mask
             prompt), ``"learned"`` (one-shot class map from the seed slice) or ``"auto"`` (see
             :func:`automedsam.propagation.propagation_method`).
-        undo_steps: changes kept for :meth:`Engine.undo`, over all classes (oldest dropped first).
     """
 
     batch_size: int | None = None
@@ -85,7 +104,6 @@ class EngineConfig:
     result_cache_mb: int = 256
     stop_fraction: float = 0.15
     propagation: str = "auto"
-    undo_steps: int = 30
 
     def __post_init__(self) -> None:
         if self.propagation not in ("auto", "memory", "seeded", "learned"):
@@ -94,13 +112,20 @@ class EngineConfig:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.cleanup not in ("largest_component", "none"):
             raise InvalidInputError(f"cleanup must be 'largest_component' or 'none', got {self.cleanup!r}")
-        if self.undo_steps < 1:
-            raise InvalidInputError(f"undo_steps must be >= 1, got {self.undo_steps}")
 
 
-#: One undo step of one class: (slice k, its mask before) pairs; k None: the whole ``(K, J, I)``
-#: masks before (None: the class had none).
-UndoGroup = list[tuple[int | None, PackedMask | None]]
+@dataclass(frozen=True)
+class SliceView:
+    """The volume as the model sees it in one slice orientation, with the parts that work on it.
+
+    ``orientation`` maps the caller's ``(K, J, I)`` grid onto the view's (``store.volume``); the
+    store, learned prompts and refiner work in the view's indices only.
+    """
+
+    orientation: Reorientation
+    store: EmbeddingStore
+    learned: LearnedPrompts
+    refiner: Refiner
 
 
 class Engine:
@@ -114,21 +139,40 @@ class Engine:
     def __init__(self, backbone: Backbone, bundle: ModelBundle | None = None, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
         self.messages: list[str] = []
-        self.history: UndoStack[UndoGroup] = UndoStack(self.config.undo_steps)
-        self.masks: dict[str, np.ndarray] = {}
         self._load(backbone, bundle)
 
     def _load(self, backbone: Backbone, bundle: ModelBundle | None) -> None:
         """The parts on ``backbone``, with ``bundle``'s prompt network when there is one."""
         self.backbone, self.bundle = backbone, bundle
-        self.store = EmbeddingStore(backbone, self.config.batch_size, self.config.cache_dir,
-                                    note=self.messages.append, on_cpu_fallback=self._after_cpu_fallback)
-        self.learned = LearnedPrompts(self.store, self.config.prompt_cache_size, self.config.result_cache_mb << 20)
-        self.refiner = Refiner(self.store, self.learned, self.config.mask_threshold)
+        #: How the model's slices are oriented: canonical, except for bundles taught before
+        #: orientation was recorded (they were taught on slices in their files' stored order).
+        self.slice_orientation = bundle.slice_orientation if bundle is not None else CANONICAL
+        self._source: Volume | None = None
+        self._views: dict[str, SliceView] = {}
+        self._network, self._network_classes = None, []
+        self.view = self._new_view(Reorientation.identity((1, 1, 1)))
         self._extra_classes: dict[str, ClassInfo] = {}
         if bundle is not None:
             bundle.check_backbone(backbone)
             self.use_prompt_network(bundle.build_prompt_network(backbone.device), bundle.classes)
+
+    def _new_view(self, orientation: Reorientation) -> SliceView:
+        c = self.config
+        store = EmbeddingStore(self.backbone, c.batch_size, c.cache_dir, note=self.messages.append,
+                               on_cpu_fallback=self._after_cpu_fallback)
+        learned = LearnedPrompts(store, c.prompt_cache_size, c.result_cache_mb << 20)
+        if self._network is not None:
+            learned.use(self._network, self._network_classes)
+        return SliceView(orientation, store, learned, Refiner(store, learned, c.mask_threshold))
+
+    @property
+    def store(self) -> EmbeddingStore:
+        """The main view's embeddings (slices in the model's orientation)."""
+        return self.view.store
+
+    @property
+    def learned(self) -> LearnedPrompts:
+        return self.view.learned
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike | ModelBundle, device: str = "auto",
@@ -153,15 +197,15 @@ class Engine:
         return cls(build_backbone(backbone_id or DEFAULT_BACKBONE, weights=weights, device=device), None, config)
 
     def sibling(self) -> Engine:
-        """A new engine on the same loaded model (backbone and bundle shared; no volume, masks or
-        history): one per worker session, while the model stays loaded once."""
+        """A new engine on the same loaded model (backbone and bundle shared; no volume): one per
+        worker session, while the model stays loaded once."""
         return type(self)(self.backbone, self.bundle, self.config)
 
     # ------------------------------------------------------------------- prompt network
     @property
     def prompt_network(self):
         """The bundle's prompt network (a torch module), or None in manual mode."""
-        return self.learned.network
+        return self._network
 
     @property
     def class_catalog(self) -> ClassCatalog:
@@ -170,56 +214,101 @@ class Engine:
     def use_prompt_network(self, network, classes: Sequence[ClassInfo]) -> None:
         """Use a prompt network whose class indices follow ``classes`` (a bundle's, or one being
         trained); forgets its learned prompts and memoised results."""
-        self.learned.use(network, classes)
+        self._network, self._network_classes = network, list(classes)
+        for view in self._all_views():
+            view.learned.use(network, classes)
 
     def clear_result_cache(self) -> None:
         """Forget memoised automatic results (call after changing prompt network or decoder weights)."""
-        self.learned.clear()
+        for view in self._all_views():
+            view.learned.clear()
+
+    def _all_views(self) -> list[SliceView]:
+        return [self.view, *self._views.values()]
 
     def _after_cpu_fallback(self) -> None:
-        if self.learned.network is not None:
-            self.learned.network.to("cpu")
-        self.learned.clear()
+        if self._network is not None:
+            self._network.to("cpu")
+        self.clear_result_cache()
 
     # ------------------------------------------------------------------------------ volume
     @property
     def volume(self) -> Volume | None:
-        return self.store.volume
+        """The volume given to :meth:`set_volume`, as given (None before, or after :meth:`close`)."""
+        return self._source
 
     @property
-    def transform(self) -> SliceTransform:
-        """Voxels of a slice <-> the backbone's model input (see :mod:`automedsam.preprocess`)."""
-        return self.store.transform
+    def orientation(self) -> Reorientation:
+        """How the volume's grid maps onto the slices the model sees (see :mod:`automedsam.orientation`)."""
+        return self.view.orientation
 
     def set_volume(self, volume: Volume) -> None:
         """Take a new volume (KJI array, any geometry). Cheap: slices are encoded lazily, on first
-        use, and reused by every class; previous masks and undo history are dropped."""
+        use, and reused by every class."""
         if not isinstance(volume, Volume):
             raise InvalidInputError(f"set_volume needs a Volume, got {type(volume).__name__}")
         intensity = self.config.intensity or (self.bundle.intensity if self.bundle else IntensityConfig.ct())
         if volume.is_rgb and intensity.mode != "rgb":
             intensity = IntensityConfig.rgb()
-        self.store.set_volume(volume, intensity)
-        self.masks = {}
-        self.history.clear()
-        self.learned.clear()
-        self.refiner.clear()
+        shape = volume.array.shape[:3]
+        canonical = self.slice_orientation == CANONICAL and not volume.is_rgb
+        orientation = Reorientation.nearest_axial_lps(volume) if canonical else Reorientation.identity(shape)
+        self.view = dataclasses.replace(self.view, orientation=orientation)
+        self.view.store.set_volume(orientation.volume(volume), intensity)
+        self.view.learned.clear()
+        self.view.refiner.clear()
+        self._views = {}
+        self._source, self._intensity = volume, intensity
 
     def require_volume(self) -> Volume:
         """The volume; raises InvalidInputError when none was set."""
-        return self.store.require_volume()
+        if self._source is None:
+            raise InvalidInputError("no volume set: call set_volume(volume) first")
+        return self._source
+
+    def check_slice(self, k) -> int:
+        """``k`` as an int, or InvalidInputError naming the volume's slice range."""
+        n = self.require_volume().num_slices
+        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
+            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
+        return int(k)
+
+    def slice_view(self, k: int) -> tuple[SliceView, int]:
+        """The view in which the volume's slice k is a model slice, and its index there: the main
+        view when the model's slices are the volume's k-slices (in any order or mirrored), else a
+        view of the slices as stored (made on first use)."""
+        k = self.check_slice(k)
+        if self.view.orientation.keeps_slices:
+            return self.view, self.view.orientation.slice_to_canonical(k)
+        if "stored" not in self._views:
+            view = self._new_view(Reorientation.identity(self.require_volume().array.shape[:3]))
+            view.store.set_volume(self.require_volume(), self._intensity)
+            self._views["stored"] = view
+        return self._views["stored"], k
 
     def model_input(self, k: int) -> np.ndarray:
-        """Slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
-        return self.store.model_input(k)
+        """The volume's slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
+        view, kv = self.slice_view(k)
+        return view.store.model_input(kv)
 
     def encode(self, slices: Sequence[int]) -> int:
-        """Encode ``slices`` now (see :meth:`EmbeddingStore.encode`); how many ran through the encoder."""
-        return self.store.encode(slices)
+        """Encode the volume's ``slices`` now (see :meth:`EmbeddingStore.encode`); how many ran
+        through the encoder."""
+        count = 0
+        for k in slices:
+            view, kv = self.slice_view(k)
+            count += view.store.encode([kv])
+        return count
 
     def features(self, k: int) -> ImageFeatures:
-        """Float32 features of slice k on the backbone's device (batch of 1)."""
-        return self.store.features(k)
+        """Float32 features of the volume's slice k on the backbone's device (batch of 1)."""
+        view, kv = self.slice_view(k)
+        return view.store.features(kv)
+
+    @property
+    def transform(self) -> SliceTransform:
+        """Voxels of a model slice <-> the backbone's model input (see :mod:`automedsam.preprocess`)."""
+        return self.store.transform
 
     # ---------------------------------------------------------------------------- classes
     def class_info(self, name: str) -> ClassInfo:
@@ -238,12 +327,14 @@ class Engine:
     # ---------------------------------------------------------------------------- segment
     def segment(self, classes: Sequence[str], slices: Sequence[int] | None = None, *, cleanup: str | None = None,
                 cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
-        """Automatic masks for ``classes`` on ``slices`` (default: all), as a generator of events.
+        """Automatic masks for ``classes`` on the volume's ``slices`` k (default: all), as a generator
+        of events.
 
         One encoder pass per slice serves every class; per-slice objectness gating; optional 3-D
-        cleanup. The final ``"done"`` event carries the :class:`SegmentationResult`; the masks are
-        then stored (undoable). Slices outside ``slices`` keep the masks they have. Stopping early
-        (or ``cancel.set()``) stores nothing. Bad input is refused when called, before any work.
+        cleanup (judged on the segmented slices). The final ``"done"`` event carries the
+        :class:`SegmentationResult`: ``(K, J, I)`` masks on the volume's grid, False outside
+        ``slices`` (the caller keeps what it has there). Stopping early (or ``cancel.set()``) gives
+        no result. Bad input is refused when called, before any work.
         """
         volume = self.require_volume()
         if self.prompt_network is None:
@@ -252,7 +343,7 @@ class Engine:
         if not classes:
             raise InvalidInputError(f"no classes given; the bundle has: {', '.join(self.class_catalog.names())}")
         infos = [self.class_info(c) for c in classes]
-        ks = list(range(volume.num_slices)) if slices is None else [self.store.check_slice(k) for k in slices]
+        ks = list(range(volume.num_slices)) if slices is None else [self.check_slice(k) for k in slices]
         if not ks:
             raise InvalidInputError("no slices to segment (empty slice range)")
         if cleanup not in (None, "largest_component", "none"):
@@ -262,44 +353,45 @@ class Engine:
     def _segment_events(self, volume: Volume, infos: list[ClassInfo], ks: list[int], cleanup: str,
                         cancel: threading.Event | None) -> Iterator[ProgressEvent]:
         names = [c.name for c in infos]
-        shape = volume.array.shape[:3]
-        # Slices outside ``slices`` keep what the class has now (the user's work); the selected ones
-        # are recomputed from scratch.
-        masks = {n: self.masks[n].copy() if n in self.masks else np.zeros(shape, bool) for n in names}
-        for n in names:
-            masks[n][ks] = False
-        present: dict[str, list[int]] = {n: [] for n in names}
+        orientation, store = self.view.orientation, self.view.store
+        if orientation.keeps_slices:
+            model_ks = sorted(orientation.slice_to_canonical(k) for k in ks)
+        else:  # the volume's k-slices are not the model's: segment every model slice, keep the asked ones
+            model_ks = list(range(orientation.canonical_shape[0]))
+        masks = {n: np.zeros(orientation.canonical_shape, bool) for n in names}
         # Voxel counts for the progress events, kept per slice: summing whole volumes after every
         # slice would cost more than the decoder on a large CT.
-        counts = {n: int(masks[n].sum()) for n in names}
+        counts = dict.fromkeys(names, 0)
         t0 = time.perf_counter()
-        yield ProgressEvent("start", 0, len(ks), f"segmenting {len(names)} class(es) on {len(ks)} slice(s)")
-        batch = self.store.batch_size
-        for start in range(0, len(ks), batch):
+        yield ProgressEvent("start", 0, len(model_ks), f"segmenting {len(names)} class(es) on {len(model_ks)} slice(s)")
+        batch = store.batch_size
+        for start in range(0, len(model_ks), batch):
             if cancel is not None and cancel.is_set():
-                yield ProgressEvent("cancelled", start, len(ks), "cancelled; nothing was changed")
+                yield ProgressEvent("cancelled", start, len(model_ks), "cancelled; nothing was changed")
                 return
-            chunk = ks[start:start + batch]
-            self.store.encode(chunk)
+            chunk = model_ks[start:start + batch]
+            store.encode(chunk)
             for k in chunk:
-                for name, mask in self.learned.slice_masks(k, names, self.config.objectness_threshold,
-                                                           self.config.mask_threshold).items():
+                for name, mask in self.view.learned.slice_masks(k, names, self.config.objectness_threshold,
+                                                                self.config.mask_threshold).items():
                     masks[name][k] = mask
-                    present[name].append(k)
                     counts[name] += int(np.count_nonzero(mask))
-            done = min(start + batch, len(ks))
-            yield ProgressEvent("segment", done, len(ks), partial=dict(counts))
+            done = min(start + batch, len(model_ks))
+            yield ProgressEvent("segment", done, len(model_ks), partial=dict(counts))
         if cleanup == "largest_component":
-            yield ProgressEvent("cleanup", len(ks), len(ks), "keeping the largest 3-D component per class")
-            for n in names:  # judged in 3-D with the kept slices, applied to the segmented ones only
-                masks[n][ks] = largest_component(masks[n])[ks]
-                present[n] = [k for k in present[n] if masks[n][k].any()]
+            yield ProgressEvent("cleanup", len(model_ks), len(model_ks), "keeping the largest 3-D component per class")
+            for n in names:
+                masks[n] = largest_component(masks[n])
+        outside = np.ones(volume.num_slices, bool)
+        outside[ks] = False
+        out, present = {}, {}
         for n in names:
-            before = self.masks.get(n)
-            self.history.push(n, [(None, None if before is None else PackedMask.of(before))])
-            self.masks[n] = masks[n].copy()  # later refines must not change the result handed out
-        result = SegmentationResult(volume, masks, infos, ks, present, time.perf_counter() - t0)
-        yield ProgressEvent("done", len(ks), len(ks), "done", result=result)
+            mask = np.ascontiguousarray(orientation.from_canonical(masks[n]))
+            mask[outside] = False
+            out[n] = mask
+            present[n] = [k for k in ks if mask[k].any()]
+        result = SegmentationResult(volume, out, infos, ks, present, time.perf_counter() - t0)
+        yield ProgressEvent("done", len(model_ks), len(model_ks), "done", result=result)
 
     def segment_volume(self, classes: Sequence[str], slices: Sequence[int] | None = None, *,
                        cleanup: str | None = None, cancel: threading.Event | None = None) -> SegmentationResult:
@@ -308,7 +400,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- refine
     def refine(self, class_name: str, slice_index: int, points=None, point_labels=None, box=None,
-               mode: str | None = None, reset: bool = False) -> np.ndarray:
+               mode: str | None = None, reset: bool = False, mask=None) -> np.ndarray:
         """Correct one slice's mask with manual prompts; returns the new ``(J, I)`` bool mask.
 
         Args:
@@ -321,149 +413,115 @@ class Engine:
                 semi-autonomous mode) or ``"manual"`` (manual prompts only, like plain SAM);
                 default: semi with a bundle, manual without.
             reset: forget the earlier prompts of this (class, slice) and start over.
+            mask: the slice's mask as the caller has it now, ``(J, I)`` bool (None: no mask yet).
 
         Interactive, as SAM's own loop (see :mod:`automedsam.refinement`): a refine builds on
-        what was placed before on the slice as long as the slice still holds the mask that refine
-        wrote; an edit made elsewhere (segment, undo, propagate, ``set_masks``) starts a new
-        interaction. Points placed before are not added twice when a caller re-sends them all, as
-        Slicer's markups do. Decoder-only on the cached embedding. One undo step.
+        what was placed before on the slice as long as ``mask`` is the mask this engine last
+        returned there; any other mask (the user edited it, undid a step, segmented again) starts
+        a new interaction from that mask. Points placed before are not added twice when a caller
+        re-sends them all, as Slicer's markups do. Decoder-only on the cached embedding.
         """
-        k = self.store.check_slice(slice_index)
+        k = self.check_slice(slice_index)
         mode = mode or ("semi" if self.prompt_network is not None else "manual")
         if mode not in ("semi", "manual"):
             raise InvalidInputError(f"mode must be 'semi' or 'manual', got {mode!r}")
         if mode == "semi" and self.prompt_network is None:
             raise InvalidInputError("semi-automatic refine needs a model bundle; use mode='manual'")
         name = self.class_info(class_name).name
-        current = self.masks[name][k] if name in self.masks else None
-        mask = self.refiner.refine(name, k, current, points, point_labels, box, mode, reset)
-        self._set_slices(name, {k: mask})
-        return mask
-
-    # ------------------------------------------------------------------------------- undo
-    def _set_slices(self, name: str, new: dict[int, np.ndarray]) -> None:
-        """Write slice masks for a class as one undoable step."""
-        volume = self.require_volume()
-        current = self.masks.get(name)
-        if current is None:
-            current = self.masks[name] = np.zeros(volume.array.shape[:3], bool)
-        self.history.push(name, [(k, PackedMask.of(current[k])) for k in new])
-        for k, m in new.items():
-            current[k] = m
-
-    def undo(self, class_name: str) -> list[int] | None:
-        """Undo the last change to a class (a refine, a propagation or a whole segmentation).
-
-        Returns the slice indices that changed (all slices for a segmentation), or None when there
-        is nothing to undo.
-        """
-        name = self.class_info(class_name).name
-        group = self.history.pop(name)
-        if group is None:
-            return None
-        changed: list[int] = []
-        for k, old in reversed(group):
-            if k is None:  # a whole-volume result replaced `old`
-                if old is None:
-                    self.masks.pop(name, None)
-                else:
-                    self.masks[name] = old.unpack()
-                changed = list(range(self.require_volume().num_slices))
-            else:
-                self.masks[name][k] = old.unpack()
-                changed.append(k)
-        return sorted(set(changed))
-
-    def can_undo(self, class_name: str) -> bool:
-        return self.history.can_undo(self.class_info(class_name).name)
-
-    def masks_of(self, class_name: str) -> np.ndarray:
-        """A copy of the class's ``(K, J, I)`` bool masks (all False where it has none)."""
-        volume = self.require_volume()
-        masks = self.masks.get(self.class_info(class_name).name)
-        return masks.copy() if masks is not None else np.zeros(volume.array.shape[:3], bool)
-
-    def set_masks(self, class_name: str, masks: np.ndarray) -> None:
-        """Replace a class's ``(K, J, I)`` bool masks with edits made elsewhere (e.g. in Slicer's
-        Segment Editor), so propagation starts from what the user sees. Not an undo step: the
-        caller owns the history of its copy."""
-        volume = self.require_volume()
-        masks = np.asarray(masks)
-        if masks.shape != volume.array.shape[:3]:
-            raise InvalidInputError(f"masks {masks.shape} are not on the volume grid {volume.array.shape[:3]}")
-        self.masks[self.class_info(class_name).name] = masks.astype(bool, copy=True)
+        shape = self.require_volume().array.shape[1:3]
+        current = None if mask is None else _slice_mask(mask, shape, "mask")
+        view, kv = self.slice_view(k)
+        o = view.orientation
+        points = None if points is None or not len(points) else o.points_to_canonical(k, _points(points, shape))
+        box = None if box is None else o.box_to_canonical(k, _box(box, shape))
+        current = None if current is None else o.plane_to_canonical(current)
+        new = view.refiner.refine(name, kv, current, points, point_labels, box, mode, reset)
+        return np.ascontiguousarray(o.plane_from_canonical(new))
 
     # -------------------------------------------------------------------------- propagate
-    def propagate(self, class_name: str, from_slice: int, direction: str = "both",
+    def propagate(self, class_name: str, from_slice: int, seed, direction: str = "both",
                   max_slices: int | None = None, cancel: threading.Event | None = None) -> Iterator[ProgressEvent]:
-        """Carry the mask of ``from_slice`` to its neighbours until the object ends.
+        """Carry ``seed``, the class's mask on slice ``from_slice`` as the caller has it now
+        (``(J, I)``, or the class's ``(K, J, I)`` masks), to the neighbouring slices until the object
+        ends.
 
         SAM 2 backbones use their memory (the video predictor over slices); SAM backbones seed
         each next slice with the previous mask (box + mask prompt, plus the learned tokens when a
         bundle is loaded); box-only backbones (LiteMedSAM) teach a one-class class map from the
         seed slice in seconds and prompt the next slices with it. ``direction``: ``"forward"``
-        (increasing k), ``"backward"`` or ``"both"``. All slices written form one undo step.
-        Events carry the slice just written. Bad input is refused when called, before any work.
+        (increasing k), ``"backward"`` or ``"both"``. Events carry the slice just written; the
+        "done" event's ``result`` holds the class's ``(K, J, I)`` masks on the slices written
+        (``result.slices``, also ``partial["slices"]``), False elsewhere. Bad input is refused when
+        called, before any work.
         """
-        k0 = self.store.check_slice(from_slice)
+        k0 = self.check_slice(from_slice)
         if direction not in ("forward", "backward", "both"):
             raise InvalidInputError(f"direction must be forward, backward or both, got {direction!r}")
         if max_slices is not None and max_slices < 1:
             raise InvalidInputError(f"max_slices must be at least 1, got {max_slices}")
-        name = self.class_info(class_name).name
-        seed = self.masks.get(name)
-        if seed is None or not seed[k0].any():
-            raise InvalidInputError(f"slice {k0} has no mask for {name!r} to propagate; segment or refine it first")
-        return self._propagate_events(name, k0, direction, max_slices, cancel)
-
-    def slice_source(self, class_name: str, from_slice: int) -> SliceSource:
-        """What propagation of a class from slice ``from_slice`` reads (see :mod:`automedsam.propagation`)."""
-        from .propagation import SliceSource
-
         info = self.class_info(class_name)
+        volume = self.require_volume()
+        seed = np.asarray(seed)
+        if seed.ndim == 3:
+            if seed.shape != volume.array.shape[:3]:
+                raise InvalidInputError(f"seed masks {seed.shape} are not on the volume grid {volume.array.shape[:3]}")
+            seed = seed[k0]
+        seed = _slice_mask(seed, volume.array.shape[1:3], "seed")
+        if not seed.any():
+            raise InvalidInputError(f"slice {k0} has no mask for {info.name!r} to propagate; segment or refine it "
+                                    "first")
+        return self._propagate_events(info, k0, seed, direction, max_slices, cancel)
+
+    def _propagate_events(self, info: ClassInfo, k0: int, seed: np.ndarray, direction: str, max_slices: int | None,
+                          cancel: threading.Event | None) -> Iterator[ProgressEvent]:
+        from .propagation import SliceSource, propagate_slices
+
+        volume = self.require_volume()
+        view, kv = self.slice_view(k0)
+        o, store, c = view.orientation, view.store, self.config
+        n = store.require_volume().num_slices
+        limit = max_slices if max_slices is not None else n
+        steps = [+1, -1] if direction == "both" else ([+1] if direction == "forward" else [-1])
+        if view is self.view and o.flips[0]:  # the model's k runs against the volume's
+            steps = [-s for s in steps]
+        total = sum(min(limit, (n - 1 - kv) if s > 0 else kv) for s in steps)
         learned = None
         if self.prompt_network is not None:
             def learned(k, feats, name=info.name):
-                return self.learned.prompts(name, k, feats)
-        c = self.config
-        return SliceSource(self.backbone, self.transform, self.require_volume().num_slices, self.store.model_input,
-                           self.store.features, learned, self.masks_of(info.name)[from_slice],
-                           info.type_modifier is not None, c.propagation, c.mask_threshold, c.objectness_threshold,
-                           c.stop_fraction)
-
-    def _propagate_events(self, name: str, k0: int, direction: str, max_slices: int | None,
-                          cancel: threading.Event | None) -> Iterator[ProgressEvent]:
-        from .propagation import propagate_slices
-
-        n = self.require_volume().num_slices
-        limit = max_slices if max_slices is not None else n
-        steps = [+1, -1] if direction == "both" else ([+1] if direction == "forward" else [-1])
-        total = sum(min(limit, (n - 1 - k0) if s > 0 else k0) for s in steps)
-        written: dict[int, np.ndarray] = {}
-        yield ProgressEvent("start", 0, total, f"propagating {name} from slice {k0}")
-        for k, mask in propagate_slices(self.slice_source(name, k0), k0, steps, limit):
+                return view.learned.prompts(name, k, feats)
+        source = SliceSource(self.backbone, store.transform, n, store.model_input, store.features, learned,
+                             o.plane_to_canonical(seed), info.type_modifier is not None, c.propagation,
+                             c.mask_threshold, c.objectness_threshold, c.stop_fraction)
+        t0 = time.perf_counter()
+        masks = np.zeros(volume.array.shape[:3], bool)
+        written: list[int] = []
+        yield ProgressEvent("start", 0, total, f"propagating {info.name} from slice {k0}")
+        for k, mask in propagate_slices(source, kv, steps, limit):
             if cancel is not None and cancel.is_set():
                 yield ProgressEvent("cancelled", len(written), total, "cancelled; nothing was changed")
                 return
-            written[k] = mask
-            yield ProgressEvent("propagate", len(written), total, partial={"slice": k, "voxels": int(mask.sum())})
-        if written:
-            self._set_slices(name, written)
-        yield ProgressEvent("done", len(written), max(total, len(written)),
-                            f"propagated to {len(written)} slice(s)", partial={"slices": sorted(written)})
+            k_out = o.slice_from_canonical(k)
+            masks[k_out] = o.plane_from_canonical(mask)
+            written.append(k_out)
+            yield ProgressEvent("propagate", len(written), total, partial={"slice": k_out, "voxels": int(mask.sum())})
+        written.sort()
+        result = SegmentationResult(volume, {info.name: masks}, [info], written,
+                                    {info.name: [k for k in written if masks[k].any()]}, time.perf_counter() - t0)
+        yield ProgressEvent("done", len(written), max(total, len(written)), f"propagated to {len(written)} slice(s)",
+                            partial={"slices": written}, result=result)
 
     # ------------------------------------------------------------------------------ teach
     def teach(self, labels: np.ndarray, classes: dict[str, int], save_to: str | Path, *,
-              prompt_network: str = "classmap", epochs: int = 40, train_slices: str | None = None,
-              val_slices: str | None = "0::3", lr: float | None = None, decoder_lr: float = 1e-5,
-              use_now: bool = True, name: str = "taught-in-session",
+              prompt_network: str = DEFAULT_PROMPT_NETWORK, epochs: int = TEACH_EPOCHS,
+              train_slices: str | None = None, val_slices: str | None = TEACH_VAL_SLICES, lr: float | None = None,
+              decoder_lr: float = TEACH_DECODER_LR, use_now: bool = True, name: str = TEACH_NAME,
               cancel: threading.Event | None = None) -> Iterator[TrainEvent]:
         """Teach ``classes`` (name -> label value) from ``labels`` (``(K, J, I)`` label values on the
         volume's grid): train a prompt network of kind ``prompt_network`` on this engine's backbone
-        (see :func:`automedsam.training.teach.teach_config`). The bundle is saved to ``save_to`` (a
-        rescue folder if that fails); the "done" event's ``bundle_path`` says where. With
-        ``use_now`` this engine segments with the new bundle from then on (volume and masks kept).
-        Bad input is refused when called, before any work."""
+        (see :func:`automedsam.training.teach.teach_config`). ``train_slices`` / ``val_slices``
+        select the volume's k-slices. The bundle is saved to ``save_to`` (a rescue folder if that
+        fails); the "done" event's ``bundle_path`` says where. With ``use_now`` this engine
+        segments with the new bundle from then on. Bad input is refused when called, before any work."""
         from .bundle import check_bundle_destination
         from .classes import check_classes_present
         from .training.teach import teach_config
@@ -472,6 +530,11 @@ class Engine:
         labels = np.asarray(labels)
         if labels.shape != volume.array.shape[:3]:
             raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
+        if train_slices and not self.orientation.keeps_slices:
+            raise InvalidInputError(
+                f"volume {volume.name!r} is stored in sagittal or coronal k-slices, but the model learns from axial "
+                "slices: slices drawn on its k-slices cannot be told apart from unlabelled ones there. Teach from "
+                "whole axial slices (train_slices=None) or from a volume stored axially")
         config = teach_config(self, classes, prompt_network=prompt_network, epochs=epochs, train_slices=train_slices,
                               val_slices=val_slices, lr=lr, decoder_lr=decoder_lr, name=name)
         check_classes_present(config.classes, [labels], "the label map")
@@ -479,8 +542,6 @@ class Engine:
         return self._teach_events(labels, config, Path(save_to), use_now, cancel)
 
     def _teach_events(self, labels, config, save_to: Path, use_now: bool, cancel) -> Iterator[TrainEvent]:
-        import dataclasses
-
         from .rescue import save_or_rescue
         from .training.teach import teach
 
@@ -494,14 +555,13 @@ class Engine:
 
     def use_bundle(self, bundle: ModelBundle) -> None:
         """Segment with ``bundle`` from now on (one taught on this engine's backbone), keeping the
-        volume and the masks; the undo history and cached embeddings start over."""
+        volume; cached embeddings start over."""
         from .bundle import backbone_for_bundle
 
-        volume, masks = self.volume, self.masks
+        volume = self.volume
         self._load(backbone_for_bundle(bundle, str(self.backbone.device)), bundle)
         if volume is not None:
             self.set_volume(volume)
-            self.masks = masks
 
     # ---------------------------------------------------------------------- results, device
     def device_info(self) -> dict:
@@ -511,22 +571,43 @@ class Engine:
         return {"device": str(self.backbone.device), "gpu": gpu_info(self.backbone.device)}
 
     def close(self) -> None:
-        """Drop the volume, masks and cached embeddings (the model stays loaded)."""
-        self.store.clear()
-        self.masks = {}
-        self.history.clear()
-        self.learned.clear()
-        self.refiner.clear()
+        """Drop the volume and cached embeddings (the model stays loaded)."""
+        for view in self._all_views():
+            view.store.clear()
+            view.learned.clear()
+            view.refiner.clear()
+        self._views = {}
+        self._source = None
 
-    def current_result(self, classes: Sequence[str] | None = None) -> SegmentationResult:
-        """The engine's current masks (after segment, refine, propagate and undo) as a result."""
-        volume = self.require_volume()
-        names = list(classes) if classes is not None else list(self.masks)
-        infos = [self.class_info(n) for n in names]
-        empty = np.zeros(volume.array.shape[:3], bool)
-        masks = {i.name: self.masks.get(i.name, empty) for i in infos}
-        present = {n: [int(k) for k in np.nonzero(m.any(axis=(1, 2)))[0]] for n, m in masks.items()}
-        return SegmentationResult(volume, masks, infos, list(range(volume.num_slices)), present, 0.0)
+
+def _slice_mask(mask, shape: tuple[int, int], what: str) -> np.ndarray:
+    """A caller's ``(J, I)`` slice mask as bool, or InvalidInputError naming the expected shape."""
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise InvalidInputError(f"{what} of shape {mask.shape} is not a slice of the volume: expected (J, I) = {shape}")
+    return mask.astype(bool, copy=False)
+
+
+def _points(points, shape: tuple[int, int]) -> np.ndarray:
+    """Points ``(N, 2)`` (i, j) checked against a ``(J, I)`` slice."""
+    p = np.asarray(points, dtype=float)
+    if p.ndim == 1 and p.size == 2:
+        p = p[None]
+    if p.ndim != 2 or p.shape[1] != 2:
+        raise InvalidInputError(f"points must be (i, j) pairs, got an array of shape {p.shape}")
+    check_slice_points(p, shape, "point")
+    return p
+
+
+def _box(box, shape: tuple[int, int]) -> np.ndarray:
+    """A box ``(i0, j0, i1, j1)`` checked against a ``(J, I)`` slice."""
+    b = np.asarray(box, dtype=float).reshape(-1)
+    if b.shape != (4,):
+        raise InvalidInputError(f"box must be (i0, j0, i1, j1), got {box}")
+    check_slice_points(b.reshape(2, 2), shape, "box corner")
+    if b[0] > b[2] or b[1] > b[3]:
+        raise InvalidInputError(f"box must be (i0, j0, i1, j1) with i0 <= i1 and j0 <= j1, got {box}")
+    return b
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Undo: one bounded stack of steps, each filed under a key, used by the engine (per class name),
-the worker (through its engines) and the Slicer layer (per segmentation node) alike; masks kept for
-undo are bit-packed.
+"""Undo: one bounded stack of steps, each filed under a key, used by the Python API's
+:class:`~automedsam.annotation.Annotation` (per class name) and the Slicer layer (per segmentation
+node) alike; masks kept for undo are bit-packed.
 """
 
 from __future__ import annotations

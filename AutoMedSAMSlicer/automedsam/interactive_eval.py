@@ -104,7 +104,7 @@ def simulate_slice(engine, name: str, k: int, ref: np.ndarray, protocol: ClickPr
         if click is not None:
             (i, j), label = click
             t = time.perf_counter()
-            mask = engine.refine(name, k, points=[(i, j)], point_labels=[label], mode=mode)
+            mask = engine.refine(name, k, points=[(i, j)], point_labels=[label], mode=mode, mask=mask)
             times.append((time.perf_counter() - t) * 1000.0)
         masks.append(mask)
     return {"masks": masks, "ms": times}
@@ -176,14 +176,14 @@ def evaluate_propagation(engine, labels: np.ndarray, classes: dict[str, int]) ->
                          "a single slice: nothing to propagate to"}
             continue
         k0 = int(ks[len(ks) // 2])
-        seed = np.zeros(ref.shape, bool)
-        seed[k0] = ref[k0]
-        engine.set_masks(name, seed)
         t = time.perf_counter()
-        for event in engine.propagate(name, k0, "both"):
+        result = None
+        for event in engine.propagate(name, k0, ref[k0], "both"):
             if event.stage == "cancelled":
                 raise CancelledError(event.message)
-        pred = engine.masks[engine.class_info(name).name]
+            result = event.result or result
+        pred = result.masks[engine.class_info(name).name].copy()
+        pred[k0] = ref[k0]  # the seed slice stays as the user drew it
         out[name] = {"dsc": round(dice(pred, ref), 4), "from_slice": k0,
                      "slices_predicted": int(pred.any(axis=(1, 2)).sum()), "slices_reference": len(ks),
                      "seconds": round(time.perf_counter() - t, 2)}

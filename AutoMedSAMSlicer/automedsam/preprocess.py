@@ -199,15 +199,7 @@ class SliceTransform:
 
     def check_points(self, points_ij: np.ndarray, what: str = "point") -> None:
         """Raise :class:`InvalidInputError` if any (i, j) is NaN/infinite or lies outside the slice."""
-        pts = np.asarray(points_ij, dtype=np.float64).reshape(-1, 2)
-        if not np.all(np.isfinite(pts)):
-            raise InvalidInputError(f"{what} coordinates must be finite numbers (i, j), got {pts.tolist()}")
-        bad = (pts[:, 0] < -0.5) | (pts[:, 0] > self.width - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > self.height - 0.5)
-        if np.any(bad):
-            raise InvalidInputError(
-                f"{what} {pts[bad][0].tolist()} (i, j) lies outside the slice, which spans i 0..{self.width - 1}, "
-                f"j 0..{self.height - 1}"
-            )
+        check_slice_points(points_ij, (self.height, self.width), what)
 
     # ---------------------------------------------------------------------------- images
     def image_to_model(self, image: np.ndarray) -> np.ndarray:
@@ -331,3 +323,18 @@ class SliceTransform:
 
         rows, cols = span(j0, j1 - 1, sy), span(i0, i1 - 1, sx)
         return (*rows, *cols)
+
+
+def check_slice_points(points_ij: np.ndarray, shape: tuple[int, int], what: str = "point") -> None:
+    """Raise :class:`InvalidInputError` if any point ``(i, j)`` is NaN/infinite or lies outside a
+    ``(J, I)`` slice."""
+    pts = np.asarray(points_ij, dtype=np.float64).reshape(-1, 2)
+    if not np.all(np.isfinite(pts)):
+        raise InvalidInputError(f"{what} coordinates must be finite numbers (i, j), got {pts.tolist()}")
+    height, width = shape
+    bad = (pts[:, 0] < -0.5) | (pts[:, 0] > width - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > height - 0.5)
+    if np.any(bad):
+        raise InvalidInputError(
+            f"{what} {pts[bad][0].tolist()} (i, j) lies outside the slice, which spans i 0..{width - 1}, "
+            f"j 0..{height - 1}"
+        )

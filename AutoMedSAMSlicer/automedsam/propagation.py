@@ -71,11 +71,7 @@ def propagation_method(method: str, backbone: Backbone) -> str:
     """``method``, or for ``"auto"``: SAM 2's memory, one-shot learned prompts for box-only
     backbones (LiteMedSAM drifts when seeded slice by slice: 3-D DSC 0.65 / 0.87 for spleen / liver
     on the shared CT against 0.87 / 0.90 learned), seeding for SAM and MedSAM."""
-    if method != "auto":
-        return method
-    if backbone.spec.family == "sam2":
-        return "memory"
-    return "learned" if backbone.spec.box_only else "seeded"
+    return backbone.propagation_method if method == "auto" else method
 
 
 def _ends(mask: np.ndarray, previous_area: int, fraction: float) -> bool:
@@ -102,7 +98,7 @@ def _seeded_slice(source: SliceSource, k: int, previous: np.ndarray) -> np.ndarr
     jj, ii = np.nonzero(previous)
     box = t.box_to_model(np.array([ii.min(), jj.min(), ii.max(), jj.max()], float))[None]
     mask_prompt = None
-    if not backbone.spec.box_only:  # a box-only model (LiteMedSAM) does worse with mask prompts
+    if not backbone.box_only:  # a box-only model (LiteMedSAM) does worse with mask prompts
         low = t.mask_to_model(previous, out_size=backbone.mask_size)
         logits = np.where(low, MASK_PROMPT_LOGIT, -MASK_PROMPT_LOGIT).astype(np.float32)
         mask_prompt = torch.from_numpy(logits)[None, None]

@@ -113,10 +113,6 @@ class Refiner:
 
     def _refine(self, name: str, k: int, current: np.ndarray | None, points, point_labels, box, mode: str,
                 reset: bool) -> np.ndarray:
-        import torch
-
-        from .prompt_networks import decoder_prompts
-
         backbone = self.store.backbone
         new_points, new_labels, new_box = self.manual_prompts(points, point_labels, box)
         state = None if reset else self._interaction(name, k, mode, current)
@@ -124,24 +120,33 @@ class Refiner:
             new_points, new_labels = _without_placed(new_points, new_labels, state)
             if new_box is not None and state.box is not None and np.allclose(new_box, state.box):
                 new_box = None
-        if backbone.spec.box_only and (new_points is not None or (state is not None and new_box is None)):
-            mask = self._click_edits(name, k, current, mode, new_points, new_labels, new_box)
-            pts, lbl = _placed(state, new_points, new_labels)
-            box_now = new_box if new_box is not None else (state.box if state is not None else None)
-            self._interactions[(name, k)] = Interaction(mode, pts, lbl, box_now, None, mask.copy())
-            return mask
         pts, lbl = _placed(state, new_points, new_labels)
         bx = new_box if new_box is not None else (state.box if state is not None else None)
-        if backbone.spec.box_only:  # a new box starts over: no points, no logits as mask prompt
-            pts = lbl = state = None
+        if backbone.box_only:
+            if new_points is not None or (state is not None and new_box is None):
+                mask = self._click_edits(name, k, current, mode, new_points, new_labels, new_box)
+                self._interactions[(name, k)] = Interaction(mode, pts, lbl, bx, None, mask.copy())
+                return mask
+            # a new box (or the first prompt) starts over: no points, no logits as a mask prompt
+            return self._decode(name, k, mode, None, None, bx, None, None)
+        return self._decode(name, k, mode, pts, lbl, bx, state.logits if state is not None else None, current)
+
+    def _decode(self, name: str, k: int, mode: str, pts, lbl, bx, previous, shown: np.ndarray | None) -> np.ndarray:
+        """Decode the slice's mask from the interaction's prompts (model space): points ``pts``
+        ``(1, N, 2)`` with ``lbl``, box ``bx`` ``(1, 4)``, the previous low-resolution logits (or,
+        in semi mode, the logits of the ``shown`` mask) as the mask prompt; remembers the interaction."""
+        import torch
+
+        from .prompt_networks import decoder_prompts
+
+        backbone = self.store.backbone
         if mode == "manual" and pts is None and bx is None:
             raise InvalidInputError("manual refine needs at least one point or a box")
         with torch.inference_mode():
             feats = self.store.features(k)
             gen = self.learned.prompts(name, k, feats) if mode == "semi" else None
-            previous = state.logits if state is not None else None
-            if previous is None and mode == "semi" and not backbone.spec.box_only and current is not None:
-                previous = self.learned.shown_logits(name, k, current, self.mask_threshold)
+            if previous is None and mode == "semi" and shown is not None:
+                previous = self.learned.shown_logits(name, k, shown, self.mask_threshold)
             sparse, dense = decoder_prompts(backbone, gen, pts, lbl, bx, masks=previous)
             # A single click alone is ambiguous (SAM's advice): decode 3 candidates and keep the best.
             multimask = gen is None and bx is None and previous is None and pts is not None and pts.shape[1] == 1

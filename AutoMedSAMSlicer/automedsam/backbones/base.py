@@ -125,8 +125,31 @@ def keep_window(logits: torch.Tensor, window: tuple[int, int, int, int] | None) 
     return out
 
 
+class StockPredictor:
+    """A family library's own single-image predictor (``SamPredictor``, ``SAM2ImagePredictor``,
+    LiteMedSAM's reference inference): ``set_image`` a ``(H, W, 3)`` uint8 slice, then ``click``
+    one prompt as that library takes it (points ``(N, 2)`` x, y pixels with ``labels`` ``(N,)``; a
+    box-only model takes the ``box`` ``(4,)``) or ``box``."""
+
+    def __init__(self, predictor, box_only: bool = False):
+        self.predictor, self.box_only = predictor, box_only
+
+    def set_image(self, image) -> None:
+        self.predictor.set_image(image)
+
+    def click(self, points, labels, box):
+        if self.box_only:
+            return self.predictor.predict(box=box)
+        return self.predictor.predict(point_coords=points, point_labels=labels, multimask_output=False)
+
+    def box(self, box):
+        return self.predictor.predict(box=box, multimask_output=False)
+
+
 class Backbone(ABC):
-    """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface."""
+    """A frozen SAM-family model with a uniform encode / embed-prompts / decode interface; each
+    family's subclass is its one adapter (prompt kinds, box-only clicks, propagation, export, stock
+    predictor), so code outside :mod:`automedsam.backbones` asks the backbone, never its family."""
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, device: torch.device,
                  amp_dtype: torch.dtype | None, weights_fingerprint: str = "random:seed=0", runtime: str = "torch"):
@@ -278,6 +301,32 @@ class Backbone(ABC):
         a small area). They are exact; every logit outside is :data:`OUTSIDE_WINDOW_LOGIT`, whatever
         the backend computed there. A backend may compute less outside (SAM's upscaling per window).
         """
+
+    # -------------------------------------------------- the family's ways (this adapter's)
+    @property
+    def box_only(self) -> bool:
+        """Trained with box prompts only (LiteMedSAM): points, and its own logits as a mask prompt,
+        make its masks worse, so a click edits the current mask around it and a new box starts over."""
+        return self.spec.box_only
+
+    @property
+    def propagation_method(self) -> str:
+        """How :mod:`automedsam.propagation` carries a mask to the next slices by default:
+        ``"learned"`` (a one-shot class map) for box-only models, else ``"seeded"``; SAM 2 has
+        ``"memory"`` (its video predictor)."""
+        return "learned" if self.box_only else "seeded"
+
+    #: Sparse prompt tokens one box becomes (its two corners; SAM 2 pads a box with a third).
+    box_tokens = 2
+
+    def high_res_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """``(C, H, W)`` of the high-resolution maps an image's features carry besides the
+        embeddings (SAM 2's ``high_res_0`` and ``high_res_1``); none for SAM."""
+        return {}
+
+    @abstractmethod
+    def stock_predictor(self) -> StockPredictor:
+        """The family library's own single-image predictor around this model (the bench's reference)."""
 
     # ------------------------------------------------------------------------- CPU runtime
     def export_spec(self, part: str) -> ExportSpec | None:

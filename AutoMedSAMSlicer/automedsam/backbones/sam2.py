@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backbone, DecoderOutput, ImageFeatures, check_window, keep_window
+from .base import Backbone, DecoderOutput, ImageFeatures, StockPredictor, check_window, keep_window
 
 #: Test-only "tiny-sam2": SAM 2.1 Hiera-T's config with small widths/depths and a 256-px input
 #: (embedding 16x16, high-res maps 64x64 and 32x32, mask logits 64x64).
@@ -23,41 +23,60 @@ TINY_SAM2_OVERRIDES = {
     "model.memory_encoder.fuser.num_layers": 1,
 }
 
-# The stock predictor's post-processing (build_sam2's apply_postprocessing=True).
-_POSTPROCESSING = {
-    "model.sam_mask_decoder_extra_args": {
-        "dynamic_multimask_via_stability": True,
-        "dynamic_multimask_stability_delta": 0.05,
-        "dynamic_multimask_stability_thresh": 0.98,
-    }
-}
+def _override(key: str, value) -> str:
+    """A hydra command-line override ``++key=value`` (lists as ``[a,b]``)."""
+    text = "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, (list, tuple)) else str(value)
+    return f"++{key}={text}"
+
+
+def _has_postprocessing_kernel() -> bool:
+    """Whether sam2's compiled extension (connected components on CUDA) is installed: without it the
+    video predictor's hole filling only warns on every frame, so it is switched off instead."""
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def build_sam2_model(arch: str, video: bool = False):
-    """Build a randomly initialised ``SAM2Base`` (or, with ``video``, a ``SAM2VideoPredictor`` that
-    takes frames: :class:`~automedsam.backbones.sam2_video.FramesVideoPredictor`) from the
-    installed package's config ``arch`` (e.g. ``sam2.1_hiera_t``) or ``tiny``."""
-    from importlib import resources
-
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    """A randomly initialised ``SAM2Base`` built by sam2's own ``build_sam2`` (or, with ``video``,
+    ``build_sam2_video_predictor``, taking frames:
+    :class:`~automedsam.backbones.sam2_video.FramesVideoPredictor`) from the installed package's
+    config ``arch`` (e.g. ``sam2.1_hiera_t``) or ``tiny``, with sam2's post-processing (dynamic
+    multimask fall-back; for video also masks binarised from clicks for the memory encoder, and hole
+    filling where sam2's CUDA extension is installed). On the CPU; weights are loaded by the caller."""
+    from sam2.build_sam import build_sam2, build_sam2_video_predictor
 
     name = "sam2.1_hiera_t" if arch == "tiny" else arch
-    config_file = resources.files("sam2").joinpath("configs", "sam2.1", f"{name}.yaml")
-    cfg = OmegaConf.load(str(config_file))
-    overrides = dict(_POSTPROCESSING)
-    if arch == "tiny":
-        overrides.update(TINY_SAM2_OVERRIDES)
-    if video:
-        overrides["model._target_"] = "automedsam.backbones.sam2_video.FramesVideoPredictor"
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    OmegaConf.resolve(cfg)
-    return instantiate(cfg.model, _recursive_=True)
+    config = f"configs/sam2.1/{name}.yaml"
+    overrides = [_override(k, v) for k, v in TINY_SAM2_OVERRIDES.items()] if arch == "tiny" else []
+    if not video:
+        return build_sam2(config, None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+    overrides.append(_override("model._target_", "automedsam.backbones.sam2_video.FramesVideoPredictor"))
+    predictor = build_sam2_video_predictor(config, None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+    if not _has_postprocessing_kernel():  # sam2's own overrides come last, so it is set here
+        predictor.fill_hole_area = 0
+    return predictor
 
 
 class Sam2Backbone(Backbone):
     """``sam2`` SAM2Base (SAM 2.1 Hiera-T/S/B+/L, tiny-sam2)."""
+
+    propagation_method = "memory"  # its video predictor over the slices as frames
+    box_tokens = 3  # SAM 2 embeds a box as two corner points and pads with one more
+
+    def high_res_shapes(self) -> dict[str, tuple[int, int, int]]:
+        e = self.embedding_size
+        return {"high_res_0": (32, 4 * e, 4 * e), "high_res_1": (64, 2 * e, 2 * e)}
+
+    def stock_predictor(self) -> StockPredictor:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        predictor = SAM2ImagePredictor(self.model)
+        s = self.input_size  # the stock predictor assumes 1024-px models; set the real feature sizes
+        predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+        return StockPredictor(predictor)
 
     @property
     def embedding_size(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..contract import DEFAULT_PROMPT_NETWORK
 from ..errors import InvalidInputError
 from .base import GeneratedPrompts, decoder_prompts
 
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
     from ..backbones import Backbone
 
 PROMPT_NETWORK_KINDS = ("classmap", "ppn", "diffusion")
-#: The prompt network used wherever a default is picked (demo, train, the panel's Teach, bench).
-DEFAULT_PROMPT_NETWORK = "classmap"
 
 __all__ = ["DEFAULT_PROMPT_NETWORK", "PROMPT_NETWORK_KINDS", "GeneratedPrompts", "build_prompt_network",
            "decoder_prompts", "default_config"]
@@ -33,9 +32,8 @@ def default_config(kind: str, backbone: Backbone, num_classes: int) -> dict:
     if kind == "ppn":
         return {"num_classes": num_classes, "embedding_size": backbone.embedding_size}
     if kind == "diffusion":
-        box_tokens = 3 if backbone.spec.family == "sam2" else 2  # SAM 2 pads a box with one token
         return {"num_classes": num_classes, "embedding_size": backbone.embedding_size,
-                "num_sparse_tokens": box_tokens}
+                "num_sparse_tokens": backbone.box_tokens}
     raise InvalidInputError(f"unknown prompt network kind {kind!r}; choose one of {', '.join(PROMPT_NETWORK_KINDS)}")
 
 

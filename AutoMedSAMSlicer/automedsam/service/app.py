@@ -1,8 +1,9 @@
 """The worker's HTTP API (FastAPI). Every route but ``/health`` needs ``Authorization: Bearer TOKEN``.
 
 Routes (JSON unless stated): sessions (create with a bundle or backbone; upload the volume as raw
-C-order bytes; read or restore a class's masks), segmentation and propagation jobs (progress,
-per-class partial counts, cancel), refine and undo (synchronous), models, session delete. Errors are
+C-order bytes), segmentation and propagation jobs (progress, per-class partial counts, cancel, the
+finished job's masks), refine (synchronous; the caller sends the slice's mask as it has it), models,
+session delete. The worker keeps no masks between calls: the caller owns them. Errors are
 ``{"error": {"code": ..., "message": ...}}`` with stable codes.
 """
 
@@ -25,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import AutoMedSAMError, InvalidInputError, NotFoundError
 from . import protocol as p
-from .codec import array_from_bytes, mask_to_json, pack_mask, unpack_mask
+from .codec import array_from_bytes, mask_from_json, mask_to_json, pack_mask
 from .limits import BodyLimitMiddleware
 from .state import ServiceSettings, WorkerState
 
@@ -173,8 +174,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def propagate(sid: str, req: p.PropagateRequest) -> dict:
         session = worker.session(sid)
         cancel = threading.Event()
-        events = session.engine.propagate(**req.model_dump(), cancel=cancel)
+        fields = req.model_dump()
+        fields["seed"] = mask_from_json(fields["seed"])
+        events = session.engine.propagate(**fields, cancel=cancel)
         return worker.submit(session, "propagate", events, cancel).to_dict()
+
+    @app.get(p.JOB_MASKS, dependencies=guarded, responses={200: {"content": {"application/octet-stream": {}}}})
+    def job_masks(jid: str, class_name: str) -> Response:
+        """A finished job's ``(K, J, I)`` masks of one class, packed bits (shape in ``X-Shape``)."""
+        job = worker.job(jid)
+        masks = worker.job_masks(job, class_name)
+        return Response(pack_mask(masks), media_type="application/octet-stream",
+                        headers={p.SHAPE_HEADER: json.dumps(list(masks.shape))})
 
     @app.put(p.LABELS, dependencies=guarded, openapi_extra=_BINARY_BODY)
     async def put_labels(sid: str, request: Request) -> dict:
@@ -260,48 +271,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.post(p.REFINE, dependencies=guarded)
     async def refine(sid: str, req: p.RefineRequest) -> dict:
         session = worker.session(sid)
+        fields = req.model_dump()
+        if fields["mask"] is not None:
+            fields["mask"] = mask_from_json(fields["mask"])
 
         def work():
             with session.lock:
-                return mask_to_json(session.engine.refine(**req.model_dump()))
+                return mask_to_json(session.engine.refine(**fields))
 
         return {"slice_index": req.slice_index, "mask": await worker.run_async(work)}
-
-    @app.post(p.UNDO, dependencies=guarded)
-    async def undo(sid: str, req: p.ClassRequest) -> dict:
-        session = worker.session(sid)
-
-        def work():
-            with session.lock:
-                return session.engine.undo(req.class_name)
-
-        return {"slices": await worker.run_async(work)}
-
-    @app.get(p.UNDO, dependencies=guarded)
-    def can_undo(sid: str, class_name: str) -> dict:
-        return {"can_undo": worker.session(sid).engine.can_undo(class_name)}
-
-    @app.get(p.MASKS, dependencies=guarded, responses={200: {"content": {"application/octet-stream": {}}}})
-    def get_masks(sid: str, class_name: str) -> Response:
-        masks = worker.session(sid).engine.masks_of(class_name)
-        return Response(pack_mask(masks), media_type="application/octet-stream",
-                        headers={p.SHAPE_HEADER: json.dumps(list(masks.shape))})
-
-    @app.put(p.MASKS, dependencies=guarded, openapi_extra=_BINARY_BODY)
-    async def put_masks(sid: str, class_name: str, request: Request) -> dict:
-        session = worker.session(sid)
-        engine = session.engine
-        shape = engine.require_volume().array.shape[:3]
-        name = engine.class_info(class_name).name
-        body = await request.body()
-        masks = await run_in_threadpool(unpack_mask, body, shape)
-
-        def store() -> int:
-            with session.lock:  # on the model thread, after this session's running job
-                session.engine.set_masks(name, masks)
-            return int(masks.sum())
-
-        return {"class_name": name, "voxels": await worker.run_async(store)}
 
     return app
 

@@ -33,7 +33,11 @@ def mask_to_json(mask: np.ndarray) -> dict:
 
 
 def mask_from_json(d: dict) -> np.ndarray:
-    return unpack_mask(base64.b64decode(d["bits"]), tuple(d["shape"]))
+    try:
+        bits = base64.b64decode(d["bits"], validate=True)
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        raise InvalidInputError("mask bits are not valid base64") from None
+    return unpack_mask(bits, tuple(d["shape"]))
 
 
 def array_from_bytes(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

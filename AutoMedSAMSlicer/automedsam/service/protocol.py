@@ -18,7 +18,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..classes import ClassInfo
-from ..contract import CancelledError, SegmentationResult
+from ..contract import (
+    DEFAULT_PROMPT_NETWORK,
+    TEACH_DECODER_LR,
+    TEACH_EPOCHS,
+    TEACH_NAME,
+    TEACH_VAL_SLICES,
+    CancelledError,
+    SegmentationResult,
+)
 from ..errors import (
     AutoMedSAMError,
     BodyTooLargeError,
@@ -31,7 +39,7 @@ from ..errors import (
 from ..prompt_networks import PROMPT_NETWORK_KINDS
 from ..volume import Volume
 
-PROTOCOL = "2"
+PROTOCOL = "3"
 
 # Routes: every path the server serves and the client calls.
 HEALTH = "/health"
@@ -44,14 +52,14 @@ SESSIONS = "/v1/sessions"
 SESSION = "/v1/sessions/{sid}"
 VOLUME = "/v1/sessions/{sid}/volume"
 LABELS = "/v1/sessions/{sid}/labels"
-MASKS = "/v1/sessions/{sid}/masks/{class_name}"
 SEGMENT = "/v1/sessions/{sid}/segment"
 PROPAGATE = "/v1/sessions/{sid}/propagate"
 TEACH = "/v1/sessions/{sid}/teach"
 REFINE = "/v1/sessions/{sid}/refine"
-UNDO = "/v1/sessions/{sid}/undo"
 JOB = "/v1/jobs/{jid}"
 JOB_BUNDLE = "/v1/jobs/{jid}/bundle"
+#: A finished segmentation or propagation job's masks of one class (the session's latest job only).
+JOB_MASKS = "/v1/jobs/{jid}/masks/{class_name}"
 
 #: JSON volume metadata (:class:`VolumeMeta`) next to a volume's raw bytes.
 VOLUME_META_HEADER = "X-Volume-Meta"
@@ -59,7 +67,7 @@ VOLUME_META_HEADER = "X-Volume-Meta"
 SHAPE_HEADER = "X-Shape"
 
 #: Session routes whose PUT bodies are raw bytes (the path segment after the session id).
-UPLOAD_PARTS = ("volume", "labels", "masks")
+UPLOAD_PARTS = ("volume", "labels")
 MAX_NAME_CHARS = 200
 #: Longest bundle name a request may give (a file name in the worker's bundle folders).
 MAX_BUNDLE_NAME_CHARS = 1024
@@ -97,6 +105,14 @@ class SegmentRequest(BaseModel):
     cleanup: Literal["largest_component", "none"] | None = None
 
 
+class SliceMask(BaseModel):
+    """A ``(J, I)`` bool slice mask: ``np.packbits`` of its C-order bits, base64 (see :mod:`.codec`)."""
+
+    model_config = _STRICT
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20)]] = Field(..., min_length=2, max_length=2, description="(J, I)")
+    bits: str = Field(..., max_length=1 << 26)
+
+
 class RefineRequest(BaseModel):
     model_config = _STRICT
     class_name: ClassName
@@ -106,25 +122,21 @@ class RefineRequest(BaseModel):
     box: list[Finite] | None = Field(None, min_length=4, max_length=4)
     mode: Literal["semi", "manual"] | None = None
     reset: bool = False
-
-
-class ClassRequest(BaseModel):
-    model_config = _STRICT
-    class_name: ClassName
+    mask: SliceMask | None = Field(None, description="the slice's mask as the caller has it now (none: no mask yet)")
 
 
 class TeachRequest(BaseModel):
     model_config = _STRICT
     classes: dict[ClassName, Annotated[int, Field(ge=1, le=65535)]] = Field(
         ..., min_length=1, max_length=200, description="class name -> label value (1..65535) in the labels")
-    prompt_network: Literal[PROMPT_NETWORK_KINDS] = "classmap"
-    epochs: int = Field(30, ge=1, le=10000)
+    prompt_network: Literal[PROMPT_NETWORK_KINDS] = DEFAULT_PROMPT_NETWORK
+    epochs: int = Field(TEACH_EPOCHS, ge=1, le=10000)
     train_slices: str | None = Field(None, max_length=1000)
-    val_slices: str | None = Field("0::3", max_length=1000)
+    val_slices: str | None = Field(TEACH_VAL_SLICES, max_length=1000)
     lr: Positive | None = None
-    decoder_lr: Positive = 1e-5
+    decoder_lr: Positive = TEACH_DECODER_LR
     use_now: bool = Field(True, description="switch this session to the new bundle when teaching ends")
-    name: str = Field("taught-in-session", min_length=1, max_length=200)
+    name: str = Field(TEACH_NAME, min_length=1, max_length=200)
 
 
 class DownloadRequest(BaseModel):
@@ -137,12 +149,14 @@ class PropagateRequest(BaseModel):
     model_config = _STRICT
     class_name: ClassName
     from_slice: int = Field(..., ge=0)
+    seed: SliceMask = Field(..., description="the class's mask on from_slice as the caller has it now")
     direction: Literal["forward", "backward", "both"] = "both"
     max_slices: int | None = Field(None, ge=1)
 
 
 def result_to_json(result: SegmentationResult) -> dict:
-    """What a finished segmentation job reports (its masks are fetched from :data:`MASKS`)."""
+    """What a finished segmentation or propagation job reports (its masks are fetched from
+    :data:`JOB_MASKS`)."""
     return {"summary": result.summary(), "classes": [c.name for c in result.classes], "slices": result.slices,
             "present_slices": result.present_slices, "seconds": result.seconds}
 

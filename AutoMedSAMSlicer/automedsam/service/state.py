@@ -65,6 +65,9 @@ class Session:
     labels: np.ndarray | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The masks of the session's latest finished segmentation or propagation job, until the
+    #: client fetched them (``(job id, {class name: (K, J, I) bool})``); one job's, so they stay bounded.
+    last_masks: tuple[str, dict] | None = None
 
 
 @dataclass
@@ -246,11 +249,25 @@ class WorkerState:
                     return
                 if event.result is not None:
                     job.result = result_to_json(event.result)
+                    session.last_masks = (job.id, dict(event.result.masks))
             notes = session.engine.messages
             if notes:
                 job.message = "; ".join(notes)
 
         return self.submit_task(kind, task, session, cancel)
+
+    def job_masks(self, job: Job, class_name: str) -> np.ndarray:
+        """The ``(K, J, I)`` masks of one class from ``job`` (its session's latest finished
+        segmentation or propagation)."""
+        session = self.sessions.get(job.session_id)
+        last = session.last_masks if session is not None else None
+        if job.state != "done" or last is None or last[0] != job.id:
+            raise NotFoundError(f"job {job.id} has no masks here (state {job.state}; only the session's latest "
+                                "finished segmentation or propagation keeps them)")
+        name = session.engine.class_info(class_name).name
+        if name not in last[1]:
+            raise NotFoundError(f"job {job.id} has no masks of {name!r}; it has {', '.join(last[1])}")
+        return last[1][name]
 
     def job(self, jid: str) -> Job:
         job = self.jobs.get(jid)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..io import read_image, read_segmentation
+from ..orientation import Reorientation
 from ..preprocess import IntensityConfig, normalize_intensity
 from ..resample import labels_onto_grid
 from ..selection import parse_slices
@@ -53,11 +54,31 @@ class AugmentConfig:
 
 @dataclass
 class Case:
-    """An image and its label map on the image's grid (KJI arrays)."""
+    """An image and its label map on the image's grid (KJI arrays).
+
+    ``orientation`` is None for a case as read; :meth:`canonical` makes the case the model learns
+    from (its slices in the nearest axial LPS order) and keeps the map from the stored grid there.
+    """
 
     image: Volume
     labels: Volume
     name: str
+    orientation: Reorientation | None = None
+
+    def canonical(self) -> Case:
+        """This case in the slice orientation the model learns from (see :mod:`automedsam.orientation`)."""
+        if self.orientation is not None:
+            return self
+        o = Reorientation.nearest_axial_lps(self.image)
+        return Case(o.volume(self.image), o.volume(self.labels), self.name, o)
+
+    def select_slices(self, spec: str, what: str) -> list[int]:
+        """The model slices a selection such as ``0::3`` names: the case's stored k-slices, mapped
+        to the model's order (when the stored slices are not axial, the model's slices themselves)."""
+        o = self.orientation
+        if o is None or not o.keeps_slices:
+            return parse_slices(spec, self.image.num_slices, what)
+        return sorted(o.slice_to_canonical(k) for k in parse_slices(spec, o.source_shape[0], what))
 
 
 def load_case(image_path: str, labels_path: str) -> Case:
@@ -110,10 +131,10 @@ def split_slices(cases: list[Case], val_slices: str | None, val_cases: list[int]
             out.append(SplitCase(case, [], list(range(k))))
             continue
         if train_slices:
-            train = parse_slices(train_slices, k, "--train-slices")
+            train = case.select_slices(train_slices, "--train-slices")
             val = [s for s in range(k) if s not in set(train)]
         else:
-            val = parse_slices(val_slices, k, "--val-slices") if val_slices else []
+            val = case.select_slices(val_slices, "--val-slices") if val_slices else []
             train = [s for s in range(k) if s not in set(val)]
         out.append(SplitCase(case, train, val))
     if not any(s.train_slices for s in out):
@@ -197,9 +218,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     plan = [(ci, k, c) for ci, s in enumerate(split) for k in s.train_slices for c in range(augment.copies + 1)]
     thetas = [random_affine(rng, augment, flips) if c else None for _, _, c in plan]
     e, low = backbone.embedding_size, backbone.mask_size
-    shapes = {"embeddings": (256, e, e)}
-    if backbone.spec.family == "sam2":
-        shapes |= {"high_res_0": (32, 4 * e, 4 * e), "high_res_1": (64, 2 * e, 2 * e)}
+    shapes = {"embeddings": (256, e, e), **backbone.high_res_shapes()}
     done_marker = folder / "complete.json"
     meta = {"case": np.array([p[0] for p in plan]), "slice": np.array([p[1] for p in plan]),
             "copy": np.array([p[2] for p in plan])}

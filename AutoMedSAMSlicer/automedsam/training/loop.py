@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import canonical_class_mapping, check_classes_present
-from ..contract import TrainEvent
+from ..contract import DEFAULT_PROMPT_NETWORK, TEACH_DECODER_LR, TEACH_EPOCHS, TEACH_VAL_SLICES, TrainEvent
 from ..errors import InvalidInputError, TrainingFailedError
 from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
-from ..prompt_networks import DEFAULT_PROMPT_NETWORK
 from ..rescue import rescue_folder
 from .data import AugmentConfig, Case, encode_training_items, split_slices
 
@@ -59,12 +58,12 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     device: str = "auto"
-    epochs: int = 40
+    epochs: int = TEACH_EPOCHS
     batch_size: int = 4
     lr: float | None = None
-    decoder_lr: float = 1e-5
+    decoder_lr: float = TEACH_DECODER_LR
     finetune_decoder: bool = False
-    val_slices: str | None = "0::3"
+    val_slices: str | None = TEACH_VAL_SLICES
     val_cases: tuple[int, ...] = ()
     train_slices: str | None = None
     negative_ratio: float = 0.5
@@ -132,6 +131,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    cases = [case.canonical() for case in cases]  # the slices the bundle's manifest says it learnt from
     names, values = list(config.classes), list(config.classes.values())
     classes = [resolve_class(n) for n in names]
     lateral = any(c.type_modifier is not None for c in classes)

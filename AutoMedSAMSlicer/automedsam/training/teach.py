@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..contract import DEFAULT_PROMPT_NETWORK, TEACH_DECODER_LR, TEACH_EPOCHS, TEACH_NAME, TEACH_VAL_SLICES
 from ..errors import InvalidInputError
-from ..prompt_networks import DEFAULT_PROMPT_NETWORK
 from .data import Case
 from .loop import TrainConfig, TrainEvent, train
 
@@ -19,9 +19,9 @@ def labelled_slices(labels: np.ndarray) -> list[int]:
     return [int(k) for k in np.nonzero(np.asarray(labels).reshape(labels.shape[0], -1).any(axis=1))[0]]
 
 
-def teach_config(engine, classes: dict[str, int], *, prompt_network: str = DEFAULT_PROMPT_NETWORK, epochs: int = 40,
-                 train_slices: str | None = None, val_slices: str | None = "0::3", lr: float | None = None,
-                 decoder_lr: float = 1e-5, name: str = "taught-in-session") -> TrainConfig:
+def teach_config(engine, classes: dict[str, int], *, prompt_network: str = DEFAULT_PROMPT_NETWORK,
+                 epochs: int = TEACH_EPOCHS, train_slices: str | None = None, val_slices: str | None = TEACH_VAL_SLICES,
+                 lr: float | None = None, decoder_lr: float = TEACH_DECODER_LR, name: str = TEACH_NAME) -> TrainConfig:
     """A :class:`TrainConfig` on ``engine``'s backbone (same id, same weights or random seed)."""
     weights = engine.backbone.weights_fingerprint
     random = weights.startswith("random:")
