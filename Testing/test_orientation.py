@@ -238,3 +238,27 @@ def test_the_slicer_logic_gives_the_same_segments_for_either_voxel_order(slicer,
         written[name] = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, node) > 0
     assert written["original"].any()
     assert np.array_equal(on_grid_of(written["flipped"], other, original), written["original"])
+
+
+def test_a_bundle_taught_before_orientation_was_recorded_keeps_its_stored_order(make_bundle, flipped_ct, tmp_path):
+    """Such a bundle learnt from slices in its files' stored order: it is shown slices that way."""
+    import json
+    import zipfile
+
+    from automedsam.bundle import load_bundle
+    from automedsam.engine import Engine
+
+    original, _, _ = flipped_ct  # stored as NIfTI writes it: rows and columns run against LPS
+    source = make_bundle("tiny-sam2", "ppn")
+    legacy = tmp_path / "legacy.zip"
+    with zipfile.ZipFile(source) as z, zipfile.ZipFile(legacy, "w") as out:
+        manifest = json.loads(z.read("manifest.json"))
+        del manifest["preprocessing"]["orientation"]
+        out.writestr("manifest.json", json.dumps(manifest))
+        out.writestr("weights.safetensors", z.read("weights.safetensors"))
+    engine = Engine.from_bundle(load_bundle(legacy), "cpu")
+    engine.set_volume(original)
+    assert engine.slice_orientation == "storage" and engine.orientation.is_identity
+    engine = Engine.from_bundle(str(source), "cpu")
+    engine.set_volume(original)
+    assert engine.slice_orientation == "lps-axial" and not engine.orientation.is_identity

@@ -148,7 +148,7 @@ class Engine:
         #: orientation was recorded (they were taught on slices in their files' stored order).
         self.slice_orientation = bundle.slice_orientation if bundle is not None else CANONICAL
         self._source: Volume | None = None
-        self._views: dict[str, SliceView] = {}
+        self._stored: SliceView | None = None  # the slices as stored, when they are not the model's
         self._network, self._network_classes = None, []
         self.view = self._new_view(Reorientation.identity((1, 1, 1)))
         self._extra_classes: dict[str, ClassInfo] = {}
@@ -224,7 +224,7 @@ class Engine:
             view.learned.clear()
 
     def _all_views(self) -> list[SliceView]:
-        return [self.view, *self._views.values()]
+        return [self.view] if self._stored is None else [self.view, self._stored]
 
     def _after_cpu_fallback(self) -> None:
         if self._network is not None:
@@ -257,7 +257,7 @@ class Engine:
         self.view.store.set_volume(orientation.volume(volume), intensity)
         self.view.learned.clear()
         self.view.refiner.clear()
-        self._views = {}
+        self._stored = None
         self._source, self._intensity = volume, intensity
 
     def require_volume(self) -> Volume:
@@ -280,11 +280,10 @@ class Engine:
         k = self.check_slice(k)
         if self.view.orientation.keeps_slices:
             return self.view, self.view.orientation.slice_to_canonical(k)
-        if "stored" not in self._views:
-            view = self._new_view(Reorientation.identity(self.require_volume().array.shape[:3]))
-            view.store.set_volume(self.require_volume(), self._intensity)
-            self._views["stored"] = view
-        return self._views["stored"], k
+        if self._stored is None:
+            self._stored = self._new_view(Reorientation.identity(self.require_volume().array.shape[:3]))
+            self._stored.store.set_volume(self.require_volume(), self._intensity)
+        return self._stored, k
 
     def model_input(self, k: int) -> np.ndarray:
         """The volume's slice k as the backbone's ``(S, S, 3)`` float input in [0, 1]."""
@@ -482,7 +481,7 @@ class Engine:
         n = store.require_volume().num_slices
         limit = max_slices if max_slices is not None else n
         steps = [+1, -1] if direction == "both" else ([+1] if direction == "forward" else [-1])
-        if view is self.view and o.flips[0]:  # the model's k runs against the volume's
+        if o.flips[0]:  # the model's k runs against the volume's
             steps = [-s for s in steps]
         total = sum(min(limit, (n - 1 - kv) if s > 0 else kv) for s in steps)
         learned = None
@@ -576,7 +575,7 @@ class Engine:
             view.store.clear()
             view.learned.clear()
             view.refiner.clear()
-        self._views = {}
+        self._stored = None
         self._source = None
 
 
