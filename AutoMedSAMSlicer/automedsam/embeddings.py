@@ -76,10 +76,7 @@ class EmbeddingStore:
 
     def check_slice(self, k) -> int:
         """``k`` as an int, or InvalidInputError naming the volume's slice range."""
-        n = self.require_volume().num_slices
-        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
-            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
-        return int(k)
+        return self.require_volume().check_slice(k)
 
     @property
     def batch_size(self) -> int:

@@ -268,10 +268,7 @@ class Engine:
 
     def check_slice(self, k) -> int:
         """``k`` as an int, or InvalidInputError naming the volume's slice range."""
-        n = self.require_volume().num_slices
-        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
-            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
-        return int(k)
+        return self.require_volume().check_slice(k)
 
     def slice_view(self, k: int) -> tuple[SliceView, int]:
         """The view in which the volume's slice k is a model slice, and its index there: the main

@@ -136,6 +136,13 @@ class Volume:
         """Number of k-slices (``array.shape[0]``)."""
         return int(self.array.shape[0])
 
+    def check_slice(self, k) -> int:
+        """``k`` as an int, or InvalidInputError naming the volume's slice range (``0..K-1``)."""
+        n = self.num_slices
+        if not isinstance(k, (int, np.integer)) or not 0 <= int(k) < n:
+            raise InvalidInputError(f"slice index {k} is out of range: the volume has slices 0..{n - 1} (k)")
+        return int(k)
+
     @property
     def is_rgb(self) -> bool:
         """True for colour pictures (a trailing channel axis of length 3)."""
