@@ -32,7 +32,6 @@ from .volume import Volume
 #: the canonical order of this module, or (bundles made before it existed) the files' own order.
 CANONICAL = "lps-axial"
 STORAGE = "storage"
-ORIENTATIONS = (CANONICAL, STORAGE)
 
 
 @dataclass(frozen=True)
