@@ -262,3 +262,16 @@ def test_a_bundle_taught_before_orientation_was_recorded_keeps_its_stored_order(
     engine = Engine.from_bundle(str(source), "cpu")
     engine.set_volume(original)
     assert engine.slice_orientation == "lps-axial" and not engine.orientation.is_identity
+
+
+@pytest.mark.parametrize("shape, spacing", [((1, 64, 48), (0.8, 0.8, 1.0)),  # one sagittal image
+                                            ((30, 256, 256), (0.5, 0.5, 4.0)),  # thick sagittal slices
+                                            ((8, 256, 256), (1.0, 1.0, 1.0))])  # a slab of 8 slices
+def test_a_sagittal_stack_that_resolves_no_axial_slices_keeps_its_own(shape, spacing):
+    """Axial slices cut from one sagittal image, from 4 mm sagittal slices (8:1 pixels) or from a
+    thin slab would reach the model squashed or a few pixels wide: such stacks keep their slices."""
+    sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # i: P, j: -S, k: L
+    volume = Volume(np.zeros(shape, np.int16), spacing, direction=sagittal)
+    assert Reorientation.nearest_axial_lps(volume).is_identity
+    isotropic = Volume(np.zeros((64, 64, 48), np.int16), (1.0, 1.0, 1.0), direction=sagittal)
+    assert not Reorientation.nearest_axial_lps(isotropic).keeps_slices  # a real 3-D stack is resliced

@@ -15,8 +15,9 @@ Undo is the caller's too (Slicer's history; :class:`automedsam.annotation.Annota
 Inside, the model sees every volume in one slice orientation (:mod:`automedsam.orientation`: the
 nearest axial LPS order), whatever order the file stored the voxels in; masks are mapped back onto
 the caller's grid exactly (axis permutations and flips only). A volume whose k-slices are not
-axial (stored sagittally or coronally) is segmented in axial slices; refine and propagate on its
-own k-slices then run on those slices as stored.
+axial (stored sagittally or coronally) is segmented in axial slices where it resolves them (see
+:mod:`automedsam.orientation`); refine and propagate on its own k-slices then run on those slices
+as stored.
 
 Long work (``segment``, ``propagate``, ``teach``) is a generator of events; the last event of a
 completed run carries the result. A consumer that stops iterating, or a ``cancel`` that is set,

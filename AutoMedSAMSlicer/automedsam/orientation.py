@@ -12,7 +12,11 @@ volume's ``(K, J, I)`` array onto the *nearest axial LPS order* by permuting and
   top, the patient's right on the image's left);
 - an oblique volume takes the voxel axes nearest to L, P and S (the assignment with the largest
   sum of ``|cos|``), so its slices stay its own slices, only reordered;
-- sagittal- or coronal-stored volumes become axial stacks.
+- sagittal- or coronal-stored volumes become axial stacks, where they resolve axial slices: a
+  single slice, or a stack whose axial pixels would be more than :data:`MAX_AXIAL_ASPECT` times
+  longer one way than the other (thick sagittal or coronal slices) or narrower than
+  :data:`MIN_AXIAL_PIXELS`, keeps its own slices as stored (the backbone resizes slices by pixels, so
+  such slices would reach it squashed).
 
 Index conventions are :mod:`automedsam.volume`'s: arrays ``[k, j, i]`` (KJI), points ``(i, j)`` on a
 k-slice, LPS millimetres. Numpy only.
@@ -32,6 +36,10 @@ from .volume import Volume
 #: the canonical order of this module, or (bundles made before it existed) the files' own order.
 CANONICAL = "lps-axial"
 STORAGE = "storage"
+#: Largest ratio of the two pixel spacings of an axial slice made from a sagittal or coronal stack.
+MAX_AXIAL_ASPECT = 2.0
+#: Fewest pixels along either side of an axial slice made from a sagittal or coronal stack.
+MIN_AXIAL_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,13 @@ class Reorientation:
         for m, v in enumerate(voxel_of):
             n = 2 - m  # canonical array axis of canonical voxel axis m (KJI reverses IJK)
             axes[n], flips[n] = 2 - v, bool(direction[m, v] < 0)
-        return cls(tuple(int(n) for n in volume.array.shape[:3]), tuple(axes), tuple(flips))
+        shape = tuple(int(n) for n in volume.array.shape[:3])
+        if axes[0] != 0:  # the axial slices would cut across the stored ones: only where they resolve them
+            spacing = [volume.spacing[2 - a] for a in axes[1:]]  # (s_j, s_i) of the axial slices
+            sizes = [shape[a] for a in axes[1:]]
+            if max(spacing) > MAX_AXIAL_ASPECT * min(spacing) or min(sizes) < MIN_AXIAL_PIXELS:
+                return cls.identity(shape)
+        return cls(shape, tuple(axes), tuple(flips))
 
     # ----------------------------------------------------------------------------- properties
     @property
