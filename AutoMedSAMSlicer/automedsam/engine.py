@@ -291,11 +291,11 @@ class Engine:
     def encode(self, slices: Sequence[int]) -> int:
         """Encode the volume's ``slices`` now (see :meth:`EmbeddingStore.encode`); how many ran
         through the encoder."""
-        count = 0
-        for k in slices:
+        by_view: dict[int, tuple[SliceView, list[int]]] = {}
+        for k in slices:  # grouped per view, so each store still encodes in batches
             view, kv = self.slice_view(k)
-            count += view.store.encode([kv])
-        return count
+            by_view.setdefault(id(view), (view, []))[1].append(kv)
+        return sum(view.store.encode(ks) for view, ks in by_view.values())
 
     def features(self, k: int) -> ImageFeatures:
         """Float32 features of the volume's slice k on the backbone's device (batch of 1)."""

@@ -125,11 +125,8 @@ class Reorientation:
         physical space (LPS)."""
         if self.is_identity:
             return volume
-        corner = np.zeros(3)  # source KJI index of canonical voxel (0, 0, 0)
-        for n in range(3):
-            if self.flips[n]:
-                corner[self.axes[n]] = self.source_shape[self.axes[n]] - 1
-        origin = volume.index_to_lps(corner[::-1][None])[0]
+        corner = self.index_from_canonical(np.zeros((1, 3)))  # source (k, j, i) of canonical voxel 0
+        origin = volume.index_to_lps(corner[:, ::-1])[0]
         direction, spacing = np.zeros((3, 3)), []
         for m in range(3):  # canonical voxel axis m (i, j, k) = canonical array axis 2 - m
             n = 2 - m
