@@ -52,14 +52,14 @@ def isolated_home(tmp_path_factory, monkeypatch) -> Path:
 def tiny_sam():
     from automedsam.backbones import build_backbone
 
-    return build_backbone("tiny-sam", weights="random", device="cpu")
+    return build_backbone("tiny-sam", weights="random", device="cpu", runtime="torch")
 
 
 @pytest.fixture(scope="session")
 def tiny_sam2():
     from automedsam.backbones import build_backbone
 
-    return build_backbone("tiny-sam2", weights="random", device="cpu")
+    return build_backbone("tiny-sam2", weights="random", device="cpu", runtime="torch")
 
 
 @pytest.fixture(scope="session", params=["tiny-sam", "tiny-sam2"])
@@ -89,7 +89,7 @@ def make_bundle(tmp_path_factory):
             from automedsam.preprocess import IntensityConfig
             from automedsam.prompt_networks import build_prompt_network, default_config
 
-            backbone = build_backbone(backbone_id, weights="random", device="cpu")
+            backbone = build_backbone(backbone_id, weights="random", device="cpu", runtime="torch")
             classes = [default_class_catalog().get(c) for c in BUNDLE_CLASSES]
             if seed is not None:
                 torch.manual_seed(seed)
@@ -108,20 +108,31 @@ def make_engine(make_bundle):
     """``make_engine(backbone_id, kind, **config)`` -> an Engine on a fresh backbone with a test bundle."""
 
     def make(backbone_id: str = "tiny-sam2", kind: str = "ppn", **config):
-        from automedsam.bundle import backbone_for_bundle, load_bundle
+        from automedsam.backbones.registry import ModelRegistry, Runtime
+        from automedsam.bundle import load_bundle
         from automedsam.engine import Engine, EngineConfig
 
         bundle = load_bundle(make_bundle(backbone_id, kind))
-        return Engine(backbone_for_bundle(bundle, "cpu"), bundle, EngineConfig(**config))
+        # Its own registry: tests stand in for the decoder on the engine's backbone (Oracle,
+        # disc_decoder), which must not reach the shared backbones of other tests.
+        registry = ModelRegistry(Runtime("cpu", "torch"))
+        return Engine.from_bundle(bundle, "cpu", EngineConfig(**config), registry=registry)
 
     return make
 
 
 @pytest.fixture()
 def slicer():
-    """The fake ``slicer`` (slicer_fake.py) in sys.modules for one test."""
+    """Slicer's own MRML libraries with a fresh scene set up as Slicer's startup does (slicer_mrml.py),
+    and stand-ins for the application parts they lack (slicer_fake.py), for one test."""
     import slicer_fake
+    import slicer_mrml
 
-    fake = slicer_fake.install()
-    yield fake
+    if not slicer_mrml.available():
+        if os.environ.get("CI"):
+            pytest.fail("slicer-core is not installed: CI must run the Slicer layer on Slicer's libraries "
+                        "(make setup installs it with the dev extra)")
+        pytest.skip("slicer-core is not installed (it needs CPython 3.11 on Linux x86-64; `make setup` installs it)")
+    module = slicer_fake.install()
+    yield module
     slicer_fake.uninstall()

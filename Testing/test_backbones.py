@@ -68,13 +68,13 @@ def test_random_weights_are_reproducible_and_leave_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a = build_backbone("tiny-sam", weights="random", device="cpu")
+    a = build_backbone("tiny-sam", weights="random", device="cpu", runtime="torch")
     after = torch.rand(1)
     assert torch.equal(before, after)
-    b = build_backbone("tiny-sam", weights="random", device="cpu")
+    b = build_backbone("tiny-sam", weights="random", device="cpu", runtime="torch")
     x = images(a, 1)
     torch.testing.assert_close(a.encode(x).embeddings, b.encode(x).embeddings)
-    c = build_backbone("tiny-sam", weights="random", device="cpu", seed=1)
+    c = build_backbone("tiny-sam", weights="random", device="cpu", seed=1, runtime="torch")
     assert not torch.allclose(a.encode(x).embeddings, c.encode(x).embeddings)
 
 
@@ -93,14 +93,14 @@ def test_weights_file_round_trip_with_strict_keys(tmp_path, tiny_sam, suffix):
     from dataclasses import replace
 
     real = replace(spec, id="tiny-file", test_only=False)
-    loaded = build_backbone(real, weights=path, device="cpu", seed=99)
+    loaded = build_backbone(real, weights=path, device="cpu", seed=99, runtime="torch")
     x = images(tiny_sam, 1)
     torch.testing.assert_close(loaded.encode(x).embeddings, tiny_sam.encode(x).embeddings)
     del state["mask_decoder.iou_token.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(WeightsLoadError, match=r"missing keys \[mask_decoder.iou_token.weight\].*extra.weight"):
-        build_backbone(real, weights=tmp_path / "broken.pth", device="cpu")
+        build_backbone(real, weights=tmp_path / "broken.pth", device="cpu", runtime="torch")
 
 
 def test_pickled_code_in_weights_is_refused(tmp_path):
@@ -114,12 +114,12 @@ def test_pickled_code_in_weights_is_refused(tmp_path):
         pickle.dump({"x": Evil()}, f)
     spec = BackboneCatalog.load().get("sam_vit_b")
     with pytest.raises(WeightsLoadError, match="cannot load weights"):
-        build_backbone(spec, weights=tmp_path / "evil.pth", device="cpu")
+        build_backbone(spec, weights=tmp_path / "evil.pth", device="cpu", runtime="torch")
 
 
 def test_missing_weights_say_how_to_get_them():
     with pytest.raises(WeightsUnavailableError, match=r"models download sam2\.1_hiera_t"):
-        build_backbone("sam2.1_hiera_t", device="cpu")
+        build_backbone("sam2.1_hiera_t", device="cpu", runtime="torch")
     with pytest.raises(InvalidInputError, match="test-only"):
         build_backbone("tiny-sam2", weights="/some/file.pt")
 
@@ -138,7 +138,7 @@ def test_device_resolution():
 @pytest.mark.parametrize("backbone_id", ["sam_vit_b", "medsam_vit_b", "sam_vit_l", "sam_vit_h", "sam2.1_hiera_t",
                                          "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l"])
 def test_full_size_backbones_build_and_run_with_random_weights(backbone_id):
-    b = build_backbone(backbone_id, weights="random", device="cpu")
+    b = build_backbone(backbone_id, weights="random", device="cpu", runtime="torch")
     assert b.input_size == 1024 and b.embedding_size == 64 and b.mask_size == 256
     feats = b.encode(images(b, 1))
     assert feats.embeddings.shape == (1, 256, 64, 64)

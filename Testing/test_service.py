@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from automedsam.bundle import backbone_for_bundle, load_bundle
+from automedsam.bundle import load_bundle
 from automedsam.client import (
     ProtocolMismatchError,
     RemoteEngine,
@@ -63,7 +63,7 @@ def test_remote_engine_gives_the_same_masks_as_the_in_process_engine(worker, mak
     events = list(remote.segment(["liver", "spleen"], slices=list(range(10, 16)), cleanup="none"))
     assert events[-1].stage == "done" and events[-1].result.slices == list(range(10, 16))
     bundle = load_bundle(bundle_path)
-    local = Engine(backbone_for_bundle(bundle, "cpu"), bundle)
+    local = Engine.from_bundle(bundle, "cpu")
     local.set_volume(ct)
     expected = local.segment_volume(["liver", "spleen"], list(range(10, 16)), cleanup="none")
     for name in ("liver", "spleen"):

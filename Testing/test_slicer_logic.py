@@ -1,14 +1,28 @@
-"""Contract tests of the Slicer Logic against a minimal fake of the MRML calls it makes
-(slicer_fake.py): masks must land on the right voxels for RAS, LPS, flipped, oblique and
-transformed volumes; user edits are never overwritten without a way back."""
+"""The Slicer Logic on Slicer's own MRML libraries (slicer-core: real scene, volume, segmentation,
+markups and transform nodes, Slicer's slicer.util; slicer_mrml.py): masks must land on the right
+voxels for RAS, LPS, flipped, oblique and transformed volumes; user edits are never overwritten
+without a way back."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import slicer_fake
+from slicer_mrml import (
+    add_segment,
+    fiducials,
+    ijk_to_ras,
+    read,
+    roi,
+    segment_world_points,
+    segmentation_node,
+    volume_node,
+    voxel_world_points,
+    world_of_voxel,
+    write,
+)
 from test_engine import Oracle, disc_decoder
 
 RADIUS_MM = 14.0
@@ -41,6 +55,8 @@ def ras_of_voxels(ijk_to_ras: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def sphere_volume(kind: str, parent=None):
+    """A real scalar volume node of a sphere (KJI ``inside`` mask returned too), stored as ``kind``
+    says, optionally under a linear parent transform (local RAS -> world RAS)."""
     m = geometry(kind)
     shape = (8, 40, 48)
     k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
@@ -48,7 +64,7 @@ def sphere_volume(kind: str, parent=None):
     inside = (np.linalg.norm(ras - CENTRE_RAS, axis=1) < RADIUS_MM).reshape(shape)
     rng = np.random.default_rng(0)
     array = (np.where(inside, 180, -60) + rng.normal(0, 10, shape)).astype(np.int16)
-    return slicer_fake.FakeVolumeNode(array, m, f"sphere-{kind}", parentToWorld=parent), inside
+    return volume_node(array, m, f"sphere-{kind}", parent_to_world=parent), inside
 
 
 def step_like_the_panel(job) -> float:
@@ -87,6 +103,21 @@ def stored(segmentation_node, name):
     return seg.GetSegment(seg.GetSegmentIdBySegmentName(name))
 
 
+def slicer_util():
+    import slicer
+
+    return slicer.util
+
+
+def inside_shape(node) -> tuple[int, int, int]:
+    return slicer_util().arrayFromVolume(node).shape[:3]
+
+
+def segment_names(segmentation_node) -> set[str]:
+    seg = segmentation_node.GetSegmentation()
+    return {seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())}
+
+
 @pytest.mark.parametrize("kind", ["ras", "lps", "flipped_j", "oblique"])
 def test_segment_masks_land_on_the_right_voxels(logic_with, make_engine, kind):
     volume_node, inside = sphere_volume(kind)
@@ -96,14 +127,16 @@ def test_segment_masks_land_on_the_right_voxels(logic_with, make_engine, kind):
     from AutoMedSAMSlicerLib.nodes import volumeFromNode
 
     volume = volumeFromNode(volume_node)  # what the engine gets: KJI array, LPS geometry
-    assert np.allclose(volume.ijk_to_ras(), volume_node.ijkToRas) and volume.array is volume_node.array
+    matrix = ijk_to_ras(volume_node)
+    assert np.allclose(volume.ijk_to_ras(), matrix)
+    assert np.array_equal(volume.array, slicer_util().arrayFromVolume(volume_node))
     seg_node = logic.segment(volume_node, "liver", model="test")
     segment = stored(seg_node, "Liver")
     assert segment.GetTerminology().split("~")[2] == "SCT^10200004^Liver"
     assert np.allclose(segment.GetColor(), engine.class_info("liver").color_float)
-    labelmap, matrix = segment.labelmap
-    assert np.array_equal(matrix, volume_node.ijkToRas)  # written with the volume as reference geometry
-    assert seg_node.referenceGeometry[1] == volume_node.array.shape
+    # Written with the volume as reference geometry; read back through Slicer's resampling.
+    assert seg_node.GetNodeReferenceID("referenceImageGeometryRef") == volume_node.GetID()
+    labelmap = read(seg_node, "Liver", volume_node)
     # In physical space the written voxels are the sphere's (only the decoder-grid boundary may differ).
     ras = ras_of_voxels(matrix, labelmap)
     assert np.mean(np.linalg.norm(ras - CENTRE_RAS, axis=1) < RADIUS_MM + 2.0) > 0.99
@@ -122,31 +155,28 @@ def test_a_click_in_world_ras_refines_the_clicked_voxel(logic_with, make_engine,
     engine = make_engine("tiny-sam2", "ppn")
     disc_decoder(engine)
     logic = logic_with(engine)
-    seg_node = slicer_fake.FakeSegmentationNode()
+    seg_node = segmentation_node()
     for i, j, k in [(10, 12, 3), (30, 25, 5)]:
-        local = (volume_node.ijkToRas @ [i, j, k, 1])[:3]
-        world = local if parent is None else (parent @ np.append(local, 1))[:3]
-        segment = stored(seg_node, "Liver")
-        before = segment.labelmap[0].copy() if segment else np.zeros(volume_node.array.shape, np.uint8)
-        assert logic.refine(volume_node, seg_node, "liver", points=slicer_fake.FakeMarkupsFiducialNode(world),
-                            mode="manual") == k
-        labelmap, matrix = stored(seg_node, "Liver").labelmap
-        assert np.array_equal(matrix, volume_node.ijkToRas)
+        world = world_of_voxel(volume_node, (i, j, k))
+        before = read(seg_node, "Liver", volume_node)
+        before = np.zeros(inside_shape(volume_node), bool) if before is None else before
+        assert logic.refine(volume_node, seg_node, "liver", points=fiducials([world]), mode="manual") == k
+        labelmap = read(seg_node, "Liver", volume_node)
         jj, ii = np.nonzero(labelmap[k])
         assert abs(ii.mean() - i) <= 1.0 and abs(jj.mean() - j) <= 1.0
         others = [n for n in range(labelmap.shape[0]) if n != k]
         assert np.array_equal(labelmap[others], before[others])  # only slice k changed
         assert logic.undo(seg_node).startswith("refine")
-        segment = stored(seg_node, "Liver")
-        assert (segment is None and k == 3) or np.array_equal(segment.labelmap[0], before)
-        logic.refine(volume_node, seg_node, "liver", points=slicer_fake.FakeMarkupsFiducialNode(world), mode="manual")
+        after_undo = read(seg_node, "Liver", volume_node)
+        assert (after_undo is None and k == 3) or np.array_equal(after_undo, before)
+        logic.refine(volume_node, seg_node, "liver", points=fiducials([world]), mode="manual")
 
 
 def test_refine_rejects_points_on_several_slices(logic_with, make_engine):
     volume_node, _ = sphere_volume("ras")
     logic = logic_with(make_engine("tiny-sam2", "ppn"))
-    seg_node = slicer_fake.FakeSegmentationNode()
-    points = [(volume_node.ijkToRas @ [10, 10, k, 1])[:3] for k in (1, 5)]
+    seg_node = segmentation_node()
+    points = [world_of_voxel(volume_node, (10, 10, k)) for k in (1, 5)]
     with pytest.raises(ValueError, match="several slices"):
         logic.refine(volume_node, seg_node, "liver", points=np.array(points))
 
@@ -168,25 +198,25 @@ def test_user_edits_are_never_overwritten_without_a_way_back(slicer, logic_with,
     logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node)
     assert seg_node.GetSegmentation().GetNumberOfSegments() == 1
     # The user paints on slice 2 (e.g. with Segment Editor).
-    edited = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    edited = read(seg_node, "Liver", volume_node)
     edited[2, :5, :5] = True
     slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, liver_id, volume_node)
     # Default "keep": the model result goes into a new segment; the user's is untouched.
     logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node)
-    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
-    assert stored(seg_node, "Liver (AutoMedSAM)").labelmap[0].sum() == stored(seg_node, "Liver (AutoMedSAM)"
-                                                                            ).labelmap[0][inside].sum()
+    assert np.array_equal(read(seg_node, "Liver", volume_node), edited)
+    ours = read(seg_node, "Liver (AutoMedSAM)", volume_node)
+    assert ours.sum() == ours[inside].sum() > 0
     assert logic.undo(seg_node).startswith("segment")
     assert seg_node.GetSegmentation().GetNumberOfSegments() == 1
     # Asked, the user may overwrite; undo brings the edit back and it counts as an edit again.
     asked = []
     logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node,
                   onEditedSegment=lambda names: asked.append(names) or "overwrite")
-    assert asked == [["Liver"]] and not stored(seg_node, "Liver").labelmap[0][2, :5, :5].any()
+    assert asked == [["Liver"]] and not read(seg_node, "Liver", volume_node)[2, :5, :5].any()
     logic.undo(seg_node)
-    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
+    assert np.array_equal(read(seg_node, "Liver", volume_node), edited)
     logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node, onEditedSegment="cancel")
-    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)
+    assert np.array_equal(read(seg_node, "Liver", volume_node), edited)
     with pytest.raises(ValueError, match="onEditedSegment"):
         logic.segment(volume_node, ["liver"], model="test", segmentationNode=seg_node, onEditedSegment="yes")
 
@@ -206,8 +236,7 @@ def test_segment_job_reports_progress_and_cancels_without_writing(logic_with, ma
     done = logic.segment(volume_node, ["liver", "spleen"], model="test", waitForCompletion=False)
     while done.step():
         pass
-    names = {s.GetName() for s in done.result.GetSegmentation().segments.values()}
-    assert names == {"Liver", "Spleen"}
+    assert segment_names(done.result) == {"Liver", "Spleen"}
     with pytest.raises(Exception, match="not one the model knows"):
         logic.segment(volume_node, ["brain"], model="test")
     with pytest.raises(ValueError, match="no classes"):
@@ -219,29 +248,27 @@ def test_propagate_starts_from_the_segment_as_the_user_left_it(slicer, logic_wit
     engine = make_engine("tiny-sam", "ppn", objectness_threshold=-1e9)
     Oracle(engine, inside)
     logic = logic_with(engine)
-    seg_node = slicer_fake.FakeSegmentationNode()
+    seg_node = segmentation_node()
     seed = np.zeros_like(inside)
     seed[4] = inside[4]
-    seg_id = seg_node.GetSegmentation().AddEmptySegment("", "Liver", (1, 0, 0))
-    slicer.util.updateSegmentBinaryLabelmapFromArray(seed.astype(np.uint8), seg_node, seg_id, volume_node)
+    add_segment(seg_node, "Liver", seed, volume_node)
     written = logic.propagate(volume_node, seg_node, "liver", 4)
-    labelmap = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    labelmap = read(seg_node, "Liver", volume_node)
     present = [k for k in range(8) if inside[k].any()]
     assert set(written) == set(present) - {4}
     for k in written:
         assert 2 * (labelmap[k] & inside[k]).sum() / (labelmap[k].sum() + inside[k].sum()) > 0.85
     logic.undo(seg_node)
-    assert np.array_equal(stored(seg_node, "Liver").labelmap[0].astype(bool), seed)
+    assert np.array_equal(read(seg_node, "Liver", volume_node), seed)
 
 
 def test_teach_from_a_few_drawn_slices_then_segment_with_the_new_bundle(slicer, logic_with, make_engine, tmp_path):
     volume_node, inside = sphere_volume("lps")
     logic = logic_with(make_engine("tiny-sam2", "ppn"))
-    seg_node = slicer_fake.FakeSegmentationNode()
+    seg_node = segmentation_node()
     drawn = np.zeros_like(inside)
     drawn[[3, 4]] = inside[[3, 4]]  # the user drew two slices
-    seg_id = seg_node.GetSegmentation().AddEmptySegment("", "Tumor core", (1, 0, 0))
-    slicer.util.updateSegmentBinaryLabelmapFromArray(drawn.astype(np.uint8), seg_node, seg_id, volume_node)
+    add_segment(seg_node, "Tumor core", drawn, volume_node)
     messages = []
     path = logic.teach(volume_node, seg_node, ["Tumor core"], epochs=1, outputPath=str(tmp_path / "taught.zip"),
                        progressCallback=lambda f, m: messages.append(m))
@@ -250,7 +277,7 @@ def test_teach_from_a_few_drawn_slices_then_segment_with_the_new_bundle(slicer, 
     assert [c.name for c in logic.modelClasses()] == ["tumor_core"]
     out = logic.segment(volume_node, ["tumor_core"])  # used at once, no reload
     assert stored(out, "Tumor core") is not None
-    empty = slicer_fake.FakeSegmentationNode()
+    empty = segmentation_node("empty")
     empty.GetSegmentation().AddEmptySegment("", "Nothing", (0, 0, 1))
     with pytest.raises(ValueError, match="is empty"):
         logic.teach(volume_node, empty, epochs=1)
@@ -269,18 +296,18 @@ def test_worker_backend_restarts_after_a_crash_and_nothing_is_lost(slicer, make_
     try:
         volume_node, _ = sphere_volume("lps")
         seg_node = logic.segment(volume_node, ["liver", "spleen"], model=str(make_bundle("tiny-sam2", "ppn")))
-        before = {n: stored(seg_node, n).labelmap[0].copy() for n in ("Liver", "Spleen")}
+        before = {n: read(seg_node, n, volume_node) for n in ("Liver", "Spleen")}
         info = logic.deviceInfo()
         assert info["device"] == "cpu" and "gpu" in info
         first = engines.worker.process
         first.kill()
         first.wait()
-        point = (volume_node.ijkToRas @ [20, 18, 4, 1])[:3]
+        point = world_of_voxel(volume_node, (20, 18, 4))
         assert logic.refine(volume_node, seg_node, "liver", points=[point], mode="manual") == 4
         assert engines.worker.alive() and engines.worker.process is not first
-        after = stored(seg_node, "Liver").labelmap[0]
+        after = read(seg_node, "Liver", volume_node)
         assert np.array_equal(np.delete(after, 4, axis=0), np.delete(before["Liver"], 4, axis=0))
-        assert np.array_equal(stored(seg_node, "Spleen").labelmap[0], before["Spleen"])
+        assert np.array_equal(read(seg_node, "Spleen", volume_node), before["Spleen"])
         # The restored session still has the volume: propagate from the refined slice works.
         logic.propagate(volume_node, seg_node, "liver", 4, maxSlices=1)
     finally:
@@ -352,7 +379,7 @@ def test_a_job_finishes_once_while_a_modal_prompt_runs_the_event_loop(slicer, lo
     from AutoMedSAMSlicerLib.jobs import Job
 
     logic, volume_node, _, seg_node, liver_id = liver_segmented(logic_with, make_engine)
-    edited = stored(seg_node, "Liver").labelmap[0].astype(bool)
+    edited = read(seg_node, "Liver", volume_node)
     edited[2, :5, :5] = True
     slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, liver_id, volume_node)
     asked, done = [], []
@@ -372,8 +399,9 @@ def test_a_job_finishes_once_while_a_modal_prompt_runs_the_event_loop(slicer, lo
     assert asked == [["Liver"]] and len(done) == 1 and job.result is seg_node
     assert seg_node.GetSegmentation().GetNumberOfSegments() == 1  # written once, no "(AutoMedSAM)" copies
     logic.undo(seg_node)
-    assert np.array_equal(stored(seg_node, "Liver").labelmap[0], edited)  # one undo restores the edit
-    assert logic.undo(seg_node).startswith("segment")  # and the one before is the first segmentation
+    assert np.array_equal(read(seg_node, "Liver", volume_node), edited)  # one undo restores the edit
+    # The one before is the first segmentation, which the user painted on since: undone only when asked.
+    assert logic.undo(seg_node, onEditedSince="overwrite").startswith("segment")
 
 
 def load_module_file(slicer, monkeypatch, shown: list) -> dict:
@@ -507,9 +535,9 @@ def test_a_box_counts_only_once_both_corners_are_placed(slicer):
     from AutoMedSAMSlicerLib.nodes import roiPlaced
 
     assert not roiPlaced(None)
-    assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=0))
-    assert not roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=1))  # first corner only
-    assert roiPlaced(slicer_fake.FakeROINode([0, 1, 0, 1, 0, 1], clicks=2))
+    assert not roiPlaced(roi([0, 1, 0, 1, 0, 1], clicks=0))
+    assert not roiPlaced(roi([0, 1, 0, 1, 0, 1], clicks=1))  # first corner only
+    assert roiPlaced(roi([0, 1, 0, 1, 0, 1], clicks=2))
 
 
 @pytest.mark.parametrize("kind", ["lps", "flipped_j"])
@@ -525,9 +553,9 @@ def test_a_click_after_the_users_edit_or_undo_keeps_what_the_segment_shows(logic
     engine.backbone.spec = dataclasses.replace(engine.backbone.spec, box_only=True)
     disc_decoder(engine, radius_sq=30.0)
     logic = logic_with(engine)
-    seg_node = slicer_fake.FakeSegmentationNode()
+    seg_node = segmentation_node()
     k = 4
-    corners = np.array([volume_node.ijkToRas @ [i, j, k, 1] for i, j in ((8, 10), (40, 34))])[:, :3]
+    corners = np.array([world_of_voxel(volume_node, (i, j, k)) for i, j in ((8, 10), (40, 34))])
     assert logic.refine(volume_node, seg_node, "liver", box=corners, mode="manual") == k
     sid = seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver")
     shown = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
@@ -536,8 +564,8 @@ def test_a_click_after_the_users_edit_or_undo_keeps_what_the_segment_shows(logic
     edited[k, :, 24:] = False  # the user's eraser: the right part of the slice
     slicer.util.updateSegmentBinaryLabelmapFromArray(edited.astype(np.uint8), seg_node, sid, volume_node)
     jj, ii = np.nonzero(edited[k])
-    click = volume_node.ijkToRas @ [int(ii.min()) + 2, int(jj.mean()), k, 1]
-    logic.refine(volume_node, seg_node, "liver", points=[click[:3]], pointLabels=[1], mode="manual")
+    click = world_of_voxel(volume_node, (int(ii.min()) + 2, int(jj.mean()), k))
+    logic.refine(volume_node, seg_node, "liver", points=[click], pointLabels=[1], mode="manual")
     after = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
     assert not after[k, :, 30:].any()  # far from the click, what the user erased stays erased
     assert (after[k] >= edited[k]).all()  # the click only added, around itself
@@ -545,7 +573,123 @@ def test_a_click_after_the_users_edit_or_undo_keeps_what_the_segment_shows(logic
     assert logic.undo(seg_node).startswith("refine")
     undone = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
     assert np.array_equal(undone, edited)
-    logic.refine(volume_node, seg_node, "liver", points=[click[:3]], pointLabels=[1], mode="manual")
+    logic.refine(volume_node, seg_node, "liver", points=[click], pointLabels=[1], mode="manual")
     again = slicer.util.arrayFromSegmentBinaryLabelmap(seg_node, sid, volume_node) > 0
     assert not again[k, :, 30:].any() and (again[k] >= edited[k]).all()
 
+
+
+# ------------------------------------------------------------- defects found in Slicer's source
+def test_the_preview_point_under_the_mouse_is_never_a_prompt(logic_with, make_engine):
+    """While the user places a point, Markups keep the point under the mouse in the list with status
+    PositionPreview (vtkMRMLMarkupsNode); slicer.util.arrayFromMarkupsControlPoints returns it too."""
+    volume_node, _ = sphere_volume("lps")
+    engine = make_engine("tiny-sam2", "ppn")
+    disc_decoder(engine)
+    logic = logic_with(engine)
+    seg_node = segmentation_node()
+    placed, hovering = world_of_voxel(volume_node, (10, 12, 3)), world_of_voxel(volume_node, (36, 30, 3))
+    points = fiducials([placed, hovering], defined=False)
+    assert len(slicer_util().arrayFromMarkupsControlPoints(points, world=True)) == 2  # Slicer hands out both
+    logic.refine(volume_node, seg_node, "liver", points=points, mode="manual")
+    jj, ii = np.nonzero(read(seg_node, "Liver", volume_node)[3])
+    assert abs(ii.mean() - 10) <= 1.0 and abs(jj.mean() - 12) <= 1.0  # the placed point's disc only
+    with pytest.raises(ValueError, match="at least one point"):  # only a preview: nothing to refine with
+        logic.refine(volume_node, seg_node, "liver", points=fiducials([hovering], defined=False), mode="manual")
+
+
+def test_a_box_drawn_in_a_view_across_the_slices_is_refused(logic_with, make_engine):
+    """An axial CT's coronal view shows no k-slice: a box drawn there (thin along j, tall along k) used
+    to become a square on the slice through its centre."""
+    volume_node, _ = sphere_volume("lps")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seg_node = segmentation_node()
+    corners = np.array([world_of_voxel(volume_node, c) for c in ((8, 20, 1), (40, 20, 6))])  # a coronal rectangle
+    with pytest.raises(ValueError, match="not the volume's own slice orientation"):
+        logic.refine(volume_node, seg_node, "liver", box=corners, mode="manual")
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == 0  # nothing written
+    axial = np.array([world_of_voxel(volume_node, c) for c in ((8, 10, 4), (40, 34, 4))])
+    assert logic.refine(volume_node, seg_node, "liver", box=axial, mode="manual") == 4
+
+
+def test_the_users_segmentation_node_is_never_moved_or_regridded(slicer, logic_with, make_engine):
+    """Writing into the user's segmentation (their own segments, their own parent transform and
+    reference geometry, an oblique volume) changes only the class's segment."""
+    parent = np.eye(4)
+    parent[:3, :3], parent[:3, 3] = rotation_z(15), [4.0, -6.0, 2.0]
+    volume_node, inside = sphere_volume("oblique", parent)
+    other_grid, _ = sphere_volume("ras")
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    Oracle(engine, inside)
+    logic = logic_with(engine)
+    users = segmentation_node("the user's")
+    users.SetReferenceImageGeometryParameterFromVolumeNode(other_grid)
+    own = np.zeros_like(inside)
+    own[2:5, 5:12, 5:12] = True
+    add_segment(users, "Tumor", own, volume_node)
+    transform_id = users.GetTransformNodeID()
+    reference = users.GetNodeReferenceID("referenceImageGeometryRef")
+    out = logic.segment(volume_node, ["liver"], segmentationNode=users, model="test")
+    assert out is users
+    assert users.GetTransformNodeID() == transform_id and users.GetNodeReferenceID(
+        "referenceImageGeometryRef") == reference  # not moved, not re-gridded
+    assert np.array_equal(read(users, "Tumor", volume_node), own)  # the user's segment is untouched
+    liver = read(users, "Liver", volume_node)
+    assert 2 * (liver & inside).sum() / (liver.sum() + inside.sum()) > 0.9  # right voxels through any geometry
+    # Where Slicer draws it: on the image's sphere in world space (the volume is under a transform, the
+    # user's segmentation is not).
+    drawn, truth = segment_world_points(users, "Liver"), voxel_world_points(volume_node, inside)
+    assert np.abs(drawn.mean(axis=0) - truth.mean(axis=0)).max() < 1.0
+
+
+@pytest.mark.parametrize("kind", ["lps", "oblique"])
+def test_results_are_drawn_on_the_image_when_the_volume_sits_under_a_transform(logic_with, make_engine, kind):
+    parent = np.eye(4)
+    parent[:3, :3], parent[:3, 3] = rotation_z(-25), [12.0, 5.0, -8.0]
+    volume_node, inside = sphere_volume(kind, parent)
+    engine = make_engine("tiny-sam", "ppn", cleanup="none", objectness_threshold=-1e9)
+    Oracle(engine, inside)
+    seg_node = logic_with(engine).segment(volume_node, ["liver"], model="test")
+    assert seg_node.GetTransformNodeID() == volume_node.GetTransformNodeID()  # a node the module made
+    drawn, truth = segment_world_points(seg_node, "Liver"), voxel_world_points(volume_node, inside)
+    assert np.abs(drawn.mean(axis=0) - truth.mean(axis=0)).max() < 1.0
+    assert abs(len(drawn) - len(truth)) < 0.1 * len(truth)
+
+
+def test_undo_never_silently_wipes_edits_made_after_the_step(slicer, logic_with, make_engine):
+    from AutoMedSAMSlicerLib.history import EditedSinceError
+
+    logic, volume_node, _, seg_node, _ = liver_segmented(logic_with, make_engine)
+    painted = read(seg_node, "Liver", volume_node)
+    painted[6, :4, :4] = True  # the user paints after the segmentation
+    write(seg_node, "Liver", painted, volume_node)
+    with pytest.raises(EditedSinceError, match="Liver changed after") as refused:
+        logic.undo(seg_node)
+    assert refused.value.segments == ["Liver"]
+    assert np.array_equal(read(seg_node, "Liver", volume_node), painted)  # nothing changed
+    asked = []
+    assert logic.undo(seg_node, onEditedSince=lambda names: asked.append(names) or "overwrite").startswith("segment")
+    assert asked == [["Liver"]] and read(seg_node, "Liver", volume_node) is None  # the step created the segment
+
+
+def test_teach_never_overwrites_an_earlier_model_and_names_classes_from_any_segment_name(
+        slicer, logic_with, make_engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOMEDSAM_HOME", str(tmp_path / "home"))
+    volume_node, inside = sphere_volume("lps")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seg_node = segmentation_node()
+    drawn = np.zeros_like(inside)
+    drawn[[3, 4]] = inside[[3, 4]]
+    add_segment(seg_node, "Liver (AutoMedSAM)", drawn, volume_node)
+    first = logic.teach(volume_node, seg_node, epochs=1)
+    assert [c.name for c in logic.modelClasses()] == ["liver"]  # not "liver_(automedsam)"
+    second = logic.teach(volume_node, seg_node, epochs=1)
+    assert first != second and Path(first).is_file() and Path(second).is_file()
+    with pytest.raises(ValueError, match="exists"):
+        logic.teach(volume_node, seg_node, epochs=1, outputPath=first)
+    from AutoMedSAMSlicerLib.logic import _className
+
+    assert [_className(n) for n in ("Left kidney", "Lesion #2", " Liver (AutoMedSAM) ")] == [
+        "left_kidney", "lesion_2", "liver"]
+    with pytest.raises(ValueError, match="no letters or digits"):
+        _className("???")

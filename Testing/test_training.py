@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from automedsam.bundle import backbone_for_bundle, load_bundle
+from automedsam.bundle import load_bundle
 from automedsam.cli.main import run
 from automedsam.engine import Engine
 from automedsam.errors import InvalidInputError
@@ -62,7 +62,7 @@ def test_training_yields_events_and_a_bundle_that_reproduces_its_validation(case
     assert 12 not in facts["val_slices"]["ct_lowres.nii.gz"]
     assert bundle.manifest["metrics"]["validation"] == done.metrics
     # The engine with the saved bundle gives the same validation numbers.
-    engine = Engine(backbone_for_bundle(bundle, "cpu"), bundle)
+    engine = Engine.from_bundle(bundle, "cpu")
     engine.set_volume(case.image)
     val = facts["val_slices"]["ct_lowres.nii.gz"]
     result = engine.segment_volume(["liver"], val, cleanup="none")

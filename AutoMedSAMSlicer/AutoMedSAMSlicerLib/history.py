@@ -42,12 +42,32 @@ class _SegmentBefore:
 
 @dataclass
 class UndoStep:
-    """One user action (segment, refine, propagate) on one segmentation node."""
+    """One user action (segment, refine, propagate) on one segmentation node: what each segment held
+    before, and the fingerprint of what the step wrote (so an edit made since is recognised)."""
 
     label: str
     segmentationNode: object
     volumeNode: object
     before: list[_SegmentBefore] = field(default_factory=list)
+    written: dict[str, str] = field(default_factory=dict)
+
+    def recordWritten(self, segmentId: str, mask: np.ndarray) -> None:
+        self.written[segmentId] = nodes.maskFingerprint(mask)
+
+    def editedSince(self) -> list[str]:
+        """Names of the segments whose voxels changed after this step wrote them (drawn, erased,
+        or changed by a later step), or that were removed."""
+        segmentation = self.segmentationNode.GetSegmentation()
+        changed = []
+        for segmentId, fingerprint in self.written.items():
+            segment = segmentation.GetSegment(segmentId)
+            if segment is None:
+                changed.append(segmentId)
+                continue
+            mask = nodes.readSegmentMask(self.segmentationNode, segmentId, self.volumeNode)
+            if nodes.maskFingerprint(mask) != fingerprint:
+                changed.append(segment.GetName())
+        return changed
 
     def recordCreated(self, segmentId: str) -> None:
         self.before.append(_SegmentBefore(segmentId, True, None))
@@ -56,6 +76,14 @@ class UndoStep:
         kept = mask if slices is None else mask[slices]
         tag = self.segmentationNode.GetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + segmentId) or ""
         self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(kept), tag))
+
+
+class EditedSinceError(ValueError):
+    """An undo refused because segments changed after the step (``segments``: their names)."""
+
+    def __init__(self, message: str, segments: list[str]):
+        super().__init__(message)
+        self.segments = segments
 
 
 class UndoHistory:
@@ -71,11 +99,28 @@ class UndoHistory:
     def canUndo(self, segmentationNode=None) -> bool:
         return self._stack.can_undo(ANY if segmentationNode is None else segmentationNode)
 
-    def undo(self, segmentationNode=None) -> str | None:
-        """Undo the newest step (on ``segmentationNode`` if given); returns its label or None."""
-        step = self._stack.pop(ANY if segmentationNode is None else segmentationNode)
+    def undo(self, segmentationNode=None, onEditedSince="refuse") -> str | None:
+        """Undo the newest step (on ``segmentationNode`` if given); returns its label or None.
+
+        A segment edited after the step wrote it would lose that edit: with ``onEditedSince``
+        ``"refuse"`` (the default) nothing changes and :class:`EditedSinceError` names the segments;
+        ``"overwrite"`` undoes anyway; a callable gets the segment names and returns either.
+        """
+        which = ANY if segmentationNode is None else segmentationNode
+        step = self._stack.peek(which)
         if step is None:
             return None
+        edited = step.editedSince()
+        if edited:
+            decision = onEditedSince(edited) if callable(onEditedSince) else onEditedSince
+            if decision not in ("refuse", "overwrite"):
+                raise ValueError(f"onEditedSince must be 'refuse' or 'overwrite', got {decision!r}")
+            if decision == "refuse":
+                raise EditedSinceError(
+                    f"not undone: {', '.join(edited)} changed after '{step.label}' (edited by hand or by a later "
+                    "step); undoing it would lose those changes. Undo them first with Slicer's own undo, or undo "
+                    "with onEditedSince='overwrite'", edited)
+        self._stack.pop(which)
         for before in reversed(step.before):
             before.restore(step.segmentationNode, step.volumeNode)
         return step.label

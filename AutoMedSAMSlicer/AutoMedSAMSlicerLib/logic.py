@@ -173,7 +173,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         for info, sid, current in targets:
             keepUsers = sid and decision == "keep" and info.display_name in edited
             if sid is None or keepUsers:
-                name = f"{info.display_name} (AutoMedSAM)" if keepUsers else None
+                name = f"{info.display_name}{OWN_SEGMENT_SUFFIX}" if keepUsers else None
                 sid = nodes.addClassSegment(segmentationNode, info, name)
                 step.recordCreated(sid)
             else:
@@ -182,6 +182,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             if slices is not None and current is not None and not keepUsers:
                 mask = np.where(_sliceSelector(mask.shape[0], slices)[:, None, None], mask, current)
             nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode)
+            step.recordWritten(sid, mask)
         self.history.push(step)
         return segmentationNode
 
@@ -250,6 +251,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         for k, m in sliceMasks.items():
             current[k] = m
         nodes.writeSegmentMask(segmentationNode, sid, current, volumeNode)
+        step.recordWritten(sid, current)
         if edited:  # the user's edits on other slices stay theirs: a later Segment must ask
             segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + sid, "edited")
         self.history.push(step)
@@ -289,9 +291,14 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return job.wait() if waitForCompletion else job
 
     # ----------------------------------------------------------------------------------- undo
-    def undo(self, segmentationNode=None) -> str | None:
-        """Undo the last AutoMedSAM change (on ``segmentationNode`` if given); returns what was undone."""
-        return self.history.undo(segmentationNode)
+    def undo(self, segmentationNode=None, onEditedSince="refuse") -> str | None:
+        """Undo the last AutoMedSAM change (on ``segmentationNode`` if given); returns what was undone.
+
+        Segments changed since that change (painted, erased, or changed again) are never silently
+        reset: ``onEditedSince="refuse"`` raises :class:`.history.EditedSinceError` naming them (the
+        console's default), ``"overwrite"`` undoes anyway, a callable (the panel's question) gets
+        their names and returns either."""
+        return self.history.undo(segmentationNode, onEditedSince)
 
     def canUndo(self, segmentationNode=None) -> bool:
         return self.history.canUndo(segmentationNode)
@@ -300,12 +307,15 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def teach(self, volumeNode, segmentationNode, segments=None, promptNetwork: str | None = None,
               epochs: int | None = None,
               outputPath: str | None = None, waitForCompletion: bool = True, progressCallback: Callable | None = None,
-              model: str | None = None, device: str | None = None, decoderLearningRate: float | None = None):
+              model: str | None = None, device: str | None = None, decoderLearningRate: float | None = None,
+              overwrite: bool = False):
         """Train a prompt network from segments drawn or corrected on a few slices of ``volumeNode``.
 
         ``segments``: segment names (or ``{segment name: class name}``); default all segments. Only
-        slices with any of them are used. The new bundle is saved to ``outputPath`` (default: the
-        AutoMedSAM home's ``bundles`` folder) and used at once. Returns the bundle path (or a Job).
+        slices with any of them are used. The new bundle is saved to ``outputPath`` (default: a new
+        file in the AutoMedSAM home's ``bundles`` folder, so every teach keeps its own and a saved
+        scene keeps pointing at the weights it used; an existing ``outputPath`` is replaced only with
+        ``overwrite``) and used at once. Returns the bundle path (or a Job).
         ``promptNetwork``, ``epochs`` and ``decoderLearningRate`` default to the engine's
         (:data:`automedsam.contract.DEFAULT_PROMPT_NETWORK`, ``TEACH_EPOCHS``, ``TEACH_DECODER_LR``).
         """
@@ -321,7 +331,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         trainSlices = ",".join(str(k) for k in labelled_slices(labels))
         from automedsam.models import automedsam_home
 
-        target = Path(outputPath) if outputPath else automedsam_home() / "bundles" / "taught-in-slicer.zip"
+        target = Path(outputPath) if outputPath else _newBundlePath(automedsam_home() / "bundles")
+        if target.exists() and not overwrite:
+            raise ValueError(f"{target} exists: a model taught earlier may be in use there (a saved scene may point "
+                             "at it). Choose another file, or pass overwrite=True")
         cancel = threading.Event()
         ready = {}
 
@@ -417,9 +430,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def _promptsToIjk(self, volumeNode, points, pointLabels, box):
         ijkPoints = labels = ijkBox = None
         if points is not None and hasattr(points, "GetNumberOfControlPoints"):
-            import slicer
-
-            points = slicer.util.arrayFromMarkupsControlPoints(points, world=True)
+            points = nodes.definedControlPoints(points)
         if points is not None and len(points):
             ijkPoints = nodes.worldToIjk(volumeNode, points)
             labels = np.ones(len(ijkPoints), int) if pointLabels is None else np.asarray(pointLabels, int).reshape(-1)
@@ -443,7 +454,17 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _sliceOf(volumeNode, ijkPoints, ijkBox, sliceIndex: int | None) -> int:
         """The k-slice the prompts were placed on: the points' (they sit on the slice plane), else
-        the box centre's (an ROI drawn on a slice view has some thickness along k)."""
+        the box centre's (an ROI drawn on a slice view has some thickness along k). A box drawn in a
+        view that is not a k-slice of the volume (a coronal view of an axial CT: thin along j, tall
+        along k) is refused: no k-slice holds the rectangle the user drew."""
+        if ijkBox is not None:
+            extent = np.ptp(ijkBox, axis=0)  # voxels along i, j, k
+            if extent[2] > 1.5 and extent[2] > min(extent[0], extent[1]):
+                raise ValueError(
+                    f"the box spans {extent[2]:.0f} slices of {volumeNode.GetName()!r} but only "
+                    f"{min(extent[0], extent[1]):.0f} voxels across one of its in-slice axes: it was drawn in a "
+                    "view that is not the volume's own slice orientation. Draw the box in the view that shows "
+                    "the volume's k-slices (the axial view for an axial scan)")
         if sliceIndex is not None:
             return int(sliceIndex)
         ks = ijkPoints[:, 2] if ijkPoints is not None else np.array([ijkBox[:, 2].mean()])
@@ -455,6 +476,17 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return int(np.round(np.median(ks)))
 
 
+def _newBundlePath(folder: Path) -> Path:
+    """A file name in ``folder`` no earlier teach used: ``taught-in-slicer-<date>-<time>[-n].zip``."""
+    import datetime
+
+    stem = f"taught-in-slicer-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    path, n = folder / f"{stem}.zip", 2
+    while path.exists():
+        path, n = folder / f"{stem}-{n}.zip", n + 1
+    return path
+
+
 def _sliceSelector(count: int, slices: Sequence[int]) -> np.ndarray:
     """``(count,)`` bool: True at the k-slices listed in ``slices``."""
     selected = np.zeros(count, bool)
@@ -462,6 +494,20 @@ def _sliceSelector(count: int, slices: Sequence[int]) -> np.ndarray:
     return selected
 
 
+#: What this module appends to a segment it writes beside one the user edited ("Liver (AutoMedSAM)").
+OWN_SEGMENT_SUFFIX = " (AutoMedSAM)"
+
+
 def _className(segmentName: str) -> str:
-    """Segment name -> class name ("Left kidney" -> "left_kidney")."""
-    return "_".join(segmentName.strip().lower().split())
+    """Segment name -> class name: ``"Left kidney"`` -> ``left_kidney``; the suffix of a segment this
+    module wrote beside the user's goes (``"Liver (AutoMedSAM)"`` -> ``liver``); any other character a
+    class name cannot hold becomes ``_`` (``"Lesion #2"`` -> ``lesion_2``)."""
+    import re
+
+    name = segmentName.strip()
+    if name.endswith(OWN_SEGMENT_SUFFIX):
+        name = name[:-len(OWN_SEGMENT_SUFFIX)]
+    spelled = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    if not spelled:
+        raise ValueError(f"segment name {segmentName!r} has no letters or digits to name a class after; rename it")
+    return spelled

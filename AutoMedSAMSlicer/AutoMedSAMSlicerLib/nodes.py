@@ -9,8 +9,9 @@ Frames and axes, as everywhere in AutoMedSAMSlicer:
   volumes keep their exact geometry.
 - Markups positions are *world* RAS; a volume under a parent transform is in its own local RAS,
   so points are mapped with ``TransformPointFromWorld`` before RAS->IJK.
-- Masks are written with the volume as reference geometry, so a mask voxel ``[k, j, i]`` is the
-  image voxel ``[k, j, i]``.
+- Masks are read and written on the volume's grid, so a mask voxel ``[k, j, i]`` is the image voxel
+  ``[k, j, i]`` wherever the segmentation node sits (its own parent transform or reference geometry,
+  which stay the user's).
 """
 
 from __future__ import annotations
@@ -104,11 +105,49 @@ def readSegmentMask(segmentationNode, segmentIdValue: str, volumeNode) -> np.nda
     return np.asarray(array).reshape(shape) > 0
 
 
+def localToWorld(node) -> np.ndarray:
+    """The 4x4 matrix from ``node``'s local RAS to world RAS (its parent transforms; identity without).
+
+    Raises:
+        ValueError: a non-linear (warping) transform, which no matrix describes.
+    """
+    matrix = vtk.vtkMatrix4x4()
+    parent = node.GetParentTransformNode()
+    if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(parent, None, matrix):
+        raise ValueError(f"{node.GetName()!r} sits under a non-linear transform; harden it (Data module, right-click "
+                         "the transform, Harden transform) before segmenting")
+    return np.array(slicer.util.arrayFromVTKMatrix(matrix), dtype=float)
+
+
 def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, volumeNode) -> None:
     """Replace the segment's voxels with ``mask`` (``(K, J, I)`` bool on the volume's grid) and
-    remember its fingerprint so a later user edit can be recognised."""
-    slicer.util.updateSegmentBinaryLabelmapFromArray(np.ascontiguousarray(mask, dtype=np.uint8), segmentationNode,
-                                                     segmentIdValue, volumeNode)
+    remember its fingerprint so a later user edit can be recognised.
+
+    The mask is imported through a label map placed where the volume is *in the segmentation's own
+    frame* (volume local RAS -> world -> segmentation local RAS) and under the segmentation's parent
+    transform, so the import applies no transform. slicer.util.updateSegmentBinaryLabelmapFromArray
+    puts the label map at the volume's local coordinates without its transform, which lands the mask
+    off by the volume's parent transform (or twice the difference) whenever the segmentation sits
+    under another transform than the volume (measured on Slicer's libraries, slicer-core 5.13).
+    """
+    volumeToSegmentation = (np.linalg.inv(localToWorld(segmentationNode)) @ localToWorld(volumeNode)
+                            @ ijkToRasFromNode(volumeNode))
+    labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volumeNode, "__AutoMedSAM mask__")
+    try:
+        matrix = vtk.vtkMatrix4x4()
+        for row in range(4):
+            for col in range(4):
+                matrix.SetElement(row, col, volumeToSegmentation[row, col])
+        labelmap.SetIJKToRASMatrix(matrix)
+        labelmap.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(mask, dtype=np.uint8))
+        segmentIds = vtk.vtkStringArray()
+        segmentIds.InsertNextValue(segmentIdValue)
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentationNode,
+                                                                                      segmentIds):
+            raise RuntimeError(f"Slicer could not write segment {segmentIdValue!r} of {segmentationNode.GetName()!r}")
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmap)
     segmentationNode.SetAttribute(WRITTEN_MASK_ATTRIBUTE + segmentIdValue, maskFingerprint(mask))
 
 
@@ -120,16 +159,45 @@ def wasEditedByUser(segmentationNode, segmentIdValue: str, currentMask: np.ndarr
     return written != maskFingerprint(currentMask)
 
 
-def prepareSegmentationNode(volumeNode, segmentationNode=None, name: str | None = None):
-    """The output segmentation node, created if needed, with the volume as reference geometry and
-    under the same parent transform as the volume."""
-    if segmentationNode is None:
-        segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{volumeNode.GetName()} AutoMedSAM")
-        segmentationNode.CreateDefaultDisplayNodes()
+#: Attribute on segmentation nodes this module created (and so may place and re-grid).
+CREATED_ATTRIBUTE = "AutoMedSAM.createdBy"
+
+
+def newSegmentationNode(volumeNode, name: str | None = None):
+    """A new segmentation node for ``volumeNode``'s results: the volume as reference geometry, under
+    the volume's parent transform, tagged as this module's."""
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                          name or f"{volumeNode.GetName()} AutoMedSAM")
+    segmentationNode.CreateDefaultDisplayNodes()
+    segmentationNode.SetAttribute(CREATED_ATTRIBUTE, "AutoMedSAMSlicer")
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
     segmentationNode.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
     return segmentationNode
+
+
+def prepareSegmentationNode(volumeNode, segmentationNode=None, name: str | None = None):
+    """The output segmentation node: ``segmentationNode`` as it is, or a new one
+    (:func:`newSegmentationNode`). The user's own node is never moved or re-gridded: its parent
+    transform and reference geometry are theirs (masks are written through the volume's geometry,
+    wherever the node sits)."""
+    if segmentationNode is None:
+        return newSegmentationNode(volumeNode, name)
+    if segmentationNode.GetAttribute(CREATED_ATTRIBUTE) and segmentationNode.GetNodeReferenceID(
+            "referenceImageGeometryRef") != volumeNode.GetID():
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    return segmentationNode
+
+
+def definedControlPoints(markupsNode) -> np.ndarray:
+    """World RAS ``(N, 3)`` of the node's placed control points. The point under the mouse while the
+    user is placing one (status PositionPreview) and points whose position was cleared
+    (PositionMissing) are not prompts."""
+    points = slicer.util.arrayFromMarkupsControlPoints(markupsNode, world=True)
+    if points is None or not len(points):
+        return np.zeros((0, 3))
+    defined = [markupsNode.GetNthControlPointPositionStatus(n) == markupsNode.PositionDefined
+               for n in range(markupsNode.GetNumberOfControlPoints())]
+    return np.asarray(points, float).reshape(-1, 3)[np.array(defined, bool)]
 
 
 def roiPlaced(roiNode) -> bool:

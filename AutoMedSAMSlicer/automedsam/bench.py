@@ -88,17 +88,21 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
                    weights: str | None = "random", prompt_network: str = DEFAULT_PROMPT_NETWORK,
                    service: bool = False, naive: bool = True, runtime: str | None = None) -> dict:
     """Measure one backbone (see the module docstring); ``service`` adds refine through a worker,
-    ``runtime`` names the CPU runtime (None: ``$AUTOMEDSAM_CPU_RUNTIME`` or auto)."""
+    ``runtime`` names the CPU runtime (None: the process's; see
+    :func:`~automedsam.backbones.registry.default_registry`).
+    The backbone is built afresh (its own registry), so load and compile times are measured."""
     import torch
 
-    from .backbones import build_backbone
+    from .backbones.registry import ModelRegistry, Runtime, default_registry
     from .bundle import create_bundle
     from .classes import default_class_catalog
     from .engine import Engine
     from .preprocess import IntensityConfig
     from .prompt_networks import build_prompt_network, default_config
 
-    backbone = build_backbone(backbone_id, weights=weights, device=device, runtime=runtime)
+    runtime = runtime or default_registry().runtime.cpu
+    registry = ModelRegistry(Runtime(device, runtime))
+    backbone = registry.backbone(backbone_id, weights=weights)
     t = time.perf_counter()
     runtimes = {part: backbone.runtime_id(part) for part in ("encoder", "decoder")}
     compile_s = time.perf_counter() - t
@@ -112,7 +116,7 @@ def bench_backbone(backbone_id: str, volume: Volume, *, repeats: int = 20, devic
     box = np.array([width * 0.2, height * 0.2, width * 0.6, height * 0.7])
 
     def cold_engine() -> Engine:
-        e = Engine(backbone, bundle)
+        e = Engine(backbone, bundle, registry=registry)
         e.set_volume(volume)
         return e
 
@@ -242,7 +246,7 @@ def service_refine_latency(volume: Volume, bundle, *, repeats: int, device: str,
 def environment(device: str) -> dict:
     import torch
 
-    from .backbones.runtime import resolve_runtime
+    from .backbones.registry import default_registry
 
     versions = {"automedsam": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for module in ("segment_anything", "sam2", "numpy", "SimpleITK", "openvino", "onnxruntime"):
@@ -254,6 +258,6 @@ def environment(device: str) -> dict:
         "device": device if device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
         "cuda": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
         "torch_threads": torch.get_num_threads(),
-        "cpu_runtime": resolve_runtime(),
+        "cpu_runtime": default_registry().runtime.resolved().cpu,
         "versions": versions,
     }

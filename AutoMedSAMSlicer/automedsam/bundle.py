@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .backbones.base import load_state_strict
 from .catalog import load_validated
 from .classes import ClassCatalog, ClassInfo
-from .errors import CatalogError, InvalidInputError, WeightsLoadError
+from .errors import CatalogError, InvalidInputError
 from .orientation import CANONICAL, STORAGE
 from .preprocess import IntensityConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from .backbones import Backbone
+    from .backbones.base import Backbone
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -114,15 +115,21 @@ class ModelBundle:
 
         prompt_network = build_prompt_network(self.prompt_network_kind, dict(self.manifest["generator"]["config"]))
         state = {k[len("generator."):]: v for k, v in self.tensors.items() if k.startswith("generator.")}
-        _load_strict(prompt_network, state, f"bundle {self.name!r} prompt network (generator)")
+        load_state_strict(prompt_network, state, f"bundle {self.name!r} (its prompt network, the generator)")
         return prompt_network.eval().to(device) if device is not None else prompt_network.eval()
 
-    def apply_to_backbone(self, backbone: Backbone) -> None:
-        """Check the backbone and load the fine-tuned mask decoder, if the bundle has one."""
-        self.check_backbone(backbone)
-        if self.manifest["decoder_finetuned"]:
-            state = {k[len("mask_decoder."):]: v for k, v in self.tensors.items() if k.startswith("mask_decoder.")}
-            _load_strict(backbone.mask_decoder, state, f"bundle {self.name!r} mask decoder")
+    def decoder_state(self) -> dict | None:
+        """The fine-tuned mask decoder's state dict (CPU tensors), or None when the bundle keeps the
+        backbone's own decoder. A backbone view carries it (see
+        :meth:`automedsam.backbones.registry.ModelRegistry.for_bundle`); the shared backbone never does."""
+        if not self.manifest["decoder_finetuned"]:
+            return None
+        return {k[len("mask_decoder."):]: v for k, v in self.tensors.items() if k.startswith("mask_decoder.")}
+
+    @property
+    def weights_sha256(self) -> str:
+        """The sha256 of the bundle's weights (identifies its fine-tuned decoder)."""
+        return self.manifest["weights_sha256"]
 
     # ------------------------------------------------------------------------------ saving
     def save(self, path: str | os.PathLike) -> Path:
@@ -238,17 +245,6 @@ def _weights_blob(tensors: dict) -> bytes:
     from safetensors.torch import save as save_bytes
 
     return save_bytes({k: v.contiguous().cpu() for k, v in tensors.items()})
-
-
-def _load_strict(module, state: dict, what: str) -> None:
-    expected, given = set(module.state_dict()), set(state)
-    if expected != given:
-        missing, unexpected = sorted(expected - given)[:6], sorted(given - expected)[:6]
-        raise WeightsLoadError(f"{what}: weights do not fit (missing {missing}, unexpected {unexpected})")
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsLoadError(f"{what}: {exc}") from None
 
 
 #: Largest manifest read (a manifest is a few kB; this guards against zip bombs).
@@ -381,18 +377,3 @@ def create_bundle(backbone: Backbone, prompt_network, classes: list[ClassInfo], 
     }
     _check_unique_classes(manifest["classes"], f"bundle {name!r}")
     return ModelBundle(load_validated(manifest, "bundle.schema.json"), tensors, None)
-
-
-def backbone_for_bundle(bundle: ModelBundle, device: str = "auto") -> Backbone:
-    """Build the backbone a bundle was trained with (random seed or cached weights) and apply the
-    bundle's fine-tuned decoder."""
-    from .backbones import build_backbone
-
-    fingerprint = bundle.backbone_weights
-    if fingerprint.startswith("random:seed="):
-        backbone = build_backbone(bundle.backbone_id, weights="random", device=device,
-                                  seed=int(fingerprint.split("=", 1)[1]))
-    else:
-        backbone = build_backbone(bundle.backbone_id, device=device)
-    bundle.apply_to_backbone(backbone)
-    return backbone

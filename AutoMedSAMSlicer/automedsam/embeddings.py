@@ -1,7 +1,8 @@
 """The embeddings of one volume's slices: kept in memory (float16 on the CPU), on disk (one
 safetensors file per slice under a key of the volume's content, the backbone's weights and the
 preprocessing), and computed by the encoder in batches when neither has them. A CUDA out-of-memory
-error halves the batch, and at batch 1 moves the backbone to the CPU (slower, but the run finishes).
+error halves the batch, and at batch 1 asks the owner for a CPU backbone (slower, but the run
+finishes; the shared backbone, and every other session on it, stays on the GPU).
 
 Slices are ``k`` indices of the volume's ``(K, J, I)`` array; the backbone sees each one as its
 ``(S, S, 3)`` model input (see :class:`~automedsam.preprocess.SliceTransform`).
@@ -37,17 +38,19 @@ class EmbeddingStore:
         cache_dir: folder of the on-disk cache (None: memory only).
         note: called with a message for the user when the store changes course (smaller batches,
             CPU fallback); logged as a warning too.
-        on_cpu_fallback: called after the backbone moved to the CPU (the owner moves what it
-            holds on the GPU, e.g. a prompt network).
+        on_out_of_memory: called when CUDA runs out of memory at batch 1; returns the backbone to
+            go on with (the owner's CPU one; the owner moves what else it holds on the GPU). None:
+            the error is raised.
     """
 
     def __init__(self, backbone: Backbone, batch_size: int | None = None, cache_dir: str | None = None,
-                 note: Callable[[str], None] | None = None, on_cpu_fallback: Callable[[], None] | None = None):
+                 note: Callable[[str], None] | None = None,
+                 on_out_of_memory: Callable[[], Backbone] | None = None):
         self.backbone = backbone
         self._batch_size = batch_size
         self.cache_dir = cache_dir
         self._note = note
-        self._on_cpu_fallback = on_cpu_fallback
+        self._on_out_of_memory = on_out_of_memory
         self.volume: Volume | None = None
         self._features: dict[int, ImageFeatures] = {}
 
@@ -64,6 +67,22 @@ class EmbeddingStore:
                         json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size),
                         self.backbone.runtime_id("encoder")])
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def sharing(self, backbone: Backbone) -> EmbeddingStore:
+        """A store on this store's volume that decodes with ``backbone`` (a view of the same image
+        encoder: a training view, another decoder) and shares this store's embeddings: what either
+        encodes, both have. Until either takes another volume.
+
+        Raises:
+            ValueError: ``backbone`` encodes with another image encoder, or no volume is set.
+        """
+        if not backbone.same_encoder(self.backbone):
+            raise ValueError(f"backbone {backbone.id} has another image encoder; its embeddings would not be these")
+        self.require_volume()
+        other = EmbeddingStore(backbone, self._batch_size, self.cache_dir, self._note)
+        other.volume, other.intensity, other.value_range = self.volume, self.intensity, self.value_range
+        other.transform, other.cache_key, other._features = self.transform, self.cache_key, self._features
+        return other
 
     def clear(self) -> None:
         """Forget the volume and its embeddings held in memory (the disk cache stays)."""
@@ -115,10 +134,10 @@ class EmbeddingStore:
                     batch = max(1, batch // 2)
                     self._tell(f"CUDA out of memory: retrying with encoder batch {batch}")
                     continue
-                self._tell("CUDA out of memory with batch 1: falling back to the CPU (slower)")
-                self.backbone.to("cpu")
-                if self._on_cpu_fallback is not None:
-                    self._on_cpu_fallback()
+                if self._on_out_of_memory is None:
+                    raise
+                self._tell("CUDA out of memory with batch 1: this session goes on on the CPU (slower)")
+                self.backbone = self._on_out_of_memory()
                 continue
             for idx, k in enumerate(ks):
                 one = feats.select(idx).to("cpu", torch.float16)

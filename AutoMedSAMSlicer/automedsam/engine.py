@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .automatic import LearnedPrompts
+from .backbones.registry import ModelRegistry, Runtime, default_registry
 from .classes import ClassCatalog, ClassInfo, resolve_class
 from .contract import (
     DEFAULT_PROMPT_NETWORK,
@@ -133,12 +134,15 @@ class Engine:
     """Segment a volume with a backbone and (optionally) a model bundle's prompt network.
 
     ``bundle`` None allows manual prompting only (plain SAM behaviour). The backbone must be the
-    one the bundle was trained with (see :func:`automedsam.bundle.backbone_for_bundle`); make one
-    with :meth:`from_bundle` or :meth:`manual`.
+    one the bundle was trained with; make one with :meth:`from_bundle` or :meth:`manual`, which take
+    it from ``registry`` (default: the process's :func:`~automedsam.backbones.registry.default_registry`),
+    shared with every other engine on the same model and never changed by this one.
     """
 
-    def __init__(self, backbone: Backbone, bundle: ModelBundle | None = None, config: EngineConfig | None = None):
+    def __init__(self, backbone: Backbone, bundle: ModelBundle | None = None, config: EngineConfig | None = None,
+                 registry: ModelRegistry | None = None):
         self.config = config or EngineConfig()
+        self.registry = registry or default_registry()
         self.messages: list[str] = []
         self._load(backbone, bundle)
 
@@ -149,6 +153,7 @@ class Engine:
         #: orientation was recorded (they were taught on slices in their files' stored order).
         self.slice_orientation = bundle.slice_orientation if bundle is not None else CANONICAL
         self._source: Volume | None = None
+        self._intensity: IntensityConfig | None = None
         self._stored: SliceView | None = None  # the slices as stored, when they are not the model's
         self._network, self._network_classes = None, []
         self.view = self._new_view(Reorientation.identity((1, 1, 1)))
@@ -160,7 +165,7 @@ class Engine:
     def _new_view(self, orientation: Reorientation) -> SliceView:
         c = self.config
         store = EmbeddingStore(self.backbone, c.batch_size, c.cache_dir, note=self.messages.append,
-                               on_cpu_fallback=self._after_cpu_fallback)
+                               on_out_of_memory=self._fall_back_to_cpu)
         learned = LearnedPrompts(store, c.prompt_cache_size, c.result_cache_mb << 20)
         if self._network is not None:
             learned.use(self._network, self._network_classes)
@@ -177,30 +182,34 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, bundle: str | os.PathLike | ModelBundle, device: str = "auto",
-                    config: EngineConfig | None = None) -> Engine:
+                    config: EngineConfig | None = None, registry: ModelRegistry | None = None) -> Engine:
         """An engine for a model bundle (a path, or a loaded :class:`~automedsam.bundle.ModelBundle`)
-        on the backbone it was trained with (see :func:`automedsam.bundle.backbone_for_bundle`)."""
-        from .bundle import backbone_for_bundle, load_bundle
+        on the backbone it was trained with, from ``registry`` (see
+        :meth:`~automedsam.backbones.registry.ModelRegistry.for_bundle`) on ``device``."""
+        from .bundle import load_bundle
 
         if isinstance(bundle, (str, os.PathLike)):
             bundle = load_bundle(bundle)
-        return cls(backbone_for_bundle(bundle, device), bundle, config)
+        registry = registry or default_registry()
+        return cls(registry.for_bundle(bundle, registry.runtime.on(device)), bundle, config, registry)
 
     @classmethod
     def manual(cls, backbone_id: str | None = None, device: str = "auto", weights: str | None = None,
-               config: EngineConfig | None = None) -> Engine:
+               config: EngineConfig | None = None, registry: ModelRegistry | None = None) -> Engine:
         """A manual-mode engine (points and boxes only, like plain SAM) on a catalog backbone
         (default: :data:`automedsam.models.DEFAULT_BACKBONE`); ``weights`` as for
         :func:`automedsam.backbones.build_backbone`."""
-        from .backbones import build_backbone
         from .models import DEFAULT_BACKBONE
 
-        return cls(build_backbone(backbone_id or DEFAULT_BACKBONE, weights=weights, device=device), None, config)
+        registry = registry or default_registry()
+        backbone = registry.backbone(backbone_id or DEFAULT_BACKBONE, weights=weights,
+                                     runtime=registry.runtime.on(device))
+        return cls(backbone, None, config, registry)
 
     def sibling(self) -> Engine:
         """A new engine on the same loaded model (backbone and bundle shared; no volume): one per
         worker session, while the model stays loaded once."""
-        return type(self)(self.backbone, self.bundle, self.config)
+        return type(self)(self.backbone, self.bundle, self.config, self.registry)
 
     # ------------------------------------------------------------------- prompt network
     @property
@@ -227,10 +236,17 @@ class Engine:
     def _all_views(self) -> list[SliceView]:
         return [self.view] if self._stored is None else [self.view, self._stored]
 
-    def _after_cpu_fallback(self) -> None:
+    def _fall_back_to_cpu(self) -> Backbone:
+        """This engine's way on after CUDA ran out of memory: the registry's CPU copy of its backbone
+        (the shared GPU one, and every other session on it, stay), with its prompt network moved too."""
+        cpu = self.registry.on_device(self.backbone, "cpu")
+        self.backbone = cpu
+        for view in self._all_views():
+            view.store.backbone = cpu
         if self._network is not None:
             self._network.to("cpu")
         self.clear_result_cache()
+        return cpu
 
     # ------------------------------------------------------------------------------ volume
     @property
@@ -248,9 +264,7 @@ class Engine:
         use, and reused by every class."""
         if not isinstance(volume, Volume):
             raise InvalidInputError(f"set_volume needs a Volume, got {type(volume).__name__}")
-        intensity = self.config.intensity or (self.bundle.intensity if self.bundle else IntensityConfig.ct())
-        if volume.is_rgb and intensity.mode != "rgb":
-            intensity = IntensityConfig.rgb()
+        intensity = self._intensity_for(volume, self.bundle)
         shape = volume.array.shape[:3]
         canonical = self.slice_orientation == CANONICAL and not volume.is_rgb
         orientation = Reorientation.nearest_axial_lps(volume) if canonical else Reorientation.identity(shape)
@@ -260,6 +274,17 @@ class Engine:
         self.view.refiner.clear()
         self._stored = None
         self._source, self._intensity = volume, intensity
+
+    def _intensity_for(self, volume: Volume, bundle: ModelBundle | None) -> IntensityConfig:
+        """The intensity preprocessing of ``volume`` with ``bundle``: the config's, else the bundle's,
+        else CT windowing; RGB images always as RGB."""
+        intensity = self.config.intensity or (bundle.intensity if bundle else IntensityConfig.ct())
+        return IntensityConfig.rgb() if volume.is_rgb and intensity.mode != "rgb" else intensity
+
+    @property
+    def intensity(self) -> IntensityConfig | None:
+        """The intensity preprocessing of the current volume (None before :meth:`set_volume`)."""
+        return self._intensity if self._source is not None else None
 
     def require_volume(self) -> Volume:
         """The volume; raises InvalidInputError when none was set."""
@@ -552,13 +577,23 @@ class Engine:
 
     def use_bundle(self, bundle: ModelBundle) -> None:
         """Segment with ``bundle`` from now on (one taught on this engine's backbone), keeping the
-        volume; cached embeddings start over."""
-        from .bundle import backbone_for_bundle
-
+        volume. Embeddings are kept when the bundle sees the slices as this engine did (the same
+        image encoder, intensity and slice orientation); else they start over."""
+        backbone = self.registry.for_bundle(bundle, Runtime(str(self.backbone.device), self.backbone.runtime))
         volume = self.volume
-        self._load(backbone_for_bundle(bundle, str(self.backbone.device)), bundle)
-        if volume is not None:
-            self.set_volume(volume)
+        same_slices = (volume is not None and backbone.same_encoder(self.backbone)
+                       and bundle.slice_orientation == self.slice_orientation
+                       and self._intensity_for(volume, bundle) == self._intensity)
+        if not same_slices:
+            self._load(backbone, bundle)
+            if volume is not None:
+                self.set_volume(volume)
+            return
+        self.backbone, self.bundle = backbone, bundle
+        for view in self._all_views():
+            view.store.backbone = backbone
+            view.refiner.clear()
+        self.use_prompt_network(bundle.build_prompt_network(backbone.device), bundle.classes)
 
     # ---------------------------------------------------------------------- results, device
     def device_info(self) -> dict:

@@ -53,6 +53,13 @@ class UndoStack(Generic[Step]):
     def can_undo(self, key=ANY) -> bool:
         return any(self._matches(k, key) for k, _ in self._steps)
 
+    def peek(self, key=ANY) -> Step | None:
+        """The newest step under ``key`` (any key by default), left on the stack; None if none."""
+        for k, step in reversed(self._steps):
+            if self._matches(k, key):
+                return step
+        return None
+
     def pop(self, key=ANY) -> Step | None:
         """The newest step under ``key`` (any key by default), taken off the stack; None if none."""
         for n in range(len(self._steps) - 1, -1, -1):

@@ -174,6 +174,7 @@ def video_predictor(backbone: Backbone):
 
     predictor = build_sam2_model(backbone.spec.arch, video=True)
     predictor.load_state_dict(backbone.model.state_dict(), strict=True)
+    predictor.sam_mask_decoder.load_state_dict(backbone.mask_decoder.state_dict(), strict=True)  # a bundle's own
     predictor = predictor.eval().to(backbone.device)
     _PREDICTORS[backbone] = predictor
     return predictor

@@ -1,4 +1,5 @@
-"""Backbone factory: ``build_backbone(id, weights=..., device=...)``.
+"""Backbone factory: ``build_backbone(id, weights=..., device=...)``; the registry that shares what it
+builds is :mod:`automedsam.backbones.registry`.
 
 torch, segment-anything and sam2 are imported only when a backbone is built.
 """
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..download import sha256_file
 from ..errors import InvalidInputError, WeightsLoadError, WeightsUnavailableError
 from ..models import BackboneCatalog, BackboneSpec
-from .base import Backbone, DecoderOutput, ImageFeatures
+from .base import Backbone, DecoderOutput, ImageFeatures, load_state_strict
 
 if TYPE_CHECKING:
     import torch
@@ -96,24 +97,6 @@ def load_state_dict_file(path: str | os.PathLike, key: str | None = None) -> dic
     return state
 
 
-def load_weights_strict(model: torch.nn.Module, state: dict, source: str) -> None:
-    """Load ``state`` into ``model`` with a strict key check and a message naming the keys."""
-    model_keys, file_keys = set(model.state_dict()), set(state)
-    missing, unexpected = sorted(model_keys - file_keys), sorted(file_keys - model_keys)
-    if missing or unexpected:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-        raise WeightsLoadError(
-            f"weights in {source} do not fit the model: missing keys [{show(missing)}]; "
-            f"unexpected keys [{show(unexpected)}]. Is the file for another backbone?"
-        )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsLoadError(f"weights in {source} do not fit the model: {exc}") from None
-
-
 def cached_weights(spec: BackboneSpec, catalog: BackboneCatalog) -> Path:
     """The verified weights file of ``spec`` in the cache; weights that ship inside an installed
     package are copied there first (no network).
@@ -148,8 +131,9 @@ def _random_init(build, seed: int):
 
 def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLike | None = None,
                    device: str = "auto", seed: int = 0, catalog: BackboneCatalog | None = None,
-                   runtime: str | None = None) -> Backbone:
-    """Build a frozen backbone.
+                   runtime: str = "auto") -> Backbone:
+    """Build a frozen backbone (a new one on every call: engines get theirs, shared, from
+    :class:`automedsam.backbones.registry.ModelRegistry`).
 
     Args:
         backbone_id: a catalog id (``litemedsam``, ``sam_vit_b``, ``medsam_vit_b``, ``sam2.1_hiera_t``, ...,
@@ -159,9 +143,8 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
             weights from ``seed`` (the only choice for test-only backbones); or a path to a
             ``.pt``/``.pth``/``.safetensors`` file.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        runtime: CPU runtime for inference (``auto``, ``openvino``, ``openvino-f32``, ``onnxruntime``,
-            ``torch``; None: ``$AUTOMEDSAM_CPU_RUNTIME`` or ``auto``); see :mod:`automedsam.backbones.runtime`.
-            Training passes ``torch``.
+        runtime: CPU runtime for inference (``auto``, ``openvino``, ``openvino-bf16``, ``openvino-f32``,
+            ``onnxruntime``, ``torch``); see :mod:`automedsam.backbones.runtime`.
 
     Raises:
         WeightsUnavailableError: weights not in the cache (says how to download or import them).
@@ -202,7 +185,7 @@ def build_backbone(backbone_id: str | BackboneSpec, *, weights: str | os.PathLik
     model = _random_init(build, seed)
     fingerprint = f"random:seed={seed}"
     if source is not None:
-        load_weights_strict(model, load_state_dict_file(source, spec.checkpoint_key), str(source))
+        load_state_strict(model, load_state_dict_file(source, spec.checkpoint_key), str(source))
         # A file from the cache was just verified against the catalog's sha256 (cached_weights).
         verified = spec.sha256 if from_cache and spec.sha256 else None
         fingerprint = f"sha256:{verified or sha256_file(source)}"

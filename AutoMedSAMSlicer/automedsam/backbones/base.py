@@ -14,18 +14,20 @@ exposes exactly what the prompt networks and the engine need:
 Image preprocessing into model space and the way back is :mod:`automedsam.preprocess`.
 
 On the CPU, parts a backbone can export (:meth:`Backbone.export_spec`) run through OpenVINO or ONNX
-Runtime (:mod:`automedsam.backbones.runtime`) whenever no gradient is asked for; training, CUDA and
-:meth:`Backbone.eager` use PyTorch.
+Runtime (:mod:`automedsam.backbones.runtime`); CUDA, :meth:`Backbone.eager` and the decoder of a
+:meth:`Backbone.trainable` view (gradients flow through it) use PyTorch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import WeightsLoadError
 from ..models import BackboneSpec
 from ..preprocess import SliceTransform
 
@@ -125,6 +127,25 @@ def keep_window(logits: torch.Tensor, window: tuple[int, int, int, int] | None) 
     return out
 
 
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """Load ``state`` into ``module`` with a strict key check; a :class:`WeightsLoadError` names the
+    missing and unexpected keys and ``source`` (the file or bundle they came from)."""
+    module_keys, file_keys = set(module.state_dict()), set(state)
+    missing, unexpected = sorted(module_keys - file_keys), sorted(file_keys - module_keys)
+    if missing or unexpected:
+        def show(keys):
+            return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+        raise WeightsLoadError(
+            f"weights in {source} do not fit the model: missing keys [{show(missing)}]; "
+            f"unexpected keys [{show(unexpected)}]. Is the file for another backbone?"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsLoadError(f"weights in {source} do not fit the model: {exc}") from None
+
+
 class StockPredictor:
     """A family library's own single-image predictor (``SamPredictor``, ``SAM2ImagePredictor``,
     LiteMedSAM's reference inference): ``set_image`` a ``(H, W, 3)`` uint8 slice, then ``click``
@@ -174,19 +195,52 @@ class Backbone(ABC):
         self._compiled: dict[str, tuple[CompiledPart | None, list | None, tuple]] = {}
         self._eager_depth = 0
         self._dense_pe: torch.Tensor | None = None
+        #: A view's own mask decoder (a bundle's fine-tuned one, or training's copy); None: the model's.
+        self._decoder: torch.nn.Module | None = None
+        #: The backbone a view was made from: it compiles (and shares) the parts the view does not own.
+        self._base: Backbone | None = None
+        #: Training's view: its decoder runs in PyTorch (gradients flow through it).
+        self._trains_decoder = False
 
-    def to(self, device) -> Backbone:
-        """Move the model to another device (e.g. CPU after a CUDA out-of-memory error)."""
-        import torch
+    # ------------------------------------------------------------------------------ views
+    def _view(self) -> Backbone:
+        """A shallow copy sharing the model, the encoders and their compiled copies."""
+        view = copy.copy(self)
+        view._base = self._base or self
+        view._compiled = {}
+        view._eager_depth = 0
+        return view
 
-        device = torch.device(device)
-        self.model.to(device)
-        self._mean, self._std = self._mean.to(device), self._std.to(device)
-        self._dense_pe = None
-        self.device = device
-        if device.type != "cuda":
-            self.amp_dtype = None
-        return self
+    def same_encoder(self, other: Backbone) -> bool:
+        """Whether ``other`` encodes images with this backbone's image encoder (both are views of one
+        backbone, or the same): embeddings made by one are the other's."""
+        return (self._base or self) is (other._base or other)
+
+    def with_decoder(self, state: dict) -> Backbone:
+        """A view of this backbone whose mask decoder is its own copy holding ``state`` (a bundle's
+        fine-tuned decoder); the image and prompt encoders stay shared, so the view costs one decoder.
+        This backbone does not change."""
+        view = self._view()
+        decoder = copy.deepcopy(self.model_mask_decoder)
+        load_state_strict(decoder, state, f"fine-tuned mask decoder for {self.id}")
+        for p in decoder.parameters():
+            p.requires_grad_(False)
+        view._decoder = decoder.eval().to(self.device)
+        return view
+
+    def trainable(self, finetune_decoder: bool = False) -> Backbone:
+        """A view for training: its mask decoder runs in PyTorch so gradients reach the prompt network
+        through it; with ``finetune_decoder`` the decoder is the view's own copy, with gradients on,
+        so this backbone (shared with every session) never changes. The image encoder stays shared
+        (and compiled, where it is: it is frozen)."""
+        view = self._view()
+        view._trains_decoder = True
+        if finetune_decoder:
+            decoder = copy.deepcopy(self.mask_decoder)
+            for p in decoder.parameters():
+                p.requires_grad_(True)
+            view._decoder = decoder
+        return view
 
     # ------------------------------------------------------------------------------ facts
     @property
@@ -217,8 +271,14 @@ class Backbone(ABC):
 
     @property
     @abstractmethod
+    def model_mask_decoder(self) -> torch.nn.Module:
+        """The model's own mask decoder (frozen)."""
+
+    @property
     def mask_decoder(self) -> torch.nn.Module:
-        """The mask decoder (frozen by default; training may unfreeze it)."""
+        """The mask decoder this backbone decodes with: the view's own (:meth:`with_decoder`,
+        :meth:`trainable`), else the model's."""
+        return self._decoder if self._decoder is not None else self.model_mask_decoder
 
     def autocast(self):
         """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on CPU."""
@@ -366,13 +426,15 @@ class Backbone(ABC):
 
     def compiled(self, part: str) -> CompiledPart | None:
         """``part`` compiled for the CPU runtime, where it applies: a CPU device, a runtime other than
-        torch, no gradient asked for, outside :meth:`eager`, and an export that works. Compiled on first
-        use (export cached on disk); compiled again if the part's weights change (a bundle's
-        fine-tuned decoder)."""
-        import torch
-
-        if self.runtime == "torch" or self.device.type != "cpu" or self._eager_depth or torch.is_grad_enabled():
+        torch, outside :meth:`eager`, not a :meth:`trainable` view's decoder, and an export that
+        works. Compiled on first use (export cached on disk); compiled again if the part's weights
+        change. A view compiles only the decoder it owns; the rest is its base backbone's."""
+        if self.runtime == "torch" or self.device.type != "cpu" or self._eager_depth:
             return None
+        if part == "decoder" and self._trains_decoder:
+            return None
+        if self._base is not None and not (part == "decoder" and self._decoder is not None):
+            return self._base.compiled(part)  # shared with the backbone this view was made from
         compiled, tensors, versions = self._compiled.get(part, (None, None, None))
         if versions is not None and (tensors is None or _versions(tensors) == versions):
             return compiled

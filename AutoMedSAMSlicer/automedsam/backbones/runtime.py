@@ -6,7 +6,8 @@ OpenVINO runs the same graph with fused kernels and, on CPUs with native bf16 (A
 in bf16; ONNX Runtime runs it in fp32. The PyTorch path stays the fallback (nothing installed, an
 export or compile that fails) and is what training uses (gradients).
 
-Runtimes (``AUTOMEDSAM_CPU_RUNTIME`` or ``build_backbone(runtime=...)``):
+Runtimes (a :class:`~automedsam.backbones.registry.Runtime`; the user picks one with ``--cpu-runtime`` or
+``AUTOMEDSAM_CPU_RUNTIME``):
 
 - ``auto`` (default): ``openvino`` if installed, else ``onnxruntime`` if installed, else ``torch``.
 - ``openvino``: the image encoder's linear layers (matrix products with a weight) in bf16 where the
@@ -127,24 +128,24 @@ def _installed(runtime: str) -> str | None:
         return None
 
 
-def resolve_runtime(runtime: str | None = None) -> str:
-    """The runtime to use: ``runtime``, else ``$AUTOMEDSAM_CPU_RUNTIME``, else ``auto``; ``auto``
-    becomes the best one installed.
+def resolve_runtime(runtime: str | None = "auto") -> str:
+    """The runtime named ``runtime`` (None: ``auto``); ``auto`` becomes the best one installed. The
+    user's process-wide choice (``$AUTOMEDSAM_CPU_RUNTIME``) is read by
+    :meth:`automedsam.backbones.registry.Runtime.from_environment`, not here.
 
     Raises:
         InvalidInputError: an unknown name.
         RuntimeUnavailableError: a runtime asked for by name whose package is not installed.
     """
-    name = (runtime or os.environ.get(RUNTIME_ENV) or "auto").strip().lower()
+    name = (runtime or "auto").strip().lower()
     if name not in RUNTIMES:
-        raise InvalidInputError(f"unknown CPU runtime {name!r} (from {'the argument' if runtime else RUNTIME_ENV}); "
-                                f"use one of: {', '.join(RUNTIMES)}")
+        raise InvalidInputError(f"unknown CPU runtime {name!r}; use one of: {', '.join(RUNTIMES)}")
     if name == "auto":
         return next((r for r in ("openvino", "onnxruntime") if _installed(r)), "torch")
     if name != "torch" and not _installed(name):
         raise RuntimeUnavailableError(
             f"CPU runtime {name!r} needs the Python package {_PACKAGES[name]}: run `pip install {_PACKAGES[name]}`, "
-            f"or set {RUNTIME_ENV}=torch")
+            f"or choose the torch runtime (--cpu-runtime torch, or {RUNTIME_ENV}=torch)")
     return name
 
 

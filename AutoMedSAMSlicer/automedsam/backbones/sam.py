@@ -71,7 +71,7 @@ class SamBackbone(Backbone):
         return self.model.prompt_encoder
 
     @property
-    def mask_decoder(self):
+    def model_mask_decoder(self):
         return self.model.mask_decoder
 
     def export_spec(self, part: str) -> ExportSpec | None:

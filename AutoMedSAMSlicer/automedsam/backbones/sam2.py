@@ -87,7 +87,7 @@ class Sam2Backbone(Backbone):
         return self.model.sam_prompt_encoder
 
     @property
-    def mask_decoder(self):
+    def model_mask_decoder(self):
         return self.model.sam_mask_decoder
 
     def _encode(self, x) -> ImageFeatures:

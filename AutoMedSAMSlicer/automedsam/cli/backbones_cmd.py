@@ -30,13 +30,14 @@ def register(sub) -> None:
 
 
 def check_backbone(backbone_id: str, image_path: str, weights: str | None = None, device: str = "auto") -> dict:
-    from ..backbones import build_backbone
+    from ..backbones.registry import default_registry
     from ..io import read_image
     from ..preprocess import IntensityConfig, normalize_intensity
 
     volume = read_image(image_path)
     t0 = time.perf_counter()
-    backbone = build_backbone(backbone_id, weights=weights, device=device)
+    registry = default_registry()
+    backbone = registry.backbone(backbone_id, weights=weights, runtime=registry.runtime.on(device))
     t1 = time.perf_counter()
     k = volume.num_slices // 2
     cfg = IntensityConfig.rgb() if volume.is_rgb else IntensityConfig.ct("abdomen")

@@ -34,16 +34,19 @@ def add_device_option(parser) -> None:
 
 
 def apply_cpu_runtime(args) -> None:
-    """Make ``--cpu-runtime`` the process's choice (``$AUTOMEDSAM_CPU_RUNTIME``), so every backbone the
-    command builds, and a worker it starts, uses it; refuses a runtime that is not installed."""
+    """Make ``--cpu-runtime`` (else ``$AUTOMEDSAM_CPU_RUNTIME``) the runtime of the process's model
+    registry, so every backbone the command loads uses it; refuses a runtime that is not installed. It
+    is passed on in ``$AUTOMEDSAM_CPU_RUNTIME`` to the workers and batch processes the command starts."""
     import os
 
+    from ..backbones.registry import ModelRegistry, Runtime, set_default_registry
     from ..backbones.runtime import RUNTIME_ENV, resolve_runtime
 
     choice = getattr(args, "cpu_runtime", None)
     if choice:
         resolve_runtime(choice)
         os.environ[RUNTIME_ENV] = choice
+    set_default_registry(ModelRegistry(Runtime.from_environment()))
 
 
 def add_json_option(parser) -> None:

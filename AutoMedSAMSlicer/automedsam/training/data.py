@@ -187,6 +187,12 @@ class TrainingData:
                                                        shape=(n, *shape) if mode == "w+" else None)
                        for name, shape in shapes.items()}
 
+    def put(self, n: int, features, index: int) -> None:
+        """Store item ``n`` from batch entry ``index`` of ``features`` (an ImageFeatures)."""
+        self.arrays["embeddings"][n] = features.embeddings[index].cpu().numpy()
+        for h, tensor in enumerate(features.high_res):
+            self.arrays[f"high_res_{h}"][n] = tensor[index].cpu().numpy()
+
     def features(self, index: np.ndarray, device):
         import torch
 
@@ -200,9 +206,13 @@ class TrainingData:
 
 
 def encode_training_items(split: list[SplitCase], backbone, intensity: IntensityConfig, augment: AugmentConfig,
-                          lateral: bool, seed: int, cache_root: Path):
+                          lateral: bool, seed: int, cache_root: Path, known: list | None = None):
     """Generator: encodes every (training slice, copy) once; yields ``(done, total)`` progress and
     finally the :class:`TrainingData` plus per-item metadata arrays.
+
+    ``known``: per split case, an :class:`~automedsam.embeddings.EmbeddingStore` of its image with
+    the same intensity (a session's) or None; copy 0 of a slice (the slice itself) is read from it
+    instead of encoded again.
 
     The cache folder is keyed by the cases' content, backbone, preprocessing, augmentation and seed,
     so an identical rerun (or a resumed run) reads it instead of encoding again.
@@ -234,7 +244,7 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     transforms = [backbone.slice_transform(*s.case.image.array.shape[1:3]) for s in split]
     batch = 4
     for start in range(0, len(plan), batch):
-        images = []
+        todo, images = [], []
         for n in range(start, min(start + batch, len(plan))):
             ci, k, _ = plan[n]
             t = transforms[ci]
@@ -242,13 +252,16 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
             lab = t.mask_to_model(split[ci].case.labels.array[k])
             if thetas[n] is not None:
                 img, lab = augment_pair(img, lab, thetas[n])
-            images.append(img)
             labels[n] = downsample_labels(lab, low)
-        feats = backbone.encode(np.stack(images))
-        for idx in range(len(images)):
-            data.arrays["embeddings"][start + idx] = feats.embeddings[idx].cpu().numpy()
-            for h, tensor in enumerate(feats.high_res):
-                data.arrays[f"high_res_{h}"][start + idx] = tensor[idx].cpu().numpy()
+            if thetas[n] is None and known is not None and known[ci] is not None:
+                data.put(n, known[ci].features(k), 0)
+            else:
+                todo.append(n)
+                images.append(img)
+        if images:
+            feats = backbone.encode(np.stack(images))
+            for idx, n in enumerate(todo):
+                data.put(n, feats, idx)
         yield min(start + batch, len(plan)), len(plan)
     for array in data.arrays.values():
         array.flush()

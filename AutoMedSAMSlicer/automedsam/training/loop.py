@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,10 @@ from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
 from ..rescue import rescue_folder
 from .data import AugmentConfig, Case, encode_training_items, split_slices
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
+    from ..embeddings import EmbeddingStore
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +122,20 @@ def _samples(labels: np.ndarray, values: list[int], ratio: float, rng: np.random
     return pairs[rng.permutation(len(pairs))]
 
 
-def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[TrainEvent]:
-    """Train and yield events; the final ``done`` event carries the bundle (best validation epoch)."""
+def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Backbone | None = None,
+          stores: Sequence[EmbeddingStore | None] | None = None) -> Iterator[TrainEvent]:
+    """Train and yield events; the final ``done`` event carries the bundle (best validation epoch).
+
+    ``backbone``: the backbone to learn on (a session's; default: the registry's ``config.backbone``
+    with PyTorch throughout). It is not changed: training works on its
+    :meth:`~automedsam.backbones.base.Backbone.trainable` view. ``stores``: per case, the embeddings
+    already at hand (a session's store of the case's canonical image, same intensity), which training
+    and validation read instead of encoding those slices again; None where there are none.
+    """
     import torch
 
     from ..automatic import LearnedPrompts
-    from ..backbones import build_backbone
+    from ..backbones.registry import Runtime, default_registry
     from ..bundle import create_bundle
     from ..classes import resolve_class
     from ..embeddings import EmbeddingStore
@@ -142,17 +155,25 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     check_classes_present(config.classes, [c.labels.array for c in cases],
                           "the label maps" if len(cases) > 1 else f"{cases[0].name}'s label map")
     split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
-    # PyTorch throughout: gradients flow through the decoder, and the prompt network learns from the
-    # fp32 features (the CPU runtimes' embeddings agree with them; see automedsam.backbones.runtime).
-    backbone = build_backbone(config.backbone, weights=config.weights, device=config.device, seed=config.seed,
-                              runtime="torch")
+    if backbone is None:
+        # PyTorch throughout: the prompt network learns from the fp32 features (the CPU runtimes'
+        # embeddings agree with them; see automedsam.backbones.runtime).
+        backbone = default_registry().backbone(config.backbone, weights=config.weights, seed=config.seed,
+                                               runtime=Runtime(config.device, "torch"))
+    # Gradients flow through the decoder (PyTorch's); a fine-tuned one is the view's own copy.
+    backbone = backbone.trainable(config.finetune_decoder)
+    stores = list(stores) if stores is not None else [None] * len(cases)
+    if len(stores) != len(cases):
+        raise ValueError(f"{len(stores)} embedding stores for {len(cases)} cases")
     device = backbone.device
     yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.prompt_network} on {backbone.id} ({device})")
 
     cache_root = train_cache_dir(config)
     result = None
+    by_case = {id(case): store for case, store in zip(cases, stores, strict=True)}
+    known = [by_case.get(id(s.case)) for s in split]
     for item in encode_training_items(split, backbone, config.intensity, config.augment, lateral, config.seed,
-                                      cache_root):
+                                      cache_root, known):
         if isinstance(item[0], int):
             yield TrainEvent("encode", step=item[0], steps=item[1], message="encoding training slices")
             if cancel is not None and cancel.is_set():
@@ -170,20 +191,21 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
     if weighting is not None:
         groups[0]["params"] += list(weighting.parameters())
     if config.finetune_decoder:
-        for p in backbone.mask_decoder.parameters():
-            p.requires_grad_(True)
         groups.append({"params": list(backbone.mask_decoder.parameters()), "lr": config.decoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe["weight_decay"], betas=recipe["betas"],
                                   eps=recipe["eps"])
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.9, patience=5)
                  if config.prompt_network == "diffusion" else None)
     validators = []
-    for s in split:
+    for s, at_hand in zip(split, known, strict=True):
         if s.val_slices:
-            # Same intensity as training; embeddings cached on disk, so a later segment of the
-            # same volume (the demo, a rerun) does not encode the held-out slices again.
-            store = EmbeddingStore(backbone, cache_dir=str(embedding_cache_dir(config)))
-            store.set_volume(s.case.image, config.intensity)
+            if at_hand is not None:  # the session's embeddings, decoded with the decoder being trained
+                store = at_hand.sharing(backbone)
+            else:
+                # Same intensity as training; embeddings cached on disk, so a later segment of the
+                # same volume (the demo, a rerun) does not encode the held-out slices again.
+                store = EmbeddingStore(backbone, cache_dir=str(embedding_cache_dir(config)))
+                store.set_volume(s.case.image, config.intensity)
             validators.append((LearnedPrompts(store, result_cache_bytes=0), s))
 
     start_epoch, best, history = 1, None, []
@@ -194,7 +216,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         state = _load_checkpoint(ckpt_path, run)
         try:
             prompt_network.load_state_dict(state["generator"])
-            backbone.mask_decoder.load_state_dict(state["decoder"])
+            if config.finetune_decoder:  # else the decoder is the shared backbone's own: never written
+                backbone.mask_decoder.load_state_dict(state["decoder"])
             if weighting is not None:
                 weighting.load_state_dict(state["weighting"])
             optimizer.load_state_dict(state["optimizer"])
@@ -209,7 +232,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
         yield TrainEvent("checkpoint", epoch=state["epoch"], epochs=config.epochs, message=f"resumed from {ckpt_path}")
 
     def checkpoint(epoch: int) -> dict:
-        return {"generator": prompt_network.state_dict(), "decoder": backbone.mask_decoder.state_dict(),
+        return {"generator": prompt_network.state_dict(),
+                "decoder": backbone.mask_decoder.state_dict() if config.finetune_decoder else {},
                 "weighting": weighting.state_dict() if weighting is not None else {},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
                 "torch_rng": torch.get_rng_state(), "numpy_rng": rng.bit_generator.state, "epoch": epoch,
@@ -250,7 +274,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
                     scheduler.step(1.0 - score)
                 if best is None or score > best["score"]:
                     best = {"score": score, "epoch": epoch, "metrics": metrics, "generator": _cpu_copy(prompt_network),
-                            "decoder": _cpu_copy(backbone.mask_decoder)}
+                            "decoder": _cpu_copy(backbone.mask_decoder) if config.finetune_decoder else None}
                 yield TrainEvent("validate", epoch, config.epochs, steps, steps, losses=mean, metrics=metrics)
             history.append(record)
             yield TrainEvent("epoch", epoch, config.epochs, steps, steps, losses=mean,
@@ -266,7 +290,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None) -> Iterator[Train
 
         if best is not None:  # the bundle holds the best validation epoch
             prompt_network.load_state_dict(best["generator"])
-            backbone.mask_decoder.load_state_dict(best["decoder"])
+            if config.finetune_decoder:
+                backbone.mask_decoder.load_state_dict(best["decoder"])
         training = {
             "recipe": config.prompt_network, "config": config.to_dict(), "cases": [c.name for c in cases],
             "train_slices": {s.case.name: s.train_slices for s in split},

@@ -10,6 +10,8 @@ import numpy as np
 
 from ..contract import DEFAULT_PROMPT_NETWORK, TEACH_DECODER_LR, TEACH_EPOCHS, TEACH_NAME, TEACH_VAL_SLICES
 from ..errors import InvalidInputError
+from ..orientation import CANONICAL
+from ..preprocess import IntensityConfig
 from .data import Case
 from .loop import TrainConfig, TrainEvent, train
 
@@ -29,18 +31,28 @@ def teach_config(engine, classes: dict[str, int], *, prompt_network: str = DEFAU
         classes=dict(classes), prompt_network=prompt_network, backbone=engine.backbone.id,
         weights="random" if random else None, device=str(engine.backbone.device), epochs=epochs, lr=lr,
         decoder_lr=decoder_lr, train_slices=train_slices, val_slices=None if train_slices else val_slices, name=name,
-        seed=int(weights.split("=")[1]) if random else 0)
+        seed=int(weights.split("=")[1]) if random else 0, intensity=engine.intensity or IntensityConfig.ct())
 
 
 def teach(engine, labels: np.ndarray, config: TrainConfig, cancel=None) -> Iterator[TrainEvent]:
     """Train on ``engine``'s volume with ``labels`` (``(K, J, I)`` label values on its grid).
 
-    The final ``done`` event carries the bundle; nothing in ``engine`` changes (see
-    :meth:`automedsam.engine.Engine.teach`, which saves it and switches to it).
+    Training runs on the engine's own backbone and reads the embeddings the engine already has
+    (slices it has not encoded yet are encoded into its store, so a later segment finds them). The
+    final ``done`` event carries the bundle; nothing in ``engine`` changes but its embeddings (see
+    :meth:`automedsam.engine.Engine.teach`, which saves the bundle and switches to it).
     """
     volume = engine.require_volume()
     labels = np.asarray(labels)
     if labels.shape != volume.array.shape[:3]:
         raise InvalidInputError(f"labels {labels.shape} are not on the volume grid {volume.array.shape[:3]}")
-    case = Case(volume, volume.with_array(labels.astype(np.uint16)), volume.name or "session")
-    yield from train(config, [case], cancel=cancel)
+    labels = volume.with_array(labels.astype(np.uint16))
+    name = volume.name or "session"
+    store = engine.store
+    if engine.slice_orientation == CANONICAL and store.intensity == config.intensity:
+        # The engine's model slices are the canonical ones training learns from: share them.
+        o = engine.orientation
+        case, stores = Case(store.volume, o.volume(labels), name, o), [store]
+    else:  # a bundle taught before orientation was recorded: its slices are not the new bundle's
+        case, stores = Case(volume, labels, name), None
+    yield from train(config, [case], cancel=cancel, backbone=engine.backbone, stores=stores)
