@@ -109,6 +109,27 @@ def test_terminology_entry_is_what_slicer_and_slicerio_parse():
     assert tumor["anatomicRegion"] == ["SCT", "12738006", "Brain"]
 
 
+def test_tumor_and_lesion_are_generic_and_classes_look_different():
+    """"tumor" once resolved to brain_tumor (a brain tumour code on a liver or sarcoma tumour), and
+    several classes shared a colour (both kidneys, liver and stomach): masks could not be told apart."""
+    import itertools
+    import math
+
+    from automedsam.classes import resolve_class
+
+    cat = default_class_catalog()
+    tumor, lesion = resolve_class("tumor"), resolve_class("Lesion")
+    assert tumor.name == "tumor" and tumor.anatomic_region is None and tumor.type[1] == "108369006"
+    assert lesion.name == "lesion" and lesion.type == ("SCT", "52988006", "Lesion")
+    assert resolve_class("tumour").name == "tumor" and cat.get("brain_tumour").name == "brain_tumor"
+    colors = [(c.name, c.color) for c in cat.classes]
+    close = [(a, b) for (a, ca), (b, cb) in itertools.combinations(colors, 2) if math.dist(ca, cb) < 45]
+    assert close == [], close
+    customs = [resolve_class(n) for n in ("Tumor core", "Necrosis", "Edema", "Ascites", "Cyst")]
+    assert len({c.color for c in customs}) == len(customs)
+    assert resolve_class("Necrosis").color == resolve_class("necrosis").color  # stable, from the name
+
+
 def test_user_defined_classes():
     c = custom_class("hepatic_lesion", color=(10, 20, 30))
     assert c.display_name == "Hepatic lesion" and c.color_float[0] == pytest.approx(10 / 255)

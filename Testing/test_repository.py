@@ -58,20 +58,54 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_second():
 
 def test_layout_is_the_extension_wizard_layout():
     for path in ("AutoMedSAMSlicer", "Resources", "Testing", "CMakeLists.txt", "AutoMedSAMSlicer.json",
-                 "README.md", "pyproject.toml", ".ci/run"):
+                 "AutoMedSAMSlicer.s4ext", "README.md", "pyproject.toml", ".ci/run"):
         assert (REPO / path).exists(), path
 
 
 def test_extensions_index_entry_and_cmake_follow_slicers_current_format():
     """The index reads ``<Name>.json`` (schema slicer-extension-catalog-entry v1.0.1: required
-    ``$schema``, ``category``, ``scm_url``; no other keys), not ``.s4ext``; the category lives there,
-    not in CMake, as in Slicer's current extension template."""
+    ``$schema``, ``category``, ``scm_url``; no other keys); the category lives there (and in the
+    .s4ext description), not in CMake, as in Slicer's extension template."""
     entry = json.loads((REPO / "AutoMedSAMSlicer.json").read_text())
     allowed = {"$schema", "build_dependencies", "build_subdirectory", "category", "enabled", "scm_revision",
                "scm_type", "scm_url", "tier"}
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert "slicer-extension-catalog-entry-schema" in entry["$schema"] and entry["build_dependencies"] == ["PyTorch"]
-    assert not list(REPO.glob("*.s4ext"))
     top = (REPO / "CMakeLists.txt").read_text()
-    assert "cmake_minimum_required(VERSION 3.28.0...3.28.0 FATAL_ERROR)" in top and "EXTENSION_CATEGORY" not in top
+    # The floor of Slicer 5.10's extension template, the oldest Slicer supported.
+    assert "cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)" in top and "EXTENSION_CATEGORY" not in top
     assert 'VERSION_LESS "5.10"' in top
+
+
+def _s4ext(path) -> dict[str, str]:
+    """Slicer's description format: one ``key value`` per line, ``#`` comments (the keys of
+    CMake/SlicerFunctionGenerateExtensionDescription.cmake)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            assert key not in out, f"{key} given twice"
+            out[key] = value.strip()
+    return out
+
+
+def test_the_s4ext_the_index_entry_and_cmake_describe_the_same_extension():
+    import re
+    from urllib.parse import urlparse
+
+    s4ext = _s4ext(REPO / "AutoMedSAMSlicer.s4ext")
+    entry = json.loads((REPO / "AutoMedSAMSlicer.json").read_text())
+    cmake = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text()))
+    assert {"scm", "scmurl", "scmrevision", "depends", "build_subdirectory", "homepage", "contributors", "category",
+            "iconurl", "status", "description", "screenshoturls", "enabled"} == set(s4ext)
+    assert s4ext["category"] == entry["category"]
+    assert s4ext["scmurl"] == entry["scm_url"] and s4ext["scmrevision"] == entry["scm_revision"]
+    assert s4ext["build_subdirectory"] == entry["build_subdirectory"]
+    assert s4ext["depends"].split() == entry["build_dependencies"] == cmake["EXTENSION_DEPENDS"].split(";")
+    for key in ("homepage", "contributors", "description", "iconurl", "screenshoturls"):
+        assert s4ext[key] == cmake[f"EXTENSION_{key.upper()}"], key
+    assert re.search(r"project\((\w+)\)", (REPO / "CMakeLists.txt").read_text()).group(1) == "AutoMedSAMSlicer"
+    # The pictures the index shows are files of this repository, at the URL's path.
+    for url in (s4ext["iconurl"], *s4ext["screenshoturls"].split()):
+        path = urlparse(url).path.split("/main/", 1)[1]
+        assert (REPO / path).is_file() and (REPO / path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url

@@ -372,3 +372,29 @@ def _running(pid: int) -> bool:
     """Independent of the code under test: ``ps`` shows the process and it is not a zombie."""
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+def test_a_worker_never_outlives_the_application_that_started_it(tmp_path, home):
+    """Slicer crashes (killed: no shutdown, no atexit): its worker must not stay behind holding the
+    port, the memory and perhaps the GPU. LocalWorker passes --exit-with-pid."""
+    app = tmp_path / "application.py"
+    app.write_text(f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "AutoMedSAMSlicer")!r})
+from automedsam.worker import LocalWorker
+worker = LocalWorker(device="cpu")
+worker.start()
+print(worker.server_pid, flush=True)
+time.sleep(600)
+""")
+    process = subprocess.Popen([sys.executable, str(app)], stdout=subprocess.PIPE, text=True,
+                               env=child_env(home / "crashing-app"))
+    try:
+        server = int(process.stdout.readline())
+        assert _running(server)
+        process.kill()  # the application crashes
+        process.wait()
+        assert wait_until(lambda: not _running(server), 20), "the worker outlived its application"
+    finally:
+        process.kill()
+        process.stdout.close()

@@ -313,6 +313,12 @@ def test_worker_backend_restarts_after_a_crash_and_nothing_is_lost(slicer, make_
     finally:
         logic.shutdown()
     assert not engines.worker.alive()
+    # Shutting down is final: nothing (a late panel timer, a queued refine) starts the worker again.
+    from automedsam.client import ServiceUnavailableError
+
+    with pytest.raises(ServiceUnavailableError, match="shutting down"):
+        engines.engine(str(make_bundle("tiny-sam2", "ppn")), "cpu")
+    assert engines.worker.process is None and not engines.recover()
 
 
 def test_batch_script_arguments_and_exit_codes(slicer, tmp_path, capsys):
@@ -693,3 +699,68 @@ def test_teach_never_overwrites_an_earlier_model_and_names_classes_from_any_segm
         "left_kidney", "lesion_2", "liver"]
     with pytest.raises(ValueError, match="no letters or digits"):
         _className("???")
+
+
+def test_a_job_that_ends_after_its_scene_closed_writes_nothing(slicer, logic_with, make_engine):
+    volume_node, _ = sphere_volume("lps")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    job = logic.segment(volume_node, ["liver"], model="test", waitForCompletion=False)
+    assert job.step()  # running
+    slicer.mrmlScene.Clear(0)  # File > Close scene while it runs
+    assert job.wait() is None
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    # A refine whose segmentation node was deleted meanwhile writes nothing either.
+    volume_node, _ = sphere_volume("lps")
+    seg_node = segmentation_node()
+    point = world_of_voxel(volume_node, (20, 18, 4))
+    refine = logic.refine(volume_node, seg_node, "liver", points=[point], mode="manual", waitForCompletion=False)
+    slicer.mrmlScene.RemoveNode(seg_node)
+    refine.wait()
+    assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_a_refine_can_be_cancelled_and_then_writes_nothing(logic_with, make_engine):
+    from automedsam.contract import CancelledError
+
+    volume_node, _ = sphere_volume("lps")
+    logic = logic_with(make_engine("tiny-sam2", "ppn"))
+    seg_node = segmentation_node()
+    job = logic.refine(volume_node, seg_node, "liver", points=[world_of_voxel(volume_node, (20, 18, 4))],
+                       mode="manual", waitForCompletion=False)
+    job.cancel()
+    with pytest.raises(CancelledError):
+        job.wait()
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == 0
+
+
+def test_teach_learns_the_users_slices_not_the_models_own_results(slicer, logic_with, make_engine):
+    """After a segmentation the model's masks fill every slice; the user corrects slice 2 and erases
+    slice 5. Teaching learns from those two slices only (slice 5 as "no liver here"), never from the
+    model's own output on the others, which would only teach the model itself."""
+    logic, volume_node, _, seg_node, _ = liver_segmented(logic_with, make_engine)
+    engine = logic.backend.engine("test")
+    taught = {}
+
+    def recording_teach(labels, classes, save_to, **kwargs):
+        taught.update(labels=labels, classes=classes, **kwargs)
+        raise RuntimeError("recorded")
+
+    with pytest.raises(ValueError, match="only AutoMedSAM's own results"):
+        logic.teach(volume_node, seg_node, ["Liver"], epochs=1)
+    edited = read(seg_node, "Liver", volume_node)
+    edited[2, :6, :6] = True  # painted
+    edited[5] = False  # erased: no liver on this slice
+    write(seg_node, "Liver", edited, volume_node)
+    engine.teach = recording_teach
+    with pytest.raises(RuntimeError, match="recorded"):
+        logic.teach(volume_node, seg_node, ["Liver"], epochs=1)
+    assert taught["train_slices"] == "2,5" and taught["classes"] == {"liver": 1}
+    labels = taught["labels"]
+    assert np.array_equal(np.nonzero(labels.reshape(len(labels), -1).any(axis=1))[0], [2])
+    assert np.array_equal(labels[2] > 0, edited[2])
+    # A refine on another slice afterwards keeps slices 2 and 5 the user's.
+    logic.refine(volume_node, seg_node, "liver", points=[world_of_voxel(volume_node, (20, 18, 4))], mode="manual")
+    from AutoMedSAMSlicerLib.nodes import userSlices
+
+    now = read(seg_node, "Liver", volume_node)
+    assert userSlices(seg_node, seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver"), now) == [2, 5]

@@ -153,11 +153,18 @@ class WorkerBackend(RemoteBackend):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
         # It computes beside Slicer's GUI: a core left free where there are enough, lower priority always.
         env.setdefault(THREADS_ENV, str(threads_beside_gui()))
+        # Sessions of the local worker never expire: Slicer may sit idle for hours, and the worker
+        # ends with Slicer anyway (LocalWorker passes --exit-with-pid).
         self.worker = LocalWorker(python or slicerPythonExecutable(), device=device, env=env,
-                                  extra_args=["--lower-priority"])
+                                  extra_args=["--lower-priority", "--session-ttl-s", str(10**9)])
+        self.closing = False
         super().__init__("", self.worker.token, pollSeconds)
 
     def _started(self) -> None:
+        if self.closing:  # never (re)start a worker while Slicer or the module is shutting down
+            from automedsam.client import ServiceUnavailableError
+
+            raise ServiceUnavailableError("AutoMedSAM is shutting down: the worker is not started again")
         if self.worker.process is None:
             self.url = self.worker.start()
         elif not self.worker.alive():
@@ -175,7 +182,7 @@ class WorkerBackend(RemoteBackend):
         return super().engine(model, device, backbone)
 
     def recover(self) -> bool:
-        if self.worker.alive():
+        if self.closing or self.worker.alive():
             return False  # it is up but did not answer: not a crash, do not hide it
         logging.warning("AutoMedSAM: the worker process ended unexpectedly; restarting it")
         self.url = self.worker.restart()
@@ -186,6 +193,7 @@ class WorkerBackend(RemoteBackend):
         return super().info()
 
     def shutdown(self) -> None:
+        self.closing = True
         try:
             super().shutdown()
         finally:

@@ -24,6 +24,7 @@ class _SegmentBefore:
     slices: list[int] | None  # None: the whole volume was replaced
     packed: PackedMask | None = None
     writtenTag: str = ""  # the segment's "written by AutoMedSAM" fingerprint before the step
+    writtenSlices: str = ""  # and its per-slice fingerprints (which slices were the user's)
 
     def restore(self, segmentationNode, volumeNode) -> None:
         if self.created:
@@ -36,8 +37,10 @@ class _SegmentBefore:
             mask = nodes.readSegmentMask(segmentationNode, self.segmentId, volumeNode)
             mask[self.slices] = before
         nodes.writeSegmentMask(segmentationNode, self.segmentId, mask, volumeNode)
-        # Restore ownership too: a segment the user had edited must count as edited again.
+        # Restore ownership too: a segment the user had edited must count as edited again, and the
+        # slices they drew as theirs.
         segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + self.segmentId, self.writtenTag)
+        segmentationNode.SetAttribute(nodes.WRITTEN_SLICES_ATTRIBUTE + self.segmentId, self.writtenSlices)
 
 
 @dataclass
@@ -75,7 +78,8 @@ class UndoStep:
     def recordMask(self, segmentId: str, mask: np.ndarray, slices: list[int] | None = None) -> None:
         kept = mask if slices is None else mask[slices]
         tag = self.segmentationNode.GetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + segmentId) or ""
-        self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(kept), tag))
+        perSlice = self.segmentationNode.GetAttribute(nodes.WRITTEN_SLICES_ATTRIBUTE + segmentId) or ""
+        self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(kept), tag, perSlice))
 
 
 class EditedSinceError(ValueError):

@@ -152,7 +152,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def _writeResults(self, volumeNode, segmentationNode, infos, masks: dict, onEditedSegment, label: str,
                       slices: Sequence[int] | None = None):
         """Write ``masks`` (class name -> ``(K, J, I)``) into the classes' segments; with ``slices``
-        only those k-slices change (a segment keeps what it has on the others)."""
+        only those k-slices change (a segment keeps what it has on the others). Nothing is written
+        (None) when the volume or the segmentation left the scene while the job ran."""
+        if not self._stillThere(volumeNode, segmentationNode, label):
+            return None
         segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
         targets, edited = [], []
         for info in infos:
@@ -181,7 +184,8 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             mask = np.asarray(masks[info.name], bool)
             if slices is not None and current is not None and not keepUsers:
                 mask = np.where(_sliceSelector(mask.shape[0], slices)[:, None, None], mask, current)
-            nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode)
+            nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode,
+                                   None if slices is None or keepUsers else list(slices))
             step.recordWritten(sid, mask)
         self.history.push(step)
         return segmentationNode
@@ -218,13 +222,24 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         current = self._currentMask(volumeNode, segmentationNode, className)
         shown = None if current is None or not 0 <= k < current.shape[0] else current[k]
         ready = {}
+        cancel = threading.Event()
 
         def events():
-            engine = self.engine(model, device)
+            cancelled = {"stage": "cancelled", "done": 0, "total": 1, "message": "cancelled; nothing was changed"}
+            engine = self.engine(model, device)  # may start the worker: Cancel is honoured after it
+            if cancel.is_set():
+                yield cancelled
+                return
             info = ready["info"] = self._classInfos(engine, [className])[0]
             self._sendVolume(engine, key, volume)
+            if cancel.is_set():
+                yield cancelled
+                return
             ready["mask"] = self._call(engine, lambda e: e.refine(info.name, k, points=pts, point_labels=labels,
                                                                   box=bx, mode=mode, mask=shown))
+            if cancel.is_set():  # the answer came, but the user no longer wants it
+                yield cancelled
+                return
             yield {"stage": "done", "done": 1, "total": 1, "message": f"refined slice {k}"}
 
         def finish(last):
@@ -233,10 +248,12 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                               f"refine {info.display_name} on slice {k}")
             return k
 
-        job = Job("refine", events(), finish)
+        job = Job("refine", events(), finish, cancelEvent=cancel)
         return job.wait() if waitForCompletion else job
 
     def _writeSlices(self, volumeNode, segmentationNode, info, sliceMasks: dict, label: str) -> None:
+        if not self._stillThere(volumeNode, segmentationNode, label):
+            return
         segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
         step = UndoStep(label, segmentationNode, volumeNode)
         sid = nodes.segmentId(segmentationNode, info.name, info.display_name)
@@ -250,7 +267,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         edited = nodes.wasEditedByUser(segmentationNode, sid, current)
         for k, m in sliceMasks.items():
             current[k] = m
-        nodes.writeSegmentMask(segmentationNode, sid, current, volumeNode)
+        nodes.writeSegmentMask(segmentationNode, sid, current, volumeNode, sorted(sliceMasks))
         step.recordWritten(sid, current)
         if edited:  # the user's edits on other slices stay theirs: a later Segment must ask
             segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + sid, "edited")
@@ -325,10 +342,8 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         epochs = epochs or contract.TEACH_EPOCHS
         decoderLearningRate = decoderLearningRate or contract.TEACH_DECODER_LR
         key, volume = self._volumeSnapshot(volumeNode)  # MRML is read here, on the calling thread
-        labels, classes = self._labelMap(volumeNode, segmentationNode, segments)
-        from automedsam.training.teach import labelled_slices
-
-        trainSlices = ",".join(str(k) for k in labelled_slices(labels))
+        labels, classes, drawn = self._labelMap(volumeNode, segmentationNode, segments)
+        trainSlices = ",".join(str(k) for k in drawn)
         from automedsam.models import automedsam_home
 
         target = Path(outputPath) if outputPath else _newBundlePath(automedsam_home() / "bundles")
@@ -358,6 +373,9 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return job.wait() if waitForCompletion else job
 
     def _labelMap(self, volumeNode, segmentationNode, segments):
+        """The label map teaching learns from, its classes and the k-slices it holds: each segment's
+        voxels on the slices the user drew, corrected or erased (:func:`.nodes.userSlices`), never the
+        model's own results on the others."""
         if segmentationNode is None:
             raise ValueError("teaching needs a segmentation with the segments you drew")
         segmentation = segmentationNode.GetSegmentation()
@@ -369,6 +387,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         shape = nodes.volumeShape(volumeNode)
         labels = np.zeros(shape, np.uint16)
         classes: dict[str, int] = {}
+        drawn: set[int] = set()
         for value, (segmentName, className) in enumerate(mapping.items(), start=1):
             sid = segmentation.GetSegmentIdBySegmentName(segmentName)
             if not sid:
@@ -376,11 +395,27 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             mask = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
             if not mask.any():
                 raise ValueError(f"segment {segmentName!r} is empty: draw it on a few slices first")
-            labels[mask] = value
+            theirs = nodes.userSlices(segmentationNode, sid, mask)
+            if not any(mask[k].any() for k in theirs):
+                raise ValueError(f"segment {segmentName!r} holds only AutoMedSAM's own results: draw or correct it on "
+                                 "a few slices first (the model does not learn from itself)")
+            for k in theirs:
+                labels[k][mask[k]] = value
+            drawn.update(theirs)
             classes[className or _className(segmentName)] = value
-        return labels, classes
+        return labels, classes, sorted(drawn)
 
     # -------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _stillThere(volumeNode, segmentationNode, label: str) -> bool:
+        """False (and a log line) when the scene was closed, or the nodes removed, while a job ran:
+        its result belongs to nothing the user still has."""
+        if nodes.inScene(volumeNode) and (segmentationNode is None or nodes.inScene(segmentationNode)):
+            return True
+        logging.info("AutoMedSAM: %s finished after its volume or segmentation left the scene; nothing written",
+                     label)
+        return False
+
     @staticmethod
     def _currentMask(volumeNode, segmentationNode, className: str):
         """The class's segment as the user has it now, ``(K, J, I)`` bool on the volume's grid, or

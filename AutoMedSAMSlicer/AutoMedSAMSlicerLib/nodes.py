@@ -25,6 +25,9 @@ import vtk
 #: Node attribute holding the fingerprint of the mask AutoMedSAM last wrote to a segment (the
 #: segment id is appended). A segment whose mask no longer matches it was edited by the user.
 WRITTEN_MASK_ATTRIBUTE = "AutoMedSAM.writtenMask."
+#: Node attribute holding, per k-slice, a short fingerprint of what AutoMedSAM last wrote there
+#: (comma-separated; the segment id is appended): the slices whose content differs are the user's.
+WRITTEN_SLICES_ATTRIBUTE = "AutoMedSAM.writtenSlices."
 
 
 def ijkToRasFromNode(volumeNode) -> np.ndarray:
@@ -119,9 +122,12 @@ def localToWorld(node) -> np.ndarray:
     return np.array(slicer.util.arrayFromVTKMatrix(matrix), dtype=float)
 
 
-def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, volumeNode) -> None:
+def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, volumeNode,
+                     slices: list[int] | None = None) -> None:
     """Replace the segment's voxels with ``mask`` (``(K, J, I)`` bool on the volume's grid) and
-    remember its fingerprint so a later user edit can be recognised.
+    remember its fingerprint so a later user edit can be recognised; ``slices``: the k-slices the
+    model wrote (None: all), whose per-slice record becomes AutoMedSAM's (the others stay as they were:
+    the user's where they were the user's).
 
     The mask is imported through a label map placed where the volume is *in the segmentation's own
     frame* (volume local RAS -> world -> segmentation local RAS) and under the segmentation's parent
@@ -149,6 +155,36 @@ def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, vo
     finally:
         slicer.mrmlScene.RemoveNode(labelmap)
     segmentationNode.SetAttribute(WRITTEN_MASK_ATTRIBUTE + segmentIdValue, maskFingerprint(mask))
+    record = _writtenSlices(segmentationNode, segmentIdValue, mask)
+    for k in range(len(mask)) if slices is None else slices:
+        record[k] = _sliceFingerprint(mask[k])
+    segmentationNode.SetAttribute(WRITTEN_SLICES_ATTRIBUTE + segmentIdValue, ",".join(record))
+
+
+#: Stands for "the user's" in a per-slice record (never equal to a fingerprint).
+_USERS = "user"
+
+
+def _writtenSlices(segmentationNode, segmentIdValue: str, mask: np.ndarray) -> list[str]:
+    """The per-slice record; for a segment without one (the user's own), its slices with voxels are
+    the user's and the empty ones nobody's."""
+    written = segmentationNode.GetAttribute(WRITTEN_SLICES_ATTRIBUTE + segmentIdValue)
+    record = written.split(",") if written else []
+    if len(record) == len(mask):
+        return record
+    return [_USERS if plane.any() else _sliceFingerprint(plane) for plane in mask]
+
+
+def _sliceFingerprint(plane: np.ndarray) -> str:
+    return hashlib.sha1(np.packbits(np.ascontiguousarray(plane, dtype=bool)).tobytes()).hexdigest()[:8]
+
+
+def userSlices(segmentationNode, segmentIdValue: str, mask: np.ndarray) -> list[int]:
+    """The k-slices of the segment (``mask``: its ``(K, J, I)`` voxels now) that hold the user's work:
+    where they differ from what AutoMedSAM last wrote there (drawn, corrected or erased), or, for a
+    segment AutoMedSAM never wrote, every slice with voxels. The model's own results are not the user's."""
+    record = _writtenSlices(segmentationNode, segmentIdValue, mask)
+    return [k for k, plane in enumerate(mask) if _sliceFingerprint(plane) != record[k]]
 
 
 def wasEditedByUser(segmentationNode, segmentIdValue: str, currentMask: np.ndarray) -> bool:
@@ -198,6 +234,12 @@ def definedControlPoints(markupsNode) -> np.ndarray:
     defined = [markupsNode.GetNthControlPointPositionStatus(n) == markupsNode.PositionDefined
                for n in range(markupsNode.GetNumberOfControlPoints())]
     return np.asarray(points, float).reshape(-1, 3)[np.array(defined, bool)]
+
+
+def inScene(node) -> bool:
+    """Whether ``node`` is still in its scene (not removed, the scene not closed since)."""
+    scene = node.GetScene() if node is not None else None
+    return scene is not None and bool(scene.IsNodePresent(node))
 
 
 def roiPlaced(roiNode) -> bool:

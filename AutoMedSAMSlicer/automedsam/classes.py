@@ -94,12 +94,25 @@ class ClassInfo:
 
 
 def custom_class(name: str, display_name: str | None = None,
-                 color: tuple[int, int, int] = (128, 174, 128)) -> ClassInfo:
-    """A user-defined class without a specific SNOMED type (coded as generic 'Tissue')."""
+                 color: tuple[int, int, int] | None = None) -> ClassInfo:
+    """A user-defined class without a specific SNOMED type (coded as generic 'Tissue'); its colour,
+    unless given, comes from its name (:func:`name_color`), so two custom classes look different."""
     if not name or not name.replace("_", "").isalnum() or name != name.lower():
         raise InvalidInputError(f"class name {name!r} must be lower-case letters, digits and underscores")
     tissue = ("SCT", "85756007", "Tissue")
-    return ClassInfo(name, display_name or name.replace("_", " ").capitalize(), color, tissue, tissue)
+    return ClassInfo(name, display_name or name.replace("_", " ").capitalize(), color or name_color(name), tissue,
+                     tissue)
+
+
+def name_color(name: str) -> tuple[int, int, int]:
+    """A bright, fairly saturated RGB colour whose hue is a hash of ``name``: the same every run, and
+    different classes are told apart (hues spread over the whole circle)."""
+    import colorsys
+    import hashlib
+
+    hue = int.from_bytes(hashlib.sha256(name.encode()).digest()[:2], "big") / 65536
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.65, 0.92)
+    return round(r * 255), round(g * 255), round(b * 255)
 
 
 class ClassCatalog:

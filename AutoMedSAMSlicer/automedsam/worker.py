@@ -54,8 +54,9 @@ class LocalWorker:
 
     def start(self, timeout: float = 180.0) -> str:
         """Start the process, wait for its ready line and health; returns the URL."""
+        # It ends with this process, however this one ends (a crash included): no orphan keeps the GPU.
         cmd = [self.python, "-m", "automedsam", "serve", "--port", "0", "--token-file", str(self._token_file),
-               "--device", self.device, *self.extra_args]
+               "--device", self.device, "--exit-with-pid", str(os.getpid()), *self.extra_args]
         # A group of its own, so stop() reaches the whole tree (see automedsam.processes).
         self.process = start_group(cmd, env=self.env)
         self.server_pid = None

@@ -41,6 +41,9 @@ def register(sub) -> None:
                    help="URL prefix downloads may use besides the catalog's URLs (repeatable)")
     p.add_argument("--download-deadline-s", type=_bounded(1, 10**7, float), default=3600.0,
                    help="overall time limit of one weights download")
+    p.add_argument("--exit-with-pid", type=_bounded(1, 2**31 - 1), default=None, metavar="PID",
+                   help="stop when process PID ends (the application that started this worker, a crash "
+                        "included), so no worker is left running without its user")
     p.add_argument("--lower-priority", action="store_true",
                    help="run below normal priority, so the application it serves (Slicer's GUI) gets the CPU first")
     p.set_defaults(handler=run)
@@ -124,6 +127,25 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(line), flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
+    if args.exit_with_pid:
+        threading.Thread(target=_exit_with, args=(args.exit_with_pid, server), daemon=True).start()
     server.run(sockets=[sock])
     print("worker stopped", file=sys.stderr)
     return 0
+
+
+def _exit_with(pid: int, server, every: float = 0.5) -> None:
+    """Ask ``server`` to stop once process ``pid`` has ended (checked every ``every`` seconds)."""
+    import contextlib
+    import time
+
+    from ..processes import pid_alive
+
+    while not server.should_exit:
+        if not pid_alive(pid):
+            server.should_exit = True
+            # The pipe to a crashed parent may be gone: the stop must not depend on this line.
+            with contextlib.suppress(OSError):
+                print(f"worker stopping: process {pid}, which started it, has ended", file=sys.stderr)
+            return
+        time.sleep(every)
