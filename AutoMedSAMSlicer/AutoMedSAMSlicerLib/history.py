@@ -23,8 +23,7 @@ class _SegmentBefore:
     created: bool
     slices: list[int] | None  # None: the whole volume was replaced
     packed: PackedMask | None = None
-    writtenTag: str = ""  # the segment's "written by AutoMedSAM" fingerprint before the step
-    writtenSlices: str = ""  # and its per-slice fingerprints (which slices were the user's)
+    writtenSlices: str = ""  # the segment's per-slice record before the step (which slices were the user's)
 
     def restore(self, segmentationNode, volumeNode) -> None:
         if self.created:
@@ -32,43 +31,42 @@ class _SegmentBefore:
             return
         before = self.packed.unpack()
         if self.slices is None:
-            mask = before
-        else:
-            mask = nodes.readSegmentMask(segmentationNode, self.segmentId, volumeNode)
-            mask[self.slices] = before
-        nodes.writeSegmentMask(segmentationNode, self.segmentId, mask, volumeNode)
-        # Restore ownership too: a segment the user had edited must count as edited again, and the
-        # slices they drew as theirs.
-        segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + self.segmentId, self.writtenTag)
+            nodes.writeSegmentMask(segmentationNode, self.segmentId, before, volumeNode)
+        else:  # only the slices the step changed, as the click itself wrote them
+            nodes.writeSegmentSlices(segmentationNode, self.segmentId, dict(zip(self.slices, before, strict=True)),
+                                     volumeNode)
+        # Ownership too: slices the user had drawn count as theirs again.
         segmentationNode.SetAttribute(nodes.WRITTEN_SLICES_ATTRIBUTE + self.segmentId, self.writtenSlices)
 
 
 @dataclass
 class UndoStep:
     """One user action (segment, refine, propagate) on one segmentation node: what each segment held
-    before, and the fingerprint of what the step wrote (so an edit made since is recognised)."""
+    before, and the fingerprints of the slices the step wrote (so an edit made there since is recognised)."""
 
     label: str
     segmentationNode: object
     volumeNode: object
     before: list[_SegmentBefore] = field(default_factory=list)
-    written: dict[str, str] = field(default_factory=dict)
+    written: dict[str, dict[int, str]] = field(default_factory=dict)
 
-    def recordWritten(self, segmentId: str, mask: np.ndarray) -> None:
-        self.written[segmentId] = nodes.maskFingerprint(mask)
+    def recordWritten(self, segmentId: str, planes: dict) -> None:
+        """The slices (k -> ``(J, I)`` mask) the step wrote into ``segmentId``."""
+        self.written[segmentId] = {int(k): nodes.sliceFingerprint(p) for k, p in planes.items()}
 
     def editedSince(self) -> list[str]:
-        """Names of the segments whose voxels changed after this step wrote them (drawn, erased,
-        or changed by a later step), or that were removed."""
+        """Names of the segments whose slices this step wrote changed since (drawn, erased, or changed
+        by a later step), or that were removed. Only those slices matter: undo resets nothing else."""
         segmentation = self.segmentationNode.GetSegmentation()
         changed = []
-        for segmentId, fingerprint in self.written.items():
+        for segmentId, fingerprints in self.written.items():
             segment = segmentation.GetSegment(segmentId)
             if segment is None:
                 changed.append(segmentId)
                 continue
-            mask = nodes.readSegmentMask(self.segmentationNode, segmentId, self.volumeNode)
-            if nodes.maskFingerprint(mask) != fingerprint:
+            ks = sorted(fingerprints)
+            now = nodes.readSegmentSlices(self.segmentationNode, segmentId, self.volumeNode, ks)
+            if any(nodes.sliceFingerprint(plane) != fingerprints[k] for k, plane in zip(ks, now, strict=True)):
                 changed.append(segment.GetName())
         return changed
 
@@ -76,10 +74,10 @@ class UndoStep:
         self.before.append(_SegmentBefore(segmentId, True, None))
 
     def recordMask(self, segmentId: str, mask: np.ndarray, slices: list[int] | None = None) -> None:
-        kept = mask if slices is None else mask[slices]
-        tag = self.segmentationNode.GetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + segmentId) or ""
+        """What ``segmentId`` held before: ``mask`` is its whole ``(K, J, I)`` mask (``slices`` None),
+        or its planes on ``slices`` (``(len(slices), J, I)``)."""
         perSlice = self.segmentationNode.GetAttribute(nodes.WRITTEN_SLICES_ATTRIBUTE + segmentId) or ""
-        self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(kept), tag, perSlice))
+        self.before.append(_SegmentBefore(segmentId, False, slices, PackedMask.of(mask), perSlice))
 
 
 class EditedSinceError(ValueError):

@@ -161,8 +161,9 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         for info in infos:
             sid = nodes.segmentId(segmentationNode, info.name, info.display_name)
             current = nodes.readSegmentMask(segmentationNode, sid, volumeNode) if sid else None
-            if sid and nodes.wasEditedByUser(segmentationNode, sid, current):
-                edited.append(info.display_name)
+            theirs = nodes.userSlices(segmentationNode, sid, current) if sid else []
+            if theirs and (slices is None or set(theirs) & {int(k) for k in slices}):
+                edited.append(info.display_name)  # the user's work on slices this run would replace
             targets.append((info, sid, current))
         decision = "overwrite"
         if edited:
@@ -174,19 +175,24 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                 return segmentationNode
         step = UndoStep(label, segmentationNode, volumeNode)
         for info, sid, current in targets:
+            mask = np.asarray(masks[info.name], bool)
             keepUsers = sid and decision == "keep" and info.display_name in edited
             if sid is None or keepUsers:
                 name = f"{info.display_name}{OWN_SEGMENT_SUFFIX}" if keepUsers else None
                 sid = nodes.addClassSegment(segmentationNode, info, name)
                 step.recordCreated(sid)
+                current = None
+            if current is not None and slices is not None:  # only these slices change
+                ks = sorted({int(k) for k in slices})
+                step.recordMask(sid, current[ks], ks)
+                planes = {k: mask[k] for k in ks}
+                nodes.writeSegmentSlices(segmentationNode, sid, planes, volumeNode)
             else:
-                step.recordMask(sid, current)
-            mask = np.asarray(masks[info.name], bool)
-            if slices is not None and current is not None and not keepUsers:
-                mask = np.where(_sliceSelector(mask.shape[0], slices)[:, None, None], mask, current)
-            nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode,
-                                   None if slices is None or keepUsers else list(slices))
-            step.recordWritten(sid, mask)
+                if current is not None:
+                    step.recordMask(sid, current)
+                planes = dict(enumerate(mask))
+                nodes.writeSegmentMask(segmentationNode, sid, mask, volumeNode)
+            step.recordWritten(sid, planes)
         self.history.push(step)
         return segmentationNode
 
@@ -219,8 +225,7 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         # On the calling thread, from MRML: the volume and the slice as the user sees it now (their
         # own edits included): the engine refines from that, never from a copy of its own.
         key, volume = self._volumeSnapshot(volumeNode)
-        current = self._currentMask(volumeNode, segmentationNode, className)
-        shown = None if current is None or not 0 <= k < current.shape[0] else current[k]
+        shown = self._currentSlice(volumeNode, segmentationNode, className, k)
         ready = {}
         cancel = threading.Event()
 
@@ -252,25 +257,23 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return job.wait() if waitForCompletion else job
 
     def _writeSlices(self, volumeNode, segmentationNode, info, sliceMasks: dict, label: str) -> None:
+        """Write the class's masks on the k-slices of ``sliceMasks`` (k -> ``(J, I)``) and nothing else:
+        a click reads and writes its own slice, never the whole volume. The user's work on other
+        slices stays theirs (a later Segment asks before replacing it)."""
         if not self._stillThere(volumeNode, segmentationNode, label):
             return
         segmentationNode = nodes.prepareSegmentationNode(volumeNode, segmentationNode)
         step = UndoStep(label, segmentationNode, volumeNode)
+        ks = sorted(int(k) for k in sliceMasks)
+        planes = {k: np.asarray(sliceMasks[k], bool) for k in ks}
         sid = nodes.segmentId(segmentationNode, info.name, info.display_name)
         if sid is None:
             sid = nodes.addClassSegment(segmentationNode, info)
             step.recordCreated(sid)
-            current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
         else:
-            current = nodes.readSegmentMask(segmentationNode, sid, volumeNode)
-            step.recordMask(sid, current, sorted(sliceMasks))
-        edited = nodes.wasEditedByUser(segmentationNode, sid, current)
-        for k, m in sliceMasks.items():
-            current[k] = m
-        nodes.writeSegmentMask(segmentationNode, sid, current, volumeNode, sorted(sliceMasks))
-        step.recordWritten(sid, current)
-        if edited:  # the user's edits on other slices stay theirs: a later Segment must ask
-            segmentationNode.SetAttribute(nodes.WRITTEN_MASK_ATTRIBUTE + sid, "edited")
+            step.recordMask(sid, nodes.readSegmentSlices(segmentationNode, sid, volumeNode, ks), ks)
+        nodes.writeSegmentSlices(segmentationNode, sid, planes, volumeNode)
+        step.recordWritten(sid, planes)
         self.history.push(step)
 
     # ------------------------------------------------------------------------------ propagate
@@ -279,11 +282,10 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
                   progressCallback: Callable | None = None, model: str | None = None, device: str | None = None):
         """Carry the class's mask on slice ``sliceIndex`` (as it is in the segment now, user edits
         included) to neighbouring slices until the object ends. One undo step."""
-        # On the calling thread: everything read from MRML (the segment as the user left it).
-        current = self._currentMask(volumeNode, segmentationNode, className)
-        if current is None:
+        # On the calling thread: everything read from MRML (the seed slice as the user left it).
+        seed = self._currentSlice(volumeNode, segmentationNode, className, int(sliceIndex))
+        if seed is None:
             raise ValueError(f"no {className!r} segment to propagate: segment or refine it first")
-        seed = current[int(sliceIndex)] if 0 <= int(sliceIndex) < current.shape[0] else current
         key, volume = self._volumeSnapshot(volumeNode)
         cancel = threading.Event()
         ready = {}
@@ -417,16 +419,17 @@ class AutoMedSAMSlicerLogic(ScriptedLoadableModuleLogic):
         return False
 
     @staticmethod
-    def _currentMask(volumeNode, segmentationNode, className: str):
-        """The class's segment as the user has it now, ``(K, J, I)`` bool on the volume's grid, or
-        None when the segmentation has no segment for the class. Read on the thread that owns MRML."""
+    def _currentSlice(volumeNode, segmentationNode, className: str, k: int):
+        """The class's segment on slice k as the user has it now, ``(J, I)`` bool on the volume's
+        grid, or None when the segmentation has no segment for the class (or k is off the volume: the
+        engine names the range). Read on the thread that owns MRML, one slice only."""
         from automedsam.classes import resolve_class
 
-        if segmentationNode is None:
+        if segmentationNode is None or not 0 <= k < nodes.volumeShape(volumeNode)[0]:
             return None
         guess = resolve_class(_className(className))
         sid = nodes.segmentId(segmentationNode, guess.name, guess.display_name)
-        return nodes.readSegmentMask(segmentationNode, sid, volumeNode) if sid else None
+        return nodes.readSegmentSlices(segmentationNode, sid, volumeNode, [k])[0] if sid else None
 
     def _call(self, engine, fn):
         return self.backend.call(engine, fn)
@@ -520,13 +523,6 @@ def _newBundlePath(folder: Path) -> Path:
     while path.exists():
         path, n = folder / f"{stem}-{n}.zip", n + 1
     return path
-
-
-def _sliceSelector(count: int, slices: Sequence[int]) -> np.ndarray:
-    """``(count,)`` bool: True at the k-slices listed in ``slices``."""
-    selected = np.zeros(count, bool)
-    selected[list(slices)] = True
-    return selected
 
 
 #: What this module appends to a segment it writes beside one the user edited ("Liver (AutoMedSAM)").

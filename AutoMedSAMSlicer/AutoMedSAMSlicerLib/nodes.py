@@ -21,10 +21,8 @@ import hashlib
 import numpy as np
 import slicer
 import vtk
+import vtk.util.numpy_support
 
-#: Node attribute holding the fingerprint of the mask AutoMedSAM last wrote to a segment (the
-#: segment id is appended). A segment whose mask no longer matches it was edited by the user.
-WRITTEN_MASK_ATTRIBUTE = "AutoMedSAM.writtenMask."
 #: Node attribute holding, per k-slice, a short fingerprint of what AutoMedSAM last wrote there
 #: (comma-separated; the segment id is appended): the slices whose content differs are the user's.
 WRITTEN_SLICES_ATTRIBUTE = "AutoMedSAM.writtenSlices."
@@ -68,12 +66,6 @@ def worldToIjk(volumeNode, pointsRas) -> np.ndarray:
     return local @ rasToIjk[:3, :3].T + rasToIjk[:3, 3]
 
 
-def maskFingerprint(mask: np.ndarray) -> str:
-    """Short content hash of a ``(K, J, I)`` mask (bit-packed, so it is cheap)."""
-    packed = np.packbits(np.ascontiguousarray(mask, dtype=bool))
-    return hashlib.sha256(packed.tobytes() + str(mask.shape).encode()).hexdigest()[:20]
-
-
 def segmentId(segmentationNode, className: str, displayName: str) -> str | None:
     """Id of the segment for a class: the one AutoMedSAM tagged, else one named ``displayName``."""
     segmentation = segmentationNode.GetSegmentation()
@@ -108,6 +100,58 @@ def readSegmentMask(segmentationNode, segmentIdValue: str, volumeNode) -> np.nda
     return np.asarray(array).reshape(shape) > 0
 
 
+def readSegmentSlices(segmentationNode, segmentIdValue: str, volumeNode, ks) -> np.ndarray:
+    """The segment on the volume's k-slices ``ks``: ``(len(ks), J, I)`` bool, read from the segment's
+    own labelmap without exporting the whole volume when that labelmap lies on the volume's voxel grid
+    (the same axes and spacing, whole-voxel offsets: what this module and the Segment Editor make on
+    this volume); otherwise through Slicer's full resampling."""
+    ks = [int(k) for k in ks]
+    shape = volumeShape(volumeNode)
+    out = np.zeros((len(ks), *shape[1:]), bool)
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentIdValue)
+    if image is None:
+        return out
+    toImage = _volumeToSegmentImage(segmentationNode, volumeNode, image)
+    if toImage is None:  # another grid: Slicer resamples the whole segment onto the volume
+        return readSegmentMask(segmentationNode, segmentIdValue, volumeNode)[ks]
+    extent = image.GetExtent()
+    if extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5]:
+        return out  # empty
+    array = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentIdValue)
+    label = segmentationNode.GetSegmentation().GetSegment(segmentIdValue).GetLabelValue()
+    di, dj, dk = toImage
+    # Volume voxel (i, j, k) is labelmap voxel (i + di, j + dj, k + dk); its array index subtracts the extent's start.
+    i0, i1 = max(0, extent[0] - di), min(shape[2], extent[1] - di + 1)
+    j0, j1 = max(0, extent[2] - dj), min(shape[1], extent[3] - dj + 1)
+    if i0 >= i1 or j0 >= j1:
+        return out
+    for n, k in enumerate(ks):
+        kk = k + dk - extent[4]
+        if 0 <= kk < array.shape[0]:
+            out[n, j0:j1, i0:i1] = array[kk, j0 + dj - extent[2]:j1 + dj - extent[2],
+                                         i0 + di - extent[0]:i1 + di - extent[0]] == label
+    return out
+
+
+def _volumeToSegmentImage(segmentationNode, volumeNode, image) -> tuple[int, int, int] | None:
+    """The whole-voxel offset ``(di, dj, dk)`` from the volume's voxel indices to those of the
+    segment's labelmap ``image``, or None when the two grids differ (axes, spacing, a fraction of a voxel)."""
+    imageToSegmentation = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(imageToSegmentation)
+    volumeToImage = np.linalg.inv(np.array(slicer.util.arrayFromVTKMatrix(imageToSegmentation))) @ \
+        volumeToSegmentation(segmentationNode, volumeNode)
+    offset = np.round(volumeToImage[:3, 3])
+    if not (np.allclose(volumeToImage[:3, :3], np.eye(3), atol=1e-4) and np.allclose(volumeToImage[:3, 3], offset,
+                                                                                        atol=1e-3)):
+        return None
+    return int(offset[0]), int(offset[1]), int(offset[2])
+
+
+def volumeToSegmentation(segmentationNode, volumeNode) -> np.ndarray:
+    """4x4: the volume's voxel indices ``(i, j, k, 1)`` -> the segmentation's own (local) RAS."""
+    return np.linalg.inv(localToWorld(segmentationNode)) @ localToWorld(volumeNode) @ ijkToRasFromNode(volumeNode)
+
+
 def localToWorld(node) -> np.ndarray:
     """The 4x4 matrix from ``node``'s local RAS to world RAS (its parent transforms; identity without).
 
@@ -122,12 +166,9 @@ def localToWorld(node) -> np.ndarray:
     return np.array(slicer.util.arrayFromVTKMatrix(matrix), dtype=float)
 
 
-def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, volumeNode,
-                     slices: list[int] | None = None) -> None:
-    """Replace the segment's voxels with ``mask`` (``(K, J, I)`` bool on the volume's grid) and
-    remember its fingerprint so a later user edit can be recognised; ``slices``: the k-slices the
-    model wrote (None: all), whose per-slice record becomes AutoMedSAM's (the others stay as they were:
-    the user's where they were the user's).
+def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, volumeNode) -> None:
+    """Replace the segment's voxels with ``mask`` (``(K, J, I)`` bool on the volume's grid); every
+    slice's record becomes AutoMedSAM's (see :func:`userSlices`).
 
     The mask is imported through a label map placed where the volume is *in the segmentation's own
     frame* (volume local RAS -> world -> segmentation local RAS) and under the segmentation's parent
@@ -136,15 +177,9 @@ def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, vo
     off by the volume's parent transform (or twice the difference) whenever the segmentation sits
     under another transform than the volume (measured on Slicer's libraries, slicer-core 5.13).
     """
-    volumeToSegmentation = (np.linalg.inv(localToWorld(segmentationNode)) @ localToWorld(volumeNode)
-                            @ ijkToRasFromNode(volumeNode))
     labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volumeNode, "__AutoMedSAM mask__")
     try:
-        matrix = vtk.vtkMatrix4x4()
-        for row in range(4):
-            for col in range(4):
-                matrix.SetElement(row, col, volumeToSegmentation[row, col])
-        labelmap.SetIJKToRASMatrix(matrix)
+        labelmap.SetIJKToRASMatrix(_vtkMatrix(volumeToSegmentation(segmentationNode, volumeNode)))
         labelmap.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
         slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(mask, dtype=np.uint8))
         segmentIds = vtk.vtkStringArray()
@@ -154,45 +189,118 @@ def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, vo
             raise RuntimeError(f"Slicer could not write segment {segmentIdValue!r} of {segmentationNode.GetName()!r}")
     finally:
         slicer.mrmlScene.RemoveNode(labelmap)
-    segmentationNode.SetAttribute(WRITTEN_MASK_ATTRIBUTE + segmentIdValue, maskFingerprint(mask))
-    record = _writtenSlices(segmentationNode, segmentIdValue, mask)
-    for k in range(len(mask)) if slices is None else slices:
-        record[k] = _sliceFingerprint(mask[k])
+    _record(segmentationNode, segmentIdValue, {k: mask[k] for k in range(len(mask))}, len(mask))
+
+
+def writeSegmentSlices(segmentationNode, segmentIdValue: str, planes: dict, volumeNode) -> None:
+    """Replace the segment on the volume's k-slices ``planes`` (k -> ``(J, I)`` bool) and nothing
+    else: a click costs one slice, not an export and import of the whole volume. Each slice goes in
+    as a one-slice labelmap on the volume's grid, in the segmentation's own frame, through Slicer's
+    SetBinaryLabelmapToSegment: MODE_MERGE_MIN (keeps only the new voxels within the slice) then
+    MODE_MERGE_MAX (adds them). Its MODE_REPLACE replaces the whole segment, whatever the extent
+    (measured on slicer-core 5.13: the other slices were lost)."""
+    shape = volumeShape(volumeNode)
+    geometry = _vtkMatrix(volumeToSegmentation(segmentationNode, volumeNode))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for k, plane in planes.items():
+        if _writeSliceInPlace(segmentationNode, segmentIdValue, int(k), plane, volumeNode):
+            continue
+        image = slicer.vtkOrientedImageData()
+        image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, int(k), int(k))
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        image.SetImageToWorldMatrix(geometry)
+        values = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        values[:] = np.ascontiguousarray(plane, dtype=np.uint8).reshape(-1)
+        for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
+            if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentIdValue, mode, image.GetExtent()):
+                raise RuntimeError(f"Slicer could not write slice {k} of segment {segmentIdValue!r}")
+    _record(segmentationNode, segmentIdValue, planes, shape[0])
+
+
+def _writeSliceInPlace(segmentationNode, segmentIdValue: str, k: int, plane: np.ndarray, volumeNode) -> bool:
+    """Write slice k straight into the segment's own labelmap where that is exact and cheap (the
+    common click): the labelmap lies on the volume's grid, holds this segment alone, and already
+    covers every voxel of the new plane. False (nothing changed) otherwise."""
+    image = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentIdValue)
+    segmentation = segmentationNode.GetSegmentation()
+    if image is None:
+        return False
+    for n in range(segmentation.GetNumberOfSegments()):  # a shared layer: other segments' voxels too
+        other = segmentation.GetNthSegmentID(n)
+        if other != segmentIdValue and segmentationNode.GetBinaryLabelmapInternalRepresentation(other) is image:
+            return False
+    offset = _volumeToSegmentImage(segmentationNode, volumeNode, image)
+    extent = image.GetExtent()
+    if offset is None or extent[0] > extent[1] or extent[2] > extent[3] or not extent[4] <= k + offset[2] <= extent[5]:
+        return False
+    di, dj, _ = offset
+    rows, cols = np.nonzero(plane)
+    if len(rows) and (rows.min() + dj < extent[2] or rows.max() + dj > extent[3]
+                      or cols.min() + di < extent[0] or cols.max() + di > extent[1]):
+        return False  # the labelmap would have to grow: Slicer's merge does that
+    shape = plane.shape
+    i0, i1 = max(0, extent[0] - di), min(shape[1], extent[1] - di + 1)
+    j0, j1 = max(0, extent[2] - dj), min(shape[0], extent[3] - dj + 1)
+    array = slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentationNode, segmentIdValue)
+    label = segmentation.GetSegment(segmentIdValue).GetLabelValue()
+    region = array[k + offset[2] - extent[4], j0 + dj - extent[2]:j1 + dj - extent[2],
+                   i0 + di - extent[0]:i1 + di - extent[0]]
+    region[region == label] = 0
+    region[np.asarray(plane, bool)[j0:j1, i0:i1]] = label
+    image.Modified()  # the segmentation observes its source labelmap: views and other representations update
+    segmentation.GetSegment(segmentIdValue).Modified()
+    return True
+
+
+def _vtkMatrix(array: np.ndarray):
+    matrix = vtk.vtkMatrix4x4()
+    for row in range(4):
+        for col in range(4):
+            matrix.SetElement(row, col, float(array[row, col]))
+    return matrix
+
+
+def _record(segmentationNode, segmentIdValue: str, planes: dict, count: int) -> None:
+    """Note the slices AutoMedSAM just wrote (k -> plane) in the segment's per-slice record."""
+    record = _writtenSlices(segmentationNode, segmentIdValue, count)
+    for k, plane in planes.items():
+        record[int(k)] = sliceFingerprint(plane)
     segmentationNode.SetAttribute(WRITTEN_SLICES_ATTRIBUTE + segmentIdValue, ",".join(record))
 
 
 #: Stands for "the user's" in a per-slice record (never equal to a fingerprint).
 _USERS = "user"
+#: Stands for "never written, empty until the user draws there" (the fingerprint of no voxels is shape-dependent).
+_NOBODY = "none"
 
 
-def _writtenSlices(segmentationNode, segmentIdValue: str, mask: np.ndarray) -> list[str]:
-    """The per-slice record; for a segment without one (the user's own), its slices with voxels are
-    the user's and the empty ones nobody's."""
+def _writtenSlices(segmentationNode, segmentIdValue: str, count: int) -> list[str]:
+    """The per-slice record of ``count`` slices (see :func:`userSlices`); a segment without one has
+    none of AutoMedSAM's slices."""
     written = segmentationNode.GetAttribute(WRITTEN_SLICES_ATTRIBUTE + segmentIdValue)
     record = written.split(",") if written else []
-    if len(record) == len(mask):
-        return record
-    return [_USERS if plane.any() else _sliceFingerprint(plane) for plane in mask]
+    return record if len(record) == count else [_USERS] * count
 
 
-def _sliceFingerprint(plane: np.ndarray) -> str:
-    return hashlib.sha1(np.packbits(np.ascontiguousarray(plane, dtype=bool)).tobytes()).hexdigest()[:8]
+def sliceFingerprint(plane: np.ndarray) -> str:
+    """Short content hash of a ``(J, I)`` slice mask (an empty one is always ``"none"``)."""
+    plane = np.ascontiguousarray(plane, dtype=bool)
+    if not plane.any():
+        return _NOBODY
+    return hashlib.sha1(np.packbits(plane).tobytes() + str(plane.shape).encode()).hexdigest()[:10]
 
 
 def userSlices(segmentationNode, segmentIdValue: str, mask: np.ndarray) -> list[int]:
     """The k-slices of the segment (``mask``: its ``(K, J, I)`` voxels now) that hold the user's work:
-    where they differ from what AutoMedSAM last wrote there (drawn, corrected or erased), or, for a
-    segment AutoMedSAM never wrote, every slice with voxels. The model's own results are not the user's."""
-    record = _writtenSlices(segmentationNode, segmentIdValue, mask)
-    return [k for k, plane in enumerate(mask) if _sliceFingerprint(plane) != record[k]]
-
-
-def wasEditedByUser(segmentationNode, segmentIdValue: str, currentMask: np.ndarray) -> bool:
-    """True when the segment holds voxels AutoMedSAM did not write there (drawn or edited by hand)."""
-    written = segmentationNode.GetAttribute(WRITTEN_MASK_ATTRIBUTE + segmentIdValue)
-    if not written:
-        return bool(currentMask.any())  # a segment of the user's, not one of ours
-    return written != maskFingerprint(currentMask)
+    where they differ from what AutoMedSAM last wrote there (drawn, corrected or erased), or, for
+    slices AutoMedSAM never wrote, where they have voxels. The model's own results are not the user's."""
+    record = _writtenSlices(segmentationNode, segmentIdValue, len(mask))
+    out = []
+    for k, plane in enumerate(mask):
+        now = sliceFingerprint(plane)
+        if (record[k] == _USERS and now != _NOBODY) or (record[k] != _USERS and now != record[k]):
+            out.append(k)
+    return out
 
 
 #: Attribute on segmentation nodes this module created (and so may place and re-grid).
