@@ -764,3 +764,40 @@ def test_teach_learns_the_users_slices_not_the_models_own_results(slicer, logic_
 
     now = read(seg_node, "Liver", volume_node)
     assert userSlices(seg_node, seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver"), now) == [2, 5]
+
+
+def test_a_saved_and_reloaded_scene_keeps_the_segments_and_who_drew_which_slice(slicer, logic_with, make_engine,
+                                                                                  tmp_path):
+    """Save the scene (the .mrml with node attributes, the segmentation as .seg.nrrd) and load it
+    again: names, colours, terminology and voxels are back, and so is the record of the slices the
+    user drew (a later Segment still asks before replacing them)."""
+    logic, volume_node, _, seg_node, _ = liver_segmented(logic_with, make_engine)
+    edited = read(seg_node, "Liver", volume_node)
+    edited[2, :6, :6] = True
+    write(seg_node, "Liver", edited, volume_node)
+    scene_file = tmp_path / "scene.mrml"
+    for node in (volume_node, seg_node):
+        storage = node.CreateDefaultStorageNode()
+        storage.UnRegister(None)
+        slicer.mrmlScene.AddNode(storage)
+        storage.SetFileName(str(tmp_path / (node.GetName() + (".seg.nrrd" if node is seg_node else ".nrrd"))))
+        assert storage.WriteData(node)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    slicer.mrmlScene.SetURL(str(scene_file))
+    assert slicer.mrmlScene.Commit()
+    colour, terminology = stored(seg_node, "Liver").GetColor(), stored(seg_node, "Liver").GetTerminology()
+    slicer.mrmlScene.Clear(0)
+    slicer.mrmlScene.SetURL(str(scene_file))
+    assert slicer.mrmlScene.Connect()
+    volume_node = slicer.mrmlScene.GetFirstNodeByName(volume_node.GetName())
+    seg_node = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    assert stored(seg_node, "Liver").GetTerminology() == terminology
+    assert np.allclose(stored(seg_node, "Liver").GetColor(), colour)
+    assert np.array_equal(read(seg_node, "Liver", volume_node), edited)
+    from AutoMedSAMSlicerLib.nodes import userSlices
+
+    assert userSlices(seg_node, seg_node.GetSegmentation().GetSegmentIdBySegmentName("Liver"), edited) == [2]
+    asked = []
+    logic.segment(volume_node, ["liver"], segmentationNode=seg_node, model="test",
+                  onEditedSegment=lambda names: asked.append(names) or "cancel")
+    assert asked == [["Liver"]]
