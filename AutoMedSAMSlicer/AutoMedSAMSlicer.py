@@ -84,7 +84,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer = None
         self._observedMarkups = []
         self._updatingClassList = False
-        self._lastRefinedSlice = None
+        self._prompts = None  # AutoMedSAMSlicerLib.prompts.PromptTracker, made in setup()
         self._promptsChangedWhileBusy = False
 
     # ------------------------------------------------------------------------------- setup
@@ -102,6 +102,9 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = AutoMedSAMSlicerLogic()
+        from AutoMedSAMSlicerLib.prompts import PromptTracker
+
+        self._prompts = PromptTracker()
 
         # Single-shot, re-armed after each step: a repeating timer would keep firing while a step
         # waits in a modal dialog (which runs its own event loop).
@@ -157,6 +160,7 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         self.logic.history.clear()
+        self._prompts.sceneClosed()
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -335,8 +339,11 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onActiveClassChanged(self, text) -> None:
         item = self.ui.classListWidget.currentItem()
-        if item is not None and self._parameterNode:
-            self._parameterNode.activeClass = item.data(qt.Qt.UserRole)
+        p = self._parameterNode
+        if item is not None and p:
+            p.activeClass = item.data(qt.Qt.UserRole)
+            # The previous class's points and box are not this class's prompts.
+            self._prompts.classChanged(p.activeClass, (p.positivePoints, p.negativePoints), p.promptBox)
 
     # ------------------------------------------------------------------------------ jobs
     def startJob(self, job, onResult) -> None:
@@ -439,27 +446,17 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         import numpy as np
         from AutoMedSAMSlicerLib import nodes
-        from AutoMedSAMSlicerLib.nodes import worldToIjk
 
-        points, labels = [], []
-        for node, label in ((p.positivePoints, 1), (p.negativePoints, 0)):
-            if node:
-                xyz = nodes.definedControlPoints(node)  # never the preview point under the mouse
-                points += list(xyz)
-                labels += [label] * len(xyz)
-        if points:
-            # Points left on other slices belong to earlier corrections: use the current slice's only.
-            reference = points[-1]
-            pointNodes = (p.positivePoints, p.negativePoints)
-            if caller is not None and caller in pointNodes and len(nodes.definedControlPoints(caller)):
-                reference = nodes.definedControlPoints(caller)[-1]
-            ks = worldToIjk(p.inputVolume, np.array([*points, reference]))[:, 2]
-            keep = np.abs(ks[:-1] - ks[-1]) < 0.5
-            points = [pt for pt, kept in zip(points, keep, strict=True) if kept]
-            labels = [lb for lb, kept in zip(labels, keep, strict=True) if kept]
+        # The active class's points on the slice of the point just placed; a box once per placement.
+        self._prompts.classChanged(p.activeClass, (p.positivePoints, p.negativePoints), p.promptBox)
+        reference = None
+        if caller is not None and caller in (p.positivePoints, p.negativePoints):
+            placed = nodes.definedControlPoints(caller)
+            reference = placed[-1] if len(placed) else None
+        points, labels = self._prompts.points(p.inputVolume, p.positivePoints, p.negativePoints, reference)
         if caller is not None and caller is p.promptBox and not nodes.roiPlaced(caller):
             return  # the box's first corner: wait for the second click
-        box = p.promptBox if nodes.roiPlaced(p.promptBox) else None
+        box = self._prompts.box(p.promptBox)
         if not points and box is None:
             return
         with slicer.util.tryWithErrorDisplay(_("Refine failed."), waitCursor=True):
@@ -469,22 +466,22 @@ class AutoMedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.whenReady(lambda: self.startJob(self.logic.refine(
                 p.inputVolume, p.outputSegmentation, p.activeClass, points=np.array(points) if points else None,
                 pointLabels=labels or None, box=box, mode=mode, model=p.modelPath or None, device=p.device,
-                waitForCompletion=False), self.onRefineDone))
+                waitForCompletion=False), lambda k: self.onRefineDone(k, box)))
 
-    def onRefineDone(self, k) -> None:
+    def onRefineDone(self, k, box=None) -> None:
         p = self._parameterNode
         self.ui.statusLabel.text = _("Refined {name} on slice {k}.").format(name=p.activeClass, k=k)
-        self._lastRefinedSlice = k
+        self._prompts.refined(k, box)
 
     def onPropagate(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Propagation failed."), waitCursor=True):
-            if self._lastRefinedSlice is None:
+            if self._prompts.lastRefinedSlice is None:
                 raise ValueError(_("Refine a slice first (place a point), then propagate it."))
             self.whenReady(self.startPropagate)
 
     def startPropagate(self) -> None:
         p = self._parameterNode
-        job = self.logic.propagate(p.inputVolume, p.outputSegmentation, p.activeClass, self._lastRefinedSlice,
+        job = self.logic.propagate(p.inputVolume, p.outputSegmentation, p.activeClass, self._prompts.lastRefinedSlice,
                                    waitForCompletion=False, model=p.modelPath or None, device=p.device)
         self.startJob(job, lambda written: setattr(self.ui.statusLabel, "text", _(
             "Propagated to {n} slice(s).").format(n=len(written))))

@@ -801,3 +801,35 @@ def test_a_saved_and_reloaded_scene_keeps_the_segments_and_who_drew_which_slice(
     logic.segment(volume_node, ["liver"], segmentationNode=seg_node, model="test",
                   onEditedSegment=lambda names: asked.append(names) or "cancel")
     assert asked == [["Liver"]]
+
+
+def test_prompts_belong_to_one_class_and_one_slice_and_a_box_counts_once(slicer):
+    """The panel's prompt bookkeeping (AutoMedSAMSlicerLib.prompts) on real markups nodes: points of
+    the liver never reach the spleen's refine, a used box does not come back with the next click,
+    propagation forgets its start slice on class change and scene close."""
+    from AutoMedSAMSlicerLib.prompts import PromptTracker
+
+    volume_node, _ = sphere_volume("lps")
+    plus = fiducials([world_of_voxel(volume_node, (10, 12, 3)), world_of_voxel(volume_node, (30, 25, 5))], "plus")
+    minus = fiducials([world_of_voxel(volume_node, (12, 14, 5))], "minus")
+    box = roi(np.sort(np.array([world_of_voxel(volume_node, c) for c in ((8, 10, 5), (40, 34, 5))]), axis=0).T.ravel())
+    tracker = PromptTracker()
+    tracker.classChanged("liver", (plus, minus), box)  # the first class: nothing to clear yet
+    points, labels = tracker.points(volume_node, plus, minus)
+    assert labels == [1, 0] and len(points) == 2  # slice 5's points only (the last placed is on slice 5)
+    assert tracker.box(box) is box
+    tracker.refined(5, box)
+    assert tracker.box(box) is None and tracker.lastRefinedSlice == 5  # used: the next click comes without it
+    centre = [0.0, 0.0, 0.0]
+    box.GetCenter(centre)
+    box.SetCenter(centre[0] + 2.0, centre[1], centre[2])  # the user moves the box: a new prompt
+    assert tracker.box(box) is box
+    tracker.classChanged("liver", (plus, minus), box)  # the same class again: nothing changes
+    assert plus.GetNumberOfControlPoints() == 2
+    tracker.classChanged("spleen", (plus, minus), box)
+    assert plus.GetNumberOfControlPoints() == minus.GetNumberOfControlPoints() == 0
+    assert tracker.box(box) is None and tracker.lastRefinedSlice is None
+    assert tracker.points(volume_node, plus, minus) == ([], [])
+    tracker.refined(4)
+    tracker.sceneClosed()
+    assert tracker.lastRefinedSlice is None and tracker.activeClass is None

@@ -21,7 +21,6 @@ import hashlib
 import numpy as np
 import slicer
 import vtk
-import vtk.util.numpy_support
 
 #: Node attribute holding, per k-slice, a short fingerprint of what AutoMedSAM last wrote there
 #: (comma-separated; the segment id is appended): the slices whose content differs are the user's.
@@ -199,6 +198,8 @@ def writeSegmentSlices(segmentationNode, segmentIdValue: str, planes: dict, volu
     SetBinaryLabelmapToSegment: MODE_MERGE_MIN (keeps only the new voxels within the slice) then
     MODE_MERGE_MAX (adds them). Its MODE_REPLACE replaces the whole segment, whatever the extent
     (measured on slicer-core 5.13: the other slices were lost)."""
+    from vtk.util.numpy_support import vtk_to_numpy  # a submodule: imported where a slice is written
+
     shape = volumeShape(volumeNode)
     geometry = _vtkMatrix(volumeToSegmentation(segmentationNode, volumeNode))
     logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -209,7 +210,7 @@ def writeSegmentSlices(segmentationNode, segmentIdValue: str, planes: dict, volu
         image.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, int(k), int(k))
         image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
         image.SetImageToWorldMatrix(geometry)
-        values = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+        values = vtk_to_numpy(image.GetPointData().GetScalars())
         values[:] = np.ascontiguousarray(plane, dtype=np.uint8).reshape(-1)
         for mode in (logic.MODE_MERGE_MIN, logic.MODE_MERGE_MAX):
             if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentIdValue, mode, image.GetExtent()):
