@@ -833,3 +833,15 @@ def test_prompts_belong_to_one_class_and_one_slice_and_a_box_counts_once(slicer)
     tracker.refined(4)
     tracker.sceneClosed()
     assert tracker.lastRefinedSlice is None and tracker.activeClass is None
+
+
+def test_each_class_costs_its_bounding_box_not_a_full_volume_labelmap(slicer, logic_with, make_engine):
+    """Five classes used to hold five full-extent labelmaps (250 MB on a 512 x 512 x 200 CT, see
+    scripts/slicer_click_latency.py); a segment now holds its mask's bounding box."""
+    _, volume_node, inside, seg_node, liver_id = liver_segmented(logic_with, make_engine)
+    image = seg_node.GetBinaryLabelmapInternalRepresentation(liver_id)
+    held = np.prod(image.GetDimensions())
+    liver = read(seg_node, "Liver", volume_node)
+    ks, js, is_ = (np.nonzero(liver.any(axis=a))[0] for a in ((1, 2), (0, 2), (0, 1)))
+    assert held == (np.ptp(ks) + 1) * (np.ptp(js) + 1) * (np.ptp(is_) + 1) < inside.size
+    assert 2 * (liver & inside).sum() / (liver.sum() + inside.sum()) > 0.93  # the sphere, through the crop

@@ -176,11 +176,21 @@ def writeSegmentMask(segmentationNode, segmentIdValue: str, mask: np.ndarray, vo
     off by the volume's parent transform (or twice the difference) whenever the segmentation sits
     under another transform than the volume (measured on Slicer's libraries, slicer-core 5.13).
     """
-    labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volumeNode, "__AutoMedSAM mask__")
+    # Only the mask's bounding box goes in (a one-voxel empty box for an empty mask): the segment then
+    # holds that box, not a full-extent labelmap per class (five organs of a 512 x 512 x 200 CT).
+    mask = np.asarray(mask, bool)
+    box = [np.nonzero(mask.any(axis=axes))[0] for axes in ((1, 2), (0, 2), (0, 1))]
+    start = [int(b[0]) if len(b) else 0 for b in box]
+    stop = [int(b[-1]) + 1 if len(b) else 1 for b in box]
+    cropped = np.zeros((1, 1, 1), np.uint8) if not mask.any() else mask[
+        start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]].astype(np.uint8)
+    shift = np.eye(4)
+    shift[:3, 3] = [start[2], start[1], start[0]]  # (i, j, k) of the box's first voxel
+    labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__AutoMedSAM mask__")
     try:
-        labelmap.SetIJKToRASMatrix(_vtkMatrix(volumeToSegmentation(segmentationNode, volumeNode)))
+        labelmap.SetIJKToRASMatrix(_vtkMatrix(volumeToSegmentation(segmentationNode, volumeNode) @ shift))
         labelmap.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
-        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(mask, dtype=np.uint8))
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(cropped))
         segmentIds = vtk.vtkStringArray()
         segmentIds.InsertNextValue(segmentIdValue)
         if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentationNode,
