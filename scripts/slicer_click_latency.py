@@ -4,7 +4,8 @@ A 512 x 512 x 200 CT (the shared DICOM series, 20 slices, stacked ten times) wit
 (from its reference labels) in one segmentation node; the Logic refines one class per click as the
 panel runs it (the job's model work on a thread of its own), and the time the calling thread spends
 in ``refine`` and in the job's steps is measured: p50 and p95 over ``--clicks`` clicks. Also the
-memory of the segmentation node's labelmaps against one uint8 label map of the volume.
+memory of the segmentation node's labelmaps, against the same segments written by slicer.util
+(a full-extent labelmap each) and one uint8 label map of the volume.
 
     .venv/bin/python scripts/slicer_click_latency.py [SHARED_DIR] [--clicks 20]
 
@@ -47,12 +48,21 @@ def main(argv=None) -> int:
     labels = np.concatenate([labels] * args.repeat)
     ijk_to_ras = image.ijk_to_ras()
     node = volume_node(array, ijk_to_ras, "ct 512x512x200")
-    seg = segmentation_node("five classes")
-    for name, value in CLASSES.items():
-        add_segment(seg, name.replace("_", " ").capitalize(), labels == value, node)
-
+    from AutoMedSAMSlicerLib import nodes
     from AutoMedSAMSlicerLib.backends import InProcessBackend
     from AutoMedSAMSlicerLib.logic import AutoMedSAMSlicerLogic
+
+    from automedsam.classes import resolve_class
+
+    # As a segmentation run writes them (AutoMedSAMSlicerLib.nodes), and, for the memory comparison,
+    # as slicer.util's own writer (a full-extent labelmap per segment) would.
+    seg = nodes.newSegmentationNode(node, "five classes")
+    for name, value in CLASSES.items():
+        sid = nodes.addClassSegment(seg, resolve_class(name))
+        nodes.writeSegmentMask(seg, sid, labels == value, node)
+    full = segmentation_node("five classes, slicer.util")
+    for name, value in CLASSES.items():
+        add_segment(full, name, labels == value, node)
 
     from automedsam.backbones.registry import ModelRegistry, Runtime
     from automedsam.engine import Engine
@@ -85,21 +95,26 @@ def main(argv=None) -> int:
     click(len(array) // 2)  # the first click sends the volume: not a click's usual cost
     ks = np.linspace(5, len(array) - 6, args.clicks).astype(int)
     times = [click(int(k)) for k in ks]
+    print(json.dumps({
+        "volume": list(array.shape), "classes": len(CLASSES), "clicks": len(times),
+        "main_thread_ms_p50": round(float(np.percentile(times, 50)), 1),
+        "main_thread_ms_p95": round(float(np.percentile(times, 95)), 1),
+        "segmentation_labelmaps_mb": labelmaps_mb(seg),
+        "segmentation_labelmaps_mb_slicer_util": labelmaps_mb(full),
+        "one_uint8_labelmap_mb": round(array.size / 2**20, 1),
+    }, indent=1))
+    slicer_fake.uninstall()
+    return 0
+
+
+def labelmaps_mb(seg) -> float:
+    """Memory of the distinct labelmaps a segmentation node holds (MB)."""
     segmentation = seg.GetSegmentation()
     images = {}
     for n in range(segmentation.GetNumberOfSegments()):
         image_data = segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap")
         images[image_data.GetAddressAsString("vtkOrientedImageData")] = image_data.GetActualMemorySize()
-    print(json.dumps({
-        "volume": list(array.shape), "classes": len(CLASSES), "clicks": len(times),
-        "main_thread_ms_p50": round(float(np.percentile(times, 50)), 1),
-        "main_thread_ms_p95": round(float(np.percentile(times, 95)), 1),
-        "segmentation_labelmaps_mb": round(sum(images.values()) / 1024, 1),
-        "distinct_labelmaps": len(images),
-        "one_uint8_labelmap_mb": round(array.size / 2**20, 1),
-    }, indent=1))
-    slicer_fake.uninstall()
-    return 0
+    return round(sum(images.values()) / 1024, 1)
 
 
 if __name__ == "__main__":
