@@ -67,6 +67,27 @@ def tiny_backbone(request):
     return request.getfixturevalue(request.param.replace("-", "_"))
 
 
+#: The classes of :func:`lowres_bundle` and their labels in the shared CT.
+LOWRES_CLASSES = {"liver": 5, "spleen": 1, "right_kidney": 2, "left_kidney": 3}
+
+
+@pytest.fixture(scope="session")
+def lowres_bundle(ct_dir, tmp_path_factory):
+    """A class-map bundle on the real LiteMedSAM weights, taught from every third slice of the shared
+    3 mm CT (one augmented copy each: without any, the right kidney was measured at DSC 0.65 in the
+    model's slice orientation, 0.90 with one; see the issue 27 note). PyTorch throughout."""
+    from automedsam.training import AugmentConfig, TrainConfig, load_case, train
+
+    tmp = tmp_path_factory.mktemp("lowres_bundle")
+    case = load_case(ct_dir / "ct_lowres.nii.gz", ct_dir / "ct_lowres_labels.nii.gz")
+    config = TrainConfig(classes=LOWRES_CLASSES, device="cpu", cpu_runtime="torch", epochs=25, train_slices="0::3",
+                         val_slices=None, augment=AugmentConfig(copies=1), validate_every=25,
+                         cache_dir=str(tmp / "cache"))
+    done = list(train(config, [case]))[-1]
+    assert done.stage == "done"
+    return done.bundle
+
+
 BUNDLE_CLASSES = ("liver", "spleen", "left_kidney", "right_kidney", "pancreas")
 
 

@@ -146,7 +146,8 @@ def test_classmap_taught_from_three_slices_segments_held_out_slices(lite, case, 
     labels = part.with_array(case.labels.array[11:20])
     from automedsam.training import Case
 
-    config = TrainConfig(classes={"Liver": 5, "spleen": 1}, device="cpu", epochs=30, train_slices="1::3",
+    config = TrainConfig(classes={"Liver": 5, "spleen": 1}, device="cpu", cpu_runtime="torch", epochs=30,
+                         train_slices="1::3",
                          val_slices=None, augment=AugmentConfig(copies=0), validate_every=30,
                          cache_dir=str(tmp_path / "cache"))
     assert (config.backbone, config.prompt_network, config.finetune_decoder) == ("litemedsam", "classmap", False)

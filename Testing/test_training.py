@@ -27,7 +27,7 @@ def case(ct_dir):
 
 def small_config(tmp_path, **kw):
     base = dict(classes={"liver": 5, "spleen": 1}, prompt_network="ppn", backbone="tiny-sam2", weights="random",
-                device="cpu", epochs=1, train_slices="12:16", augment=AugmentConfig(copies=1),
+                device="cpu", cpu_runtime="torch", epochs=1, train_slices="12:16", augment=AugmentConfig(copies=1),
                 cache_dir=str(tmp_path / "cache"), lr=1e-3)
     return TrainConfig(**(base | kw))
 

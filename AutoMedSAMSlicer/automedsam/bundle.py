@@ -31,6 +31,7 @@ from .backbones.base import load_state_strict
 from .catalog import load_validated
 from .classes import ClassCatalog, ClassInfo
 from .errors import CatalogError, InvalidInputError
+from .framing import Framing
 from .orientation import CANONICAL, STORAGE
 from .preprocess import IntensityConfig
 
@@ -85,6 +86,12 @@ class ModelBundle:
     @property
     def intensity(self) -> IntensityConfig:
         return IntensityConfig(**self.manifest["preprocessing"]["intensity"])
+
+    @property
+    def framing(self) -> Framing:
+        """The model pixel size the prompt network was taught at (:mod:`automedsam.framing`); SAM's
+        resize for bundles made before it was recorded."""
+        return Framing.from_dict(self.manifest["preprocessing"].get("framing"))
 
     def class_index(self, name: str) -> int:
         """Generator index of a class name or alias; unknown names list the bundle's classes."""
@@ -347,9 +354,11 @@ def _check_finite(tensors: dict, what: str) -> None:
 
 
 def create_bundle(backbone: Backbone, prompt_network, classes: list[ClassInfo], intensity: IntensityConfig, *,
-                  name: str, version: str = "1.0.0", description: str = "", decoder_finetuned: bool = False,
-                  training: dict | None = None, metrics: dict | None = None) -> ModelBundle:
-    """Assemble a bundle from a prompt network (and optionally the backbone's fine-tuned decoder)."""
+                  name: str, framing: Framing | None = None, version: str = "1.0.0", description: str = "",
+                  decoder_finetuned: bool = False, training: dict | None = None,
+                  metrics: dict | None = None) -> ModelBundle:
+    """Assemble a bundle from a prompt network (and optionally the backbone's fine-tuned decoder)
+    taught on slices framed as ``framing`` (default: SAM's resize)."""
     tensors = {f"generator.{k}": v.detach().cpu() for k, v in prompt_network.state_dict().items()}
     if decoder_finetuned:
         tensors.update({f"mask_decoder.{k}": v.detach().cpu() for k, v in backbone.mask_decoder.state_dict().items()})
@@ -370,7 +379,7 @@ def create_bundle(backbone: Backbone, prompt_network, classes: list[ClassInfo], 
         "decoder_finetuned": decoder_finetuned,
         "classes": [{"index": i, **c.to_dict()} for i, c in enumerate(classes)],
         "preprocessing": {"intensity": intensity.to_dict(), "input_size": backbone.input_size,
-                          "orientation": CANONICAL},
+                          "orientation": CANONICAL, "framing": (framing or Framing()).to_dict()},
         "weights_sha256": hashlib.sha256(_weights_blob(tensors)).hexdigest(),
         "training": training or {},
         "metrics": metrics or {},

@@ -5,7 +5,8 @@ error halves the batch, and at batch 1 asks the owner for a CPU backbone (slower
 finishes; the shared backbone, and every other session on it, stays on the GPU).
 
 Slices are ``k`` indices of the volume's ``(K, J, I)`` array; the backbone sees each one as its
-``(S, S, 3)`` model input (see :class:`~automedsam.preprocess.SliceTransform`).
+``(S, S, 3)`` model input (see :class:`~automedsam.preprocess.SliceTransform`), framed as the
+:class:`~automedsam.framing.Framing` given to :meth:`EmbeddingStore.set_volume` says.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InvalidInputError
+from .framing import Framing, frame_slices
 from .preprocess import IntensityConfig, normalize_intensity
 from .volume import Volume
 
@@ -54,18 +56,19 @@ class EmbeddingStore:
         self.volume: Volume | None = None
         self._features: dict[int, ImageFeatures] = {}
 
-    def set_volume(self, volume: Volume, intensity: IntensityConfig) -> None:
-        """Take ``volume`` (its slices are encoded lazily) with the intensity preprocessing to use."""
+    def set_volume(self, volume: Volume, intensity: IntensityConfig, framing: Framing | None = None) -> None:
+        """Take ``volume`` (its slices are encoded lazily) with the intensity preprocessing and the
+        framing (default: SAM's resize) to use."""
         self.volume = volume
         self.intensity = intensity
+        self.framing = framing or Framing()
         self.value_range = intensity.value_range(volume.array)
-        _, j, i = volume.array.shape[:3]
-        self.transform = self.backbone.slice_transform(j, i)
+        self.transform = frame_slices(self.backbone, volume, self.framing, intensity)
         self._features = {}
         # The encoder's runtime is part of the key: bf16 embeddings are not PyTorch's fp32 ones.
         key = "|".join([volume.content_hash(), self.backbone.id, self.backbone.weights_fingerprint,
                         json.dumps(intensity.to_dict(), sort_keys=True), str(self.backbone.input_size),
-                        self.backbone.runtime_id("encoder")])
+                        self.backbone.runtime_id("encoder"), json.dumps(self.transform.describe(), sort_keys=True)])
         self.cache_key = hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def sharing(self, backbone: Backbone) -> EmbeddingStore:
@@ -81,6 +84,7 @@ class EmbeddingStore:
         self.require_volume()
         other = EmbeddingStore(backbone, self._batch_size, self.cache_dir, self._note)
         other.volume, other.intensity, other.value_range = self.volume, self.intensity, self.value_range
+        other.framing = self.framing
         other.transform, other.cache_key, other._features = self.transform, self.cache_key, self._features
         return other
 

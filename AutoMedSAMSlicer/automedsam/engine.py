@@ -59,6 +59,7 @@ from .contract import (
 )
 from .embeddings import EmbeddingStore
 from .errors import InvalidInputError
+from .framing import Framing, frame_slices
 from .orientation import CANONICAL, Reorientation
 from .preprocess import IntensityConfig, SliceTransform, check_slice_points
 from .refinement import Refiner
@@ -269,7 +270,7 @@ class Engine:
         canonical = self.slice_orientation == CANONICAL and not volume.is_rgb
         orientation = Reorientation.nearest_axial_lps(volume) if canonical else Reorientation.identity(shape)
         self.view = dataclasses.replace(self.view, orientation=orientation)
-        self.view.store.set_volume(orientation.volume(volume), intensity)
+        self.view.store.set_volume(orientation.volume(volume), intensity, self._framing_for(volume, self.bundle))
         self.view.learned.clear()
         self.view.refiner.clear()
         self._stored = None
@@ -280,6 +281,12 @@ class Engine:
         else CT windowing; RGB images always as RGB."""
         intensity = self.config.intensity or (bundle.intensity if bundle else IntensityConfig.ct())
         return IntensityConfig.rgb() if volume.is_rgb and intensity.mode != "rgb" else intensity
+
+    @staticmethod
+    def _framing_for(volume: Volume, bundle: ModelBundle | None) -> Framing:
+        """How ``volume``'s slices are framed with ``bundle``: at the model pixel size it was taught at
+        (see :mod:`automedsam.framing`); SAM's resize without one, and for RGB pictures."""
+        return bundle.framing if bundle is not None and not volume.is_rgb else Framing()
 
     @property
     def intensity(self) -> IntensityConfig | None:
@@ -305,7 +312,8 @@ class Engine:
             return self.view, self.view.orientation.slice_to_canonical(k)
         if self._stored is None:
             self._stored = self._new_view(Reorientation.identity(self.require_volume().array.shape[:3]))
-            self._stored.store.set_volume(self.require_volume(), self._intensity)
+            volume = self.require_volume()
+            self._stored.store.set_volume(volume, self._intensity, self._framing_for(volume, self.bundle))
         return self._stored, k
 
     def model_input(self, k: int) -> np.ndarray:
@@ -578,12 +586,13 @@ class Engine:
     def use_bundle(self, bundle: ModelBundle) -> None:
         """Segment with ``bundle`` from now on (one taught on this engine's backbone), keeping the
         volume. Embeddings are kept when the bundle sees the slices as this engine did (the same
-        image encoder, intensity and slice orientation); else they start over."""
+        image encoder, intensity, slice orientation and framing); else they start over."""
         backbone = self.registry.for_bundle(bundle, Runtime(str(self.backbone.device), self.backbone.runtime))
         volume = self.volume
         same_slices = (volume is not None and backbone.same_encoder(self.backbone)
                        and bundle.slice_orientation == self.slice_orientation
-                       and self._intensity_for(volume, bundle) == self._intensity)
+                       and self._intensity_for(volume, bundle) == self._intensity
+                       and self._frames_alike(backbone, bundle))
         if not same_slices:
             self._load(backbone, bundle)
             if volume is not None:
@@ -594,6 +603,13 @@ class Engine:
             view.store.backbone = backbone
             view.refiner.clear()
         self.use_prompt_network(bundle.build_prompt_network(backbone.device), bundle.classes)
+
+    def _frames_alike(self, backbone: Backbone, bundle: ModelBundle) -> bool:
+        """Whether ``bundle``'s framing shows the current volume's slices as they are shown now (a
+        bundle taught in this session records the pixel size the session's slices had)."""
+        store = self.store
+        framed = frame_slices(backbone, store.volume, self._framing_for(store.volume, bundle), store.intensity)
+        return framed.describe() == store.transform.describe()
 
     # ---------------------------------------------------------------------- results, device
     def device_info(self) -> dict:

@@ -6,14 +6,18 @@ Two steps turn a volume slice into a model input:
    abdomen W400/L40, percentile clipping for MR and others, or 0..255 for RGB pictures). The
    backbone then applies its own pixel normalisation (SAM's mean/std, MedSAM's none, SAM 2's
    ImageNet mean/std).
-2. Geometry: :class:`SliceTransform` resizes the slice so its longest side equals the backbone's
-   input size ``S`` and pads bottom/right with zeros to ``S x S`` (as SAM and MedSAM were trained).
+2. Geometry: :class:`SliceTransform` takes a window of the slice (by default all of it), resizes
+   it (by default so its longest side equals the backbone's input size ``S``; with an explicit scale,
+   to a physical model pixel size, see :mod:`automedsam.framing`) and pads bottom/right with zeros
+   to ``S x S`` (as SAM and MedSAM were trained).
 
 Coordinates: a slice is ``slice[j, i]`` (rows j, columns i) of a KJI volume. Model pixel coordinates
 are ``(x, y)`` = (column, row), so voxel ``(i, j)`` maps to model ``(x, y)`` with the same axis
 order. The mapping is pixel-centre exact: voxel index ``i`` covers ``[i, i + 1)`` in continuous
-units, is scaled by ``s_x = resized_w / width``, and its centre lands at model pixel index
-``x = (i + 0.5) * s_x - 0.5`` (SAM's prompt encoder adds the 0.5 back). Boxes are ``(i0, j0, i1,
+units; with the window starting at voxel column ``i0`` and ``s_x = resized_w / window_width``, its
+centre lands at model pixel index ``x = (i - i0 + 0.5) * s_x - 0.5`` (SAM's prompt encoder adds
+the 0.5 back). Voxels outside the window are outside the model input: masks there are empty and
+logits :data:`OUTSIDE_LOGIT`. Boxes are ``(i0, j0, i1,
 j1)`` indices of their extreme voxels (inclusive); in model space they become the extreme model
 pixels those voxels cover, the convention SAM boxes were trained with (extreme mask pixels at
 model resolution).
@@ -27,6 +31,9 @@ from typing import Literal
 import numpy as np
 
 from .errors import InvalidInputError
+
+#: Logit given to voxels outside the window the model saw (sigmoid ~ 4e-44: never foreground).
+OUTSIDE_LOGIT = -100.0
 
 
 @dataclass(frozen=True)
@@ -133,7 +140,8 @@ def _to_torch(array):
 
 @dataclass(frozen=True)
 class SliceTransform:
-    """Resize-longest-side-and-pad between a ``(height, width)`` slice and an ``S x S`` model input.
+    """Between a ``(height, width)`` slice and an ``S x S`` model input: a window of the slice, resized
+    and padded bottom/right.
 
     Attributes:
         height: slice rows (J voxels).
@@ -143,6 +151,14 @@ class SliceTransform:
             (OpenCV's INTER_AREA when shrinking, as LiteMedSAM's reference inference; bilinear when
             enlarging, see :meth:`image_to_model`).
         minmax: min-max the resized image to [0, 1] before padding (LiteMedSAM's reference).
+        crop: ``(j0, j1, i0, i1)`` half-open voxel window of the slice the model sees (None: the whole
+            slice).
+        scale: ``(s_x, s_y)`` model pixels per voxel along columns and rows (None: the window's
+            longest side becomes S, SAM's resize, whatever the voxel spacing); the resized window
+            must fit in S x S.
+        via: ``(rows, columns)`` of a coarser grid the window is resampled to (area average) before
+            it is resized to the model: a finer scan shown at the resolution a prompt network was
+            taught at (see :mod:`automedsam.framing`); None: straight to the model size.
     """
 
     height: int
@@ -150,42 +166,81 @@ class SliceTransform:
     size: int
     interpolation: Literal["bilinear", "area"] = "bilinear"
     minmax: bool = False
+    crop: tuple[int, int, int, int] | None = None
+    scale: tuple[float, float] | None = None
+    via: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if min(self.height, self.width, self.size) < 1:
             raise InvalidInputError(f"slice size {self.height}x{self.width} and model size {self.size} must be >= 1")
         if self.interpolation not in ("bilinear", "area"):
             raise InvalidInputError(f"interpolation must be bilinear or area, got {self.interpolation!r}")
+        if self.crop is not None:
+            j0, j1, i0, i1 = self.crop
+            if not (0 <= j0 < j1 <= self.height and 0 <= i0 < i1 <= self.width):
+                raise InvalidInputError(f"window {self.crop} (j0, j1, i0, i1) is not a non-empty part of the "
+                                        f"{self.height}x{self.width} slice")
+        if self.scale is not None:
+            if not all(np.isfinite(v) and v > 0 for v in self.scale):
+                raise InvalidInputError(f"scale {self.scale} must be two model-pixels-per-voxel factors > 0")
+            j0, j1, i0, i1 = self.window
+            rh, rw = (j1 - j0) * self.scale[1], (i1 - i0) * self.scale[0]
+            if max(rh, rw) > self.size + 0.5:
+                raise InvalidInputError(f"window {self.window} at scale {self.scale} is {rw:.0f}x{rh:.0f} model "
+                                        f"pixels, more than the model input {self.size}x{self.size}")
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        """``(j0, j1, i0, i1)``: the half-open voxel window of the slice the model sees."""
+        return self.crop if self.crop is not None else (0, self.height, 0, self.width)
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """``(i0, j0)``: the voxel at the window's top-left corner."""
+        j0, _, i0, _ = self.window
+        return (i0, j0)
 
     @property
     def resized_shape(self) -> tuple[int, int]:
-        """(rows, columns) of the resized slice inside the padded input (SAM's rounding)."""
-        scale = self.size / max(self.height, self.width)
-        return (int(self.height * scale + 0.5), int(self.width * scale + 0.5))
+        """(rows, columns) of the resized window inside the padded input (SAM's rounding)."""
+        j0, j1, i0, i1 = self.window
+        h, w = j1 - j0, i1 - i0
+        if self.scale is None:
+            scale = self.size / max(h, w)
+            return (int(h * scale + 0.5), int(w * scale + 0.5))
+        sx, sy = self.scale
+        return (min(self.size, max(1, int(h * sy + 0.5))), min(self.size, max(1, int(w * sx + 0.5))))
 
     @property
     def scale_xy(self) -> tuple[float, float]:
         """Per-axis scale (columns, rows) from voxels to model pixels."""
+        j0, j1, i0, i1 = self.window
         rh, rw = self.resized_shape
-        return (rw / self.width, rh / self.height)
+        return (rw / (i1 - i0), rh / (j1 - j0))
+
+    def describe(self) -> dict:
+        """The framing as plain data (part of embedding cache keys and reports)."""
+        return {"window": list(self.window), "resized": list(self.resized_shape), "size": self.size,
+                "interpolation": self.interpolation, "minmax": self.minmax,
+                "via": list(self.via) if self.via else None}
 
     # ---------------------------------------------------------------------- coordinates
     def points_to_model(self, points_ij: np.ndarray) -> np.ndarray:
         """Voxel points ``(N, 2)`` as (i, j) -> model pixel coordinates ``(N, 2)`` as (x, y)."""
         pts = np.asarray(points_ij, dtype=np.float64).reshape(-1, 2)
-        return (pts + 0.5) * np.array(self.scale_xy) - 0.5
+        return (pts - np.array(self.origin) + 0.5) * np.array(self.scale_xy) - 0.5
 
     def points_from_model(self, points_xy: np.ndarray) -> np.ndarray:
         """Model pixel coordinates ``(N, 2)`` as (x, y) -> continuous voxel (i, j) (exact inverse)."""
         pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
-        return (pts + 0.5) / np.array(self.scale_xy) - 0.5
+        return (pts + 0.5) / np.array(self.scale_xy) - 0.5 + np.array(self.origin)
 
     def box_to_model(self, box_ij: np.ndarray) -> np.ndarray:
         """Box ``(i0, j0, i1, j1)`` of extreme voxel indices -> model ``(x0, y0, x1, y1)``: the
         extreme model pixels those voxels cover, as SAM's training boxes were the extreme pixels of
         a mask at model resolution (at scale 1 the box is unchanged). Voxel ``i`` covers model
-        pixels ``i * s_x`` to ``(i + 1) * s_x - 1``."""
-        b = np.asarray(box_ij, dtype=np.float64).reshape(4)
+        pixels ``(i - i0) * s_x`` to ``(i - i0 + 1) * s_x - 1``."""
+        b = np.asarray(box_ij, dtype=np.float64).reshape(4) - np.array(self.origin * 2)
         s = np.array(self.scale_xy * 2)
         lo, hi = b[:2] * s[:2], (b[2:] + 1) * s[2:] - 1
         return np.concatenate([lo, np.maximum(hi, lo)])
@@ -195,7 +250,7 @@ class SliceTransform:
         :meth:`box_to_model` for boxes at least one voxel wide)."""
         b = np.asarray(box_xy, dtype=np.float64).reshape(4)
         s = np.array(self.scale_xy * 2)
-        return np.concatenate([b[:2] / s[:2], (b[2:] + 1) / s[2:] - 1])
+        return np.concatenate([b[:2] / s[:2], (b[2:] + 1) / s[2:] - 1]) + np.array(self.origin * 2)
 
     def check_points(self, points_ij: np.ndarray, what: str = "point") -> None:
         """Raise :class:`InvalidInputError` if any (i, j) is NaN/infinite or lies outside the slice."""
@@ -209,8 +264,9 @@ class SliceTransform:
         ``"area"`` OpenCV's INTER_AREA when shrinking and bilinear when enlarging. (INTER_AREA
         enlarges by near-nearest-neighbour blocks, unlike the area-shrunk images LiteMedSAM was
         trained on; on the shared 3 mm CT, enlarged 2.1x, box-prompted DSC was 0.010 lower for the
-        liver and spleen with it.) Then, with ``minmax``, the resized image is stretched to [0, 1] (a
-        constant image becomes 0); grey slices are repeated to 3 channels; padding is 0.
+        liver and spleen with it.) Only the window is resized; then, with ``minmax``, the resized image
+        is stretched to [0, 1] (a constant image becomes 0); grey slices are repeated to 3 channels;
+        padding is 0.
         """
         img = np.asarray(image, dtype=np.float32)
         if img.ndim == 2:
@@ -219,10 +275,16 @@ class SliceTransform:
             raise InvalidInputError(
                 f"slice shape {img.shape[:2]} does not match the transform ({self.height}, {self.width})"
             )
+        j0, j1, i0, i1 = self.window
+        img = img[j0:j1, i0:i1]
+        if self.via is not None and self.via[0] < img.shape[0] and self.via[1] < img.shape[1]:
+            import cv2
+
+            img = cv2.resize(np.ascontiguousarray(img), (self.via[1], self.via[0]), interpolation=cv2.INTER_AREA)
         rh, rw = self.resized_shape
-        if (rh, rw) == (self.height, self.width):
+        if (rh, rw) == img.shape[:2]:
             resized = img
-        elif self.interpolation == "area" and rh <= self.height and rw <= self.width:
+        elif self.interpolation == "area" and rh <= img.shape[0] and rw <= img.shape[1]:
             import cv2
 
             resized = cv2.resize(np.ascontiguousarray(img), (rw, rh), interpolation=cv2.INTER_AREA)
@@ -232,7 +294,7 @@ class SliceTransform:
 
             t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
             t = F.interpolate(t, size=(rh, rw), mode="bilinear", align_corners=False,
-                              antialias=rh < self.height or rw < self.width)
+                              antialias=rh < img.shape[0] or rw < img.shape[1])
             resized = t[0].numpy().transpose(1, 2, 0)
         if self.minmax:
             lo, hi = float(resized.min()), float(resized.max())
@@ -242,12 +304,13 @@ class SliceTransform:
         return out
 
     # ----------------------------------------------------------------------------- masks
-    def _source_index(self, n_out: int, out_to_model: float, n_src: int, scale: float) -> np.ndarray:
-        """Nearest source index for each of ``n_out`` output pixels (-1 where outside)."""
+    def _source_index(self, n_out: int, out_to_model: float, first: int, last: int, scale: float) -> np.ndarray:
+        """Nearest voxel index (window ``first..last - 1``) for each of ``n_out`` output pixels (-1
+        where outside)."""
         model_pos = (np.arange(n_out) + 0.5) * out_to_model  # continuous model coordinate (edges at ints)
         idx = np.floor(model_pos / scale).astype(np.int64)
-        idx[(idx < 0) | (idx >= n_src)] = -1
-        return idx
+        idx[(idx < 0) | (idx >= last - first)] = -1
+        return np.where(idx >= 0, idx + first, -1)
 
     def mask_to_model(self, mask: np.ndarray, out_size: int | None = None) -> np.ndarray:
         """Slice mask ``(J, I)`` -> model-space mask ``(L, L)`` by nearest neighbour, ``L`` =
@@ -257,24 +320,31 @@ class SliceTransform:
             raise InvalidInputError(f"mask shape {m.shape} does not match the slice ({self.height}, {self.width})")
         n = out_size or self.size
         sx, sy = self.scale_xy
-        rows = self._source_index(n, self.size / n, self.height, sy)
-        cols = self._source_index(n, self.size / n, self.width, sx)
+        j0, j1, i0, i1 = self.window
+        rows = self._source_index(n, self.size / n, j0, j1, sy)
+        cols = self._source_index(n, self.size / n, i0, i1, sx)
         out = np.zeros((n, n), dtype=m.dtype)
         r_ok, c_ok = rows >= 0, cols >= 0
         out[np.ix_(r_ok, c_ok)] = m[np.ix_(rows[r_ok], cols[c_ok])]
         return out
 
     def mask_from_model(self, mask_model: np.ndarray) -> np.ndarray:
-        """Model-space mask ``(L, L)`` (any L) -> slice mask ``(J, I)``: each voxel takes the model
-        pixel under its centre. Exact inverse of :meth:`mask_to_model` when the slice is not
-        shrunk (``max(J, I) <= S``)."""
+        """Model-space mask ``(L, L)`` (any L) -> slice mask ``(J, I)``: each voxel of the window takes
+        the model pixel under its centre; voxels outside the window are 0. Exact inverse of
+        :meth:`mask_to_model` when the window is not shrunk."""
         m = np.asarray(mask_model)
         n = m.shape[-1]
         sx, sy = self.scale_xy
+        j0, j1, i0, i1 = self.window
         to_out = n / self.size
-        rows = np.floor((np.arange(self.height) + 0.5) * sy * to_out).astype(np.int64).clip(0, n - 1)
-        cols = np.floor((np.arange(self.width) + 0.5) * sx * to_out).astype(np.int64).clip(0, n - 1)
-        return m[..., rows[:, None], cols[None, :]]
+        rows = np.floor((np.arange(j1 - j0) + 0.5) * sy * to_out).astype(np.int64).clip(0, n - 1)
+        cols = np.floor((np.arange(i1 - i0) + 0.5) * sx * to_out).astype(np.int64).clip(0, n - 1)
+        inside = m[..., rows[:, None], cols[None, :]]
+        if (j0, j1, i0, i1) == (0, self.height, 0, self.width):
+            return inside
+        out = np.zeros((*m.shape[:-2], self.height, self.width), m.dtype)
+        out[..., j0:j1, i0:i1] = inside
+        return out
 
     def logits_to_slice(self, logits, crop: tuple[int, int, int, int] | None = None):
         """Mask logits ``(..., L, L)`` covering the padded model input -> ``(..., J, I)`` logits, or
@@ -283,8 +353,9 @@ class SliceTransform:
 
         Bilinear sampling at every voxel centre directly from the low-resolution logits (no
         intermediate S x S upsampling): the same values as SAM's upsample-crop-resize path up to
-        interpolation order, at the cost of one sample per voxel. Accepts numpy arrays or torch
-        tensors and returns the same kind (float32).
+        interpolation order, at the cost of one sample per voxel. Voxels outside the transform's
+        window get :data:`OUTSIDE_LOGIT`. Accepts numpy arrays or torch tensors and returns the same
+        kind (float32).
         """
         import torch
         import torch.nn.functional as F  # noqa: N812
@@ -295,13 +366,20 @@ class SliceTransform:
         lead = t.shape[:-2]
         t = t.reshape(-1, 1, *t.shape[-2:])
         sx, sy = self.scale_xy
+        oi, oj = self.origin
         # Normalised grid coordinates (align_corners=False): -1 and 1 are the outer edges of the
         # padded S x S input, whatever L is.
-        xs = (torch.arange(i0, i1, dtype=torch.float32, device=t.device) + 0.5) * (2 * sx / self.size) - 1
-        ys = (torch.arange(j0, j1, dtype=torch.float32, device=t.device) + 0.5) * (2 * sy / self.size) - 1
+        xs = (torch.arange(i0 - oi, i1 - oi, dtype=torch.float32, device=t.device) + 0.5) * (2 * sx / self.size) - 1
+        ys = (torch.arange(j0 - oj, j1 - oj, dtype=torch.float32, device=t.device) + 0.5) * (2 * sy / self.size) - 1
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(t.shape[0], -1, -1, -1)
         out = F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)
         out = out.reshape(*lead, j1 - j0, i1 - i0)
+        wj0, wj1, wi0, wi1 = self.window
+        if j0 < wj0 or i0 < wi0 or j1 > wj1 or i1 > wi1:
+            rows = torch.arange(j0, j1, device=t.device)
+            cols = torch.arange(i0, i1, device=t.device)
+            outside = ~(((rows >= wj0) & (rows < wj1))[:, None] & ((cols >= wi0) & (cols < wi1))[None, :])
+            out = out.masked_fill(outside, OUTSIDE_LOGIT)
         return out.numpy() if was_numpy else out
 
     def logits_window(self, crop: tuple[int, int, int, int], mask_size: int) -> tuple[int, int, int, int]:
@@ -311,9 +389,11 @@ class SliceTransform:
         (:meth:`automedsam.backbones.base.Backbone.decode`) that gives those voxels exact values."""
         j0, j1, i0, i1 = crop
         sx, sy = self.scale_xy
+        oi, oj = self.origin
 
         def span(first: int, last: int, scale: float) -> tuple[int, int]:
-            # Voxel v samples L pixels floor(u) and floor(u) + 1, u = (v + 0.5) * scale * L / S - 0.5.
+            # Voxel v samples L pixels floor(u) and floor(u) + 1, u = (v + 0.5) * scale * L / S - 0.5
+            # (v counted from the window's first voxel).
             def u(v):
                 return (v + 0.5) * scale * mask_size / self.size - 0.5
 
@@ -321,7 +401,7 @@ class SliceTransform:
             hi = int(np.floor(u(last))) + 3
             return min(max(lo, 0), mask_size - 1), max(min(hi, mask_size), 1)
 
-        rows, cols = span(j0, j1 - 1, sy), span(i0, i1 - 1, sx)
+        rows, cols = span(j0 - oj, j1 - 1 - oj, sy), span(i0 - oi, i1 - 1 - oi, sx)
         return (*rows, *cols)
 
 

@@ -97,6 +97,7 @@ def check_weights(backbone_id: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    from ..backbones.registry import Runtime
     from ..engine import Engine, EngineConfig
     from ..errors import InvalidInputError
     from ..io import write_segmentation
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (3 if args.smoke else 40)
     config = TrainConfig(
         classes=DEMO_CLASSES, prompt_network=args.prompt_network, backbone=backbone_id, device=args.device,
+        cpu_runtime=Runtime.from_environment().cpu,
         epochs=epochs, lr=args.lr, finetune_decoder=args.finetune_decoder,
         decoder_lr=args.decoder_lr or (3e-4 if random_backbone else 1e-5),
         train_slices=args.train_slices, val_slices=None, augment=AugmentConfig(copies=2),

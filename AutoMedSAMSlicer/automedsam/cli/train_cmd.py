@@ -53,6 +53,7 @@ def register(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from ..backbones.registry import Runtime
     from ..errors import InvalidInputError
     from ..preprocess import IntensityConfig
     from ..training import AugmentConfig, TrainConfig, parse_class_mapping
@@ -68,7 +69,8 @@ def config_from_args(args: argparse.Namespace):
     weights = args.weights if args.weights not in (None, "cached") else None  # test-only backbones: random
     return TrainConfig(
         classes=parse_class_mapping(args.classes), prompt_network=args.prompt_network, backbone=args.backbone,
-        weights=weights, device=args.device, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weights=weights, device=args.device, cpu_runtime=Runtime.from_environment().cpu, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr,
         decoder_lr=args.decoder_lr, finetune_decoder=args.finetune_decoder,
         val_slices=None if args.train_slices else args.val_slices, train_slices=args.train_slices,
         val_cases=val_cases, augment=AugmentConfig(copies=args.augment_copies),

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..framing import Framing, frame_slices
 from ..io import read_image, read_segmentation
 from ..orientation import Reorientation
 from ..preprocess import IntensityConfig, normalize_intensity
@@ -205,8 +206,9 @@ class TrainingData:
         return ImageFeatures(get("embeddings"), high)
 
 
-def encode_training_items(split: list[SplitCase], backbone, intensity: IntensityConfig, augment: AugmentConfig,
-                          lateral: bool, seed: int, cache_root: Path, known: list | None = None):
+def encode_training_items(split: list[SplitCase], backbone, intensity: IntensityConfig, framing: Framing,
+                          augment: AugmentConfig, lateral: bool, seed: int, cache_root: Path,
+                          known: list | None = None):
     """Generator: encodes every (training slice, copy) once; yields ``(done, total)`` progress and
     finally the :class:`TrainingData` plus per-item metadata arrays.
 
@@ -218,10 +220,12 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     so an identical rerun (or a resumed run) reads it instead of encoding again.
     """
     flips = (not lateral) if augment.flips is None else augment.flips
+    transforms = [frame_slices(backbone, s.case.image, framing, intensity) for s in split]
     key_src = json.dumps({
         "cases": [(s.case.image.content_hash(), s.case.labels.content_hash(), s.train_slices) for s in split],
         "backbone": [backbone.id, backbone.weights_fingerprint, backbone.input_size],
         "intensity": intensity.to_dict(), "augment": augment.to_dict(), "flips": flips, "seed": seed,
+        "framing": [t.describe() for t in transforms],
     }, sort_keys=True)
     folder = cache_root / hashlib.sha256(key_src.encode()).hexdigest()[:24]
     rng = np.random.default_rng(seed)
@@ -241,7 +245,6 @@ def encode_training_items(split: list[SplitCase], backbone, intensity: Intensity
     data = TrainingData(folder, len(plan), shapes, "w+")
     labels = np.zeros((len(plan), low, low), np.uint16)
     normalized = [normalize_intensity(s.case.image.array, intensity.value_range(s.case.image.array)) for s in split]
-    transforms = [backbone.slice_transform(*s.case.image.array.shape[1:3]) for s in split]
     batch = 4
     for start in range(0, len(plan), batch):
         todo, images = [], []

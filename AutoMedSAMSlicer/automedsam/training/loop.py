@@ -21,6 +21,7 @@ import numpy as np
 from ..classes import canonical_class_mapping, check_classes_present
 from ..contract import DEFAULT_PROMPT_NETWORK, TEACH_DECODER_LR, TEACH_EPOCHS, TEACH_VAL_SLICES, TrainEvent
 from ..errors import InvalidInputError, TrainingFailedError
+from ..framing import Framing, teaching_framing
 from ..models import DEFAULT_BACKBONE
 from ..preprocess import IntensityConfig
 from ..rescue import rescue_folder
@@ -50,12 +51,19 @@ class TrainConfig:
         classes: class name -> label value in the label maps.
         prompt_network: ``"classmap"`` (default), ``"ppn"`` or ``"diffusion"``.
         backbone: backbone id (default LiteMedSAM); ``weights``: "random", None (cached) or a file.
+        cpu_runtime: how the CPU runs the frozen image encoder while training encodes slices
+            (:class:`~automedsam.backbones.registry.Runtime`; ``auto``: the compiled one segmentation
+            uses, whose embeddings are checked against PyTorch's when it is compiled); the prompt
+            network and the decoder in the loop always run in PyTorch.
         val_slices: held-out slice selection (``0::3``) applied to every case; ``val_cases``:
             indices of cases held out whole; ``train_slices``: instead, the slices to learn from
             (all others validate: "teach from a few slices").
         lr: prompt network learning rate (None: the recipe's); ``decoder_lr`` when ``finetune_decoder``
             (off by default: the frozen pretrained decoder measured best, see the README).
         negative_ratio: absent-class samples per present-class sample (objectness training).
+        framing: the model pixel size to learn at (None: the coarsest at which every case's slices
+            fit whole, :func:`automedsam.framing.teaching_framing`); recorded in the bundle, which
+            frames every volume it segments the same way.
     """
 
     classes: dict[str, int]
@@ -63,6 +71,7 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None
     device: str = "auto"
+    cpu_runtime: str = "auto"
     epochs: int = TEACH_EPOCHS
     batch_size: int = 4
     lr: float | None = None
@@ -74,6 +83,7 @@ class TrainConfig:
     negative_ratio: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig.ct)
+    framing: Framing | None = None
     seed: int = 0
     cache_dir: str | None = None
     checkpoint_dir: str | None = None
@@ -156,24 +166,25 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
                           "the label maps" if len(cases) > 1 else f"{cases[0].name}'s label map")
     split = split_slices(cases, config.val_slices, list(config.val_cases), config.train_slices)
     if backbone is None:
-        # PyTorch throughout: the prompt network learns from the fp32 features (the CPU runtimes'
-        # embeddings agree with them; see automedsam.backbones.runtime).
+        # The encoder segmentation uses (compiled on the CPU: 5-8x faster than PyTorch's here, and
+        # the features the bundle will be applied to); gradients go through PyTorch's decoder.
         backbone = default_registry().backbone(config.backbone, weights=config.weights, seed=config.seed,
-                                               runtime=Runtime(config.device, "torch"))
+                                               runtime=Runtime(config.device, config.cpu_runtime))
     # Gradients flow through the decoder (PyTorch's); a fine-tuned one is the view's own copy.
     backbone = backbone.trainable(config.finetune_decoder)
     stores = list(stores) if stores is not None else [None] * len(cases)
     if len(stores) != len(cases):
         raise ValueError(f"{len(stores)} embedding stores for {len(cases)} cases")
     device = backbone.device
+    framing = config.framing or teaching_framing([c.image for c in cases], backbone.input_size)
     yield TrainEvent("prepare", epochs=config.epochs, message=f"{config.prompt_network} on {backbone.id} ({device})")
 
     cache_root = train_cache_dir(config)
     result = None
     by_case = {id(case): store for case, store in zip(cases, stores, strict=True)}
     known = [by_case.get(id(s.case)) for s in split]
-    for item in encode_training_items(split, backbone, config.intensity, config.augment, lateral, config.seed,
-                                      cache_root, known):
+    for item in encode_training_items(split, backbone, config.intensity, framing, config.augment, lateral,
+                                      config.seed, cache_root, known):
         if isinstance(item[0], int):
             yield TrainEvent("encode", step=item[0], steps=item[1], message="encoding training slices")
             if cancel is not None and cancel.is_set():
@@ -205,7 +216,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
                 # Same intensity as training; embeddings cached on disk, so a later segment of the
                 # same volume (the demo, a rerun) does not encode the held-out slices again.
                 store = EmbeddingStore(backbone, cache_dir=str(embedding_cache_dir(config)))
-                store.set_volume(s.case.image, config.intensity)
+                store.set_volume(s.case.image, config.intensity, framing)
             validators.append((LearnedPrompts(store, result_cache_bytes=0), s))
 
     start_epoch, best, history = 1, None, []
@@ -300,7 +311,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
             "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
         }
         bundle = create_bundle(backbone, prompt_network.eval(), classes, config.intensity, name=config.name,
-                               decoder_finetuned=config.finetune_decoder, training=training,
+                               framing=framing, decoder_finetuned=config.finetune_decoder, training=training,
                                metrics={"validation": best["metrics"] if best else {},
                                         "tolerance_mm": config.tolerance_mm})
         yield TrainEvent("done", config.epochs, config.epochs, message="done", metrics=best["metrics"] if best else {},

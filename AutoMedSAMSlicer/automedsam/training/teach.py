@@ -4,12 +4,14 @@ volume (a few slices are enough) with the session engine's own backbone. :meth:`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 
 from ..contract import DEFAULT_PROMPT_NETWORK, TEACH_DECODER_LR, TEACH_EPOCHS, TEACH_NAME, TEACH_VAL_SLICES
 from ..errors import InvalidInputError
+from ..framing import frame_slices, teaching_framing
 from ..orientation import CANONICAL
 from ..preprocess import IntensityConfig
 from .data import Case
@@ -49,10 +51,17 @@ def teach(engine, labels: np.ndarray, config: TrainConfig, cancel=None) -> Itera
     labels = volume.with_array(labels.astype(np.uint16))
     name = volume.name or "session"
     store = engine.store
-    if engine.slice_orientation == CANONICAL and store.intensity == config.intensity:
-        # The engine's model slices are the canonical ones training learns from: share them.
+    if engine.slice_orientation == CANONICAL:
         o = engine.orientation
-        case, stores = Case(store.volume, o.volume(labels), name, o), [store]
+        case = Case(store.volume, o.volume(labels), name, o)
     else:  # a bundle taught before orientation was recorded: its slices are not the new bundle's
-        case, stores = Case(volume, labels, name), None
-    yield from train(config, [case], cancel=cancel, backbone=engine.backbone, stores=stores)
+        case = Case(volume, labels, name)
+    # Learn at the pixel size the session's slices are shown at, so the new bundle keeps them.
+    framing = (store.framing if store.framing.pixel_mm is not None
+               else teaching_framing([case.canonical().image], engine.backbone.input_size))
+    config = dataclasses.replace(config, framing=framing)
+    framed = frame_slices(engine.backbone, store.volume, framing, store.intensity)
+    shared = (engine.slice_orientation == CANONICAL and store.intensity == config.intensity
+              and framed.describe() == store.transform.describe())
+    # Where the engine's model slices are the ones training learns from, it reads their embeddings.
+    yield from train(config, [case], cancel=cancel, backbone=engine.backbone, stores=[store] if shared else None)
