@@ -180,9 +180,10 @@ def _window(base: SliceTransform, volume: Volume, p: float, intensity: Intensity
         return dataclasses.replace(base, crop=(b, b + n_j, a, a + n_i),
                                    scale=_scale(size, (n_i, n_j), (si / p, sj / p)))
     coarser = max((i1 - i0) * si, (j1 - j0) * sj) / size
-    log.log(logging.WARNING if coarser > 1.05 * p else logging.INFO, "%s: the body spans %.0f x %.0f mm, more than the %.0f mm the model was taught to see at %.2f mm per "
-                "pixel; framed at %.2f mm per pixel (structures look %.0f%% smaller than taught)", volume.name,
-                (i1 - i0) * si, (j1 - j0) * sj, size * p, p, coarser, 100 * (1 - p / coarser))
+    log.log(logging.WARNING if coarser > 1.05 * p else logging.INFO,
+            "%s: the body spans %.0f x %.0f mm, more than the %.0f mm the model was taught to see at %.2f mm per "
+            "pixel; framed at %.2f mm per pixel (structures look %.0f%% smaller than taught)", volume.name,
+            (i1 - i0) * si, (j1 - j0) * sj, size * p, p, coarser, 100 * (1 - p / coarser))
     return dataclasses.replace(base, crop=(j0, j1, i0, i1),
                                scale=_scale(size, (i1 - i0, j1 - j0), (si / coarser, sj / coarser)))
 

@@ -154,17 +154,24 @@ def run(args: argparse.Namespace) -> int:
     seconds = round(time.perf_counter() - t0, 1)
     summary = {"backbone": backbone_id, "prompt_network": args.prompt_network,
                "validation": {n: {"dsc": m["dsc"], "nsd": m["nsd"]} for n, m in report["classes"].items()},
+               "validation_kind": "untaught slices of the taught volume (within-volume, not other cases; "
+                                  "see scripts/cross_case_eval.py for other volumes)",
+               "teach_seconds": {"encode": final.bundle.manifest["training"]["encode_seconds"],
+                                 "train": final.bundle.manifest["training"]["seconds"]},
                "seconds": seconds, "mean": report["mean"], "tolerance_mm": 2.0, "image": str(image_path),
                "taught_slices": taught, "evaluated_slices": len(held_out), "bundle": str(bundle_path),
                "segmentation": str(seg_path), "smoke": args.smoke}
     if args.json:
         emit_json(summary)
     else:
-        print(f"\nDSC / NSD@2mm on the {len(held_out)} slices not taught (reference: {labels_path.name})")
+        print(f"\nDSC / NSD@2mm on the {len(held_out)} slices not taught (reference: {labels_path.name}; "
+              "within the taught volume, not other cases)")
         for name, m in report["classes"].items():
             print(f"  {name:<14} DSC {m['dsc']:.3f}  NSD {m['nsd']:.3f}")
         print(f"  {'mean':<14} DSC {report['mean']['dsc']:.3f}  NSD {report['mean']['nsd']:.3f}")
-        print(f"wrote {seg_path} and {bundle_path} ({seconds:.0f} s in all)")
+        taught_in = summary["teach_seconds"]
+        print(f"wrote {seg_path} and {bundle_path} ({seconds:.0f} s in all; teaching: "
+              f"{taught_in['encode']:.0f} s encoding, {taught_in['train']:.0f} s training)")
         if args.smoke:
             print("(smoke run: random-weight test backbone, numbers are not meaningful)")
     return 0

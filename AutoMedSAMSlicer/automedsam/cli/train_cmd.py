@@ -91,12 +91,17 @@ def run(args: argparse.Namespace) -> int:
     path = save_or_rescue(final.bundle, out)
     training = final.bundle.manifest["training"]
     summary = {"bundle": str(path), "prompt_network": config.prompt_network, "backbone": config.backbone,
-               "validation": final.metrics, "best_epoch": training["best_epoch"], "seconds": training["seconds"],
-               "device": training["device"]}
+               "validation": final.metrics, "validation_kind": training["validation_kind"],
+               "best_epoch": training["best_epoch"], "seconds": training["seconds"],
+               "encode_seconds": training["encode_seconds"], "device": training["device"],
+               "framing": training["framing"]}
     if args.json:
         emit_json(summary)
     else:
+        if final.metrics:
+            print(f"validation on {training['validation_kind']}:")
         for name, m in final.metrics.items():
             print(f"{name:<20} DSC {m['dsc']:.4f}  NSD {m['nsd']:.4f}")
-        print(f"wrote {path} (best epoch {summary['best_epoch']}, {summary['seconds']} s)")
+        print(f"wrote {path} (best epoch {summary['best_epoch']}; {summary['encode_seconds']} s encoding, "
+              f"{summary['seconds']} s training)")
     return 0

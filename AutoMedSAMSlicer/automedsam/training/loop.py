@@ -170,8 +170,11 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
         # the features the bundle will be applied to); gradients go through PyTorch's decoder.
         backbone = default_registry().backbone(config.backbone, weights=config.weights, seed=config.seed,
                                                runtime=Runtime(config.device, config.cpu_runtime))
-    # Gradients flow through the decoder (PyTorch's); a fine-tuned one is the view's own copy.
-    backbone = backbone.trainable(config.finetune_decoder)
+    if config.prompt_network != "classmap":
+        # Gradients flow through the decoder (PyTorch's); a fine-tuned one is the view's own copy.
+        # The class map learns without the decoder, so validation decodes with the compiled one
+        # (PyTorch's single-threaded decoder took 1.3 s a slice here, most of an epoch).
+        backbone = backbone.trainable(config.finetune_decoder)
     stores = list(stores) if stores is not None else [None] * len(cases)
     if len(stores) != len(cases):
         raise ValueError(f"{len(stores)} embedding stores for {len(cases)} cases")
@@ -181,6 +184,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
 
     cache_root = train_cache_dir(config)
     result = None
+    t_encode = time.perf_counter()
     by_case = {id(case): store for case, store in zip(cases, stores, strict=True)}
     known = [by_case.get(id(s.case)) for s in split]
     for item in encode_training_items(split, backbone, config.intensity, framing, config.augment, lateral,
@@ -193,6 +197,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
         else:
             result = item
     data, labels, _meta = result
+    encode_seconds = round(time.perf_counter() - t_encode, 1)
 
     kind = config.prompt_network
     prompt_network = build_prompt_network(kind, default_config(kind, backbone, len(names))).to(device)
@@ -308,7 +313,8 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
             "train_slices": {s.case.name: s.train_slices for s in split},
             "val_slices": {s.case.name: s.val_slices for s in split},
             "best_epoch": best["epoch"] if best else config.epochs, "history": history,
-            "seconds": round(time.perf_counter() - t0, 1), "device": str(device),
+            "seconds": round(time.perf_counter() - t0, 1), "encode_seconds": encode_seconds, "device": str(device),
+            "validation_kind": validation_kind(split), "framing": framing.to_dict(),
         }
         bundle = create_bundle(backbone, prompt_network.eval(), classes, config.intensity, name=config.name,
                                framing=framing, decoder_finetuned=config.finetune_decoder, training=training,
@@ -338,6 +344,18 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
             raise
         raise TrainingFailedError(f"training failed after epoch {trained_epoch}: {type(exc).__name__}: {exc}. "
                                   f"Nothing is lost: {how}.") from exc
+
+
+def validation_kind(split) -> str:
+    """What the validation figures measure: slices of the volumes taught on (interpolation within a
+    patient) or whole volumes never taught on (transfer to other cases)."""
+    slices = any(s.train_slices and s.val_slices for s in split)
+    cases = any(s.val_slices and not s.train_slices for s in split)
+    if slices and cases:
+        return "held-out slices of the taught volumes and whole held-out volumes"
+    if cases:
+        return "whole held-out volumes (other cases)"
+    return "held-out slices of the taught volume (within-volume, not other cases)" if slices else "none"
 
 
 def _cpu_copy(module) -> dict:
