@@ -465,6 +465,7 @@ class Engine:
         points = None if points is None or not len(points) else o.points_to_canonical(k, _points(points, shape))
         box = None if box is None else o.box_to_canonical(k, _box(box, shape))
         current = None if current is None else o.plane_to_canonical(current)
+        _check_in_window(view.store.transform, points, box)
         new = view.refiner.refine(name, kv, current, points, point_labels, box, mode, reset)
         return np.ascontiguousarray(o.plane_from_canonical(new))
 
@@ -626,6 +627,22 @@ class Engine:
             view.refiner.clear()
         self._stored = None
         self._source = None
+
+
+def _check_in_window(transform: SliceTransform, points, box) -> None:
+    """Refuse prompts outside the part of the slice the model sees (a bundle's framing crops slices
+    larger than the field of view it was taught on): SAM would place them off its input."""
+    j0, j1, i0, i1 = transform.window
+    if (j0, j1, i0, i1) == (0, transform.height, 0, transform.width):
+        return
+    corners = [] if box is None else [np.asarray(box, float).reshape(2, 2)]
+    for pts in [*([] if points is None else [np.asarray(points, float)]), *corners]:
+        outside = (pts[:, 0] < i0 - 0.5) | (pts[:, 0] > i1 - 0.5) | (pts[:, 1] < j0 - 0.5) | (pts[:, 1] > j1 - 0.5)
+        if outside.any():
+            raise InvalidInputError(
+                "a point or box lies outside the part of the slice this model bundle looks at (the body, at the "
+                f"pixel size it was taught at: {(i1 - i0)} x {(j1 - j0)} voxels); segment there without the bundle "
+                "(manual mode)")
 
 
 def _slice_mask(mask, shape: tuple[int, int], what: str) -> np.ndarray:
