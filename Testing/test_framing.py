@@ -179,7 +179,7 @@ def test_a_class_taught_on_the_3mm_ct_segments_the_0_98mm_dicom_series(lowres_bu
     print("DICOM series with the 3 mm bundle:", scores)  # the figures for the record (-s)
     assert scores["liver"] >= 0.85 and scores["spleen"] >= 0.85, scores
     # A click where the bundle does not look (the arm, outside the body window) is refused, clearly.
-    j0, j1, i0, i1 = engine.transform.window
+    j0, j1, i0, _ = engine.transform.window
     assert i0 > 5
     with pytest.raises(InvalidInputError, match="outside the part of the slice this model bundle looks at"):
         engine.refine("liver", 10, points=[[5, (j0 + j1) // 2]], point_labels=[1], mask=result.masks["liver"][10])
