@@ -5,8 +5,9 @@ Why: SAM's resize (a slice's longest side becomes the model input side ``S``) ti
 structure in the model input to the scanner's field of view. A class map taught on a 366 mm field
 of view (the shared 3 mm CT: 1.43 mm per model pixel) saw the same patient's 500 mm DICOM series at
 1.95 mm per model pixel, 27 % smaller, and found neither liver nor spleen there (DSC 0.00 / 0.00).
-Framed at 1.43 mm: liver 0.90, spleen 0.29; averaged to the taught 3 mm voxels as well: 0.97 / 0.86
-(``scripts/cross_case_eval.py``, README "Across cases").
+With that bundle framed at 1.43 mm: liver 0.90, spleen 0.29; averaged to the taught 3 mm voxels as
+well: 0.97 / 0.79; a bundle taught with the framing: 0.97 / 0.86 (``scripts/cross_case_eval.py``,
+README "Across cases").
 
 A :class:`Framing` with ``pixel_mm`` (recorded in a model bundle) turns into a
 :class:`~automedsam.preprocess.SliceTransform` per volume:
