@@ -1,7 +1,7 @@
 """Named exceptions. Everything the package raises on purpose derives from :class:`AutoMedSAMError`.
 
-The CLI maps them to exit codes: :class:`InvalidInputError` -> 2, :class:`WeightsUnavailableError`
--> 3, any other :class:`AutoMedSAMError` -> 1.
+The CLI maps them to exit codes: :class:`InvalidInputError` -> 2, :class:`UnavailableError` (weights,
+network, a cluster) -> 3, any other :class:`AutoMedSAMError` -> 1.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ class CatalogError(AutoMedSAMError):
     """A model or class catalog file is malformed or does not match its JSON schema."""
 
 
-class WeightsUnavailableError(AutoMedSAMError):
+class UnavailableError(AutoMedSAMError):
+    """Something the command needs from outside is not there: weights, the network, a cluster."""
+
+
+class ClusterUnreachableError(UnavailableError):
+    """A Ray cluster address that does not answer."""
+
+
+class WeightsUnavailableError(UnavailableError):
     """Model weights are missing and cannot be obtained (no network, unknown id, no file)."""
 
 

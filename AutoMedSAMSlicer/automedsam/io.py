@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +41,34 @@ def _existing(path: str | os.PathLike, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise InvalidInputError(f"{what} not found: {p}. Check the path (relative paths start at {Path.cwd()}).")
+    check_regular(p, what)
     if p.is_file() and p.stat().st_size == 0:
         raise InvalidInputError(f"{what} {p} is an empty file (0 bytes); it was probably not copied completely.")
     return p
+
+
+def check_regular(path: Path, what: str = "input") -> None:
+    """Refuse, without opening it, a path that is neither a regular file nor a folder: a FIFO, a
+    socket or a device would block a reader forever or stream without end.
+
+    Raises:
+        InvalidInputError: names the path and what it is.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise InvalidInputError(f"{what} {path} is {kind}, not a file; give a volume file or a DICOM folder")
+
+
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    """A hidden name beside ``path`` to write to before renaming onto it: unique per process and
+    call (``.<name>.<pid>-<random>.tmp<suffix>``), so two writers never share one."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{suffix}")
 
 
 # --------------------------------------------------------------------------- SimpleITK bridge
@@ -204,6 +231,8 @@ def read_image(path: str | os.PathLike, series_uid: str | None = None) -> Volume
 def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     import SimpleITK as sitk
 
+    for entry in folder.iterdir():  # GDCM opens every file it finds: a FIFO would block it
+        check_regular(entry, f"a file of the DICOM folder {folder}:")
     reader = sitk.ImageSeriesReader()
     series = list(reader.GetGDCMSeriesIDs(str(folder)) or [])
     if not series:
@@ -375,7 +404,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = True)
         raise InvalidInputError(
             f"cannot write a volume to {p.name}: use one of {', '.join(VOLUME_SUFFIXES)}"
         )
-    tmp = p.with_name(f".{p.name}.tmp{suffix}")
+    tmp = temporary_name(p, suffix)
     sitk.WriteImage(volume_to_sitk(volume), str(tmp), compress)
     os.replace(tmp, p)
     return p
@@ -416,7 +445,7 @@ def write_segmentation(segmentation: Segmentation, path: str | os.PathLike) -> P
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
     }
-    tmp = p.with_name(f".{p.name}.tmp.seg.nrrd")
+    tmp = temporary_name(p, SEG_NRRD_SUFFIX)
     slicerio.write_segmentation(str(tmp), data)
     os.replace(tmp, p)
     return p

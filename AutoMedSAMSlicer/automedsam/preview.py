@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInputError
+from .io import temporary_name
 from .preprocess import IntensityConfig, normalize_intensity
 from .volume import Volume
 
@@ -158,7 +159,7 @@ def write_preview(path: str | os.PathLike, *args, **kwargs) -> Path:
     if not p.parent.is_dir():
         raise InvalidInputError(f"preview folder {p.parent} does not exist; create it first")
     picture = render_preview(*args, **kwargs)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp.png")
+    tmp = temporary_name(p, ".png")
     picture.save(tmp, format="PNG", optimize=False)
     os.replace(tmp, p)
     return p

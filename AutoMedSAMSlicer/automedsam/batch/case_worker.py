@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import AutoMedSAMError, InvalidInputError
 from .cases import Case
-from .records import FORMATS, RECORD_VERSION, OutputLayout, write_json_atomic
+from .records import FORMATS, RECORD_KIND, RECORD_VERSION, OutputLayout, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,38 @@ class BatchConfig:
         return OutputLayout(self.output, self.format)
 
 
+class OutputFolderError(InvalidInputError):
+    """The output folder cannot be written (permissions changed, disk full, unmounted): the run
+    stops; every finished case is kept."""
+
+    def __init__(self, folder: Path, exc: OSError):
+        super().__init__(f"cannot write into the output folder {folder}: {exc.strerror or exc}. The run stopped; "
+                         "the cases finished so far are kept. Make the folder writable (or free space) and run the "
+                         "same command again to do the rest")
+
+
+def _in_folder(exc: BaseException, folder: Path, missing: bool = False) -> bool:
+    """An OSError about a file in the output folder: one that cannot be written, or with
+    ``missing``, one that vanished (a temporary file another program removed)."""
+    if not isinstance(exc, OSError) or exc.filename is None or isinstance(exc, FileNotFoundError) != missing:
+        return False
+    try:
+        return Path(exc.filename).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def write_record(layout: OutputLayout, case_id: str, record: dict, quiet: bool = False) -> None:
+    """Write a case's record (or claim); an unwritable folder is :class:`OutputFolderError`
+    (ignored with ``quiet``, for the last words of an interrupted case)."""
+    try:
+        layout.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(layout.record(case_id), record)
+    except OSError as exc:
+        if not quiet:
+            raise OutputFolderError(layout.folder, exc) from None
+
+
 class CaseWorker:
     """Holds one engine (the bundle's backbone and prompt network, on ``device`` with ``threads``
     CPU threads) and segments, scores, previews and records one case per :meth:`process` call."""
@@ -88,28 +120,43 @@ class CaseWorker:
         self.where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.engine.backbone.device),
                       "threads": threads}
 
-    def process(self, case: Case, run_key: str) -> dict:
+    def process(self, case: Case, run_key: str, deaths: int = 0) -> dict:
         """Segment one case and write its files; returns its record. A bad case (unreadable, not
-        3-D, a reference that does not fit) is recorded as failed with the reason, never raised."""
+        3-D, a reference that does not fit) is recorded as failed with the reason, never raised.
+
+        Args:
+            deaths: how many earlier runs died while on this case (carried in its claim).
+
+        Raises:
+            OutputFolderError: the output folder cannot be written (nothing of the case is kept).
+        """
         layout = self.config.layout
-        layout.remove_partial(case.id)
+        layout.remove_temporary(case.id)
         started = time.perf_counter()
-        record = {"version": RECORD_VERSION, "case": case.id, "run_key": run_key,
+        record = {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
                   "input_fingerprint": case.fingerprint(), "image": str(case.image),
                   "reference": str(case.reference) if case.reference else None, "worker": self.where,
                   "warnings": []}
+        claim = record | {"status": "running", "deaths": deaths, "interrupted": False}
+        write_record(layout, case.id, claim)  # from here the case's output names are ours to replace
         try:
             record |= self._segment(case, layout, record["warnings"])
             record["status"] = "done"
         except Exception as exc:  # one bad case never stops the others: its reason goes into its record
+            if _in_folder(exc, layout.folder):
+                raise OutputFolderError(layout.folder, exc) from None
             known = isinstance(exc, (AutoMedSAMError, ValueError, OSError, MemoryError))
             if not known:
                 log.exception("case %s failed unexpectedly", case.id)
+            layout.remove_claimed(case.id)
             record |= {"status": "failed", "error": {"type": type(exc).__name__, "message": str(exc) or repr(exc),
-                                                     "retryable": isinstance(exc, MemoryError)}}
+                                                     "retryable": isinstance(exc, MemoryError)
+                                                     or _in_folder(exc, layout.folder, missing=True)}}
+        except BaseException:  # Ctrl-C, SIGTERM: the claim stays, marked as an interruption, not a death
+            write_record(layout, case.id, claim | {"interrupted": True}, quiet=True)
+            raise
         record["seconds"] = round(time.perf_counter() - started, 3)
-        layout.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(layout.record(case.id), record)
+        write_record(layout, case.id, record)
         return record
 
     def _segment(self, case: Case, layout: OutputLayout, warnings: list[str]) -> dict:
@@ -155,7 +202,8 @@ class CaseWorker:
             preview.parent.mkdir(parents=True, exist_ok=True)
             self._write_preview(preview, case, volume, result.masks, summary)
         return {"output": output.name, "output_sha256": sha256_file(output),
-                "preview": preview.relative_to(layout.folder).as_posix() if preview else None,
+                "preview": layout.preview_link(case.id) if preview else None,
+                "preview_sha256": sha256_file(preview) if preview else None,
                 "size_ijk": list(volume.shape_ijk), "spacing_mm": [round(s, 4) for s in volume.spacing],
                 "classes": summary, "mean": scores["mean"] if scores else None}
 

@@ -19,6 +19,7 @@ import fnmatch
 import hashlib
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,11 @@ class Case:
 
 
 def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file: 'DICM' after the 128-byte preamble."""
+    """A DICOM Part 10 file: 'DICM' after the 128-byte preamble. Never opens what is not a regular
+    file (reading a FIFO would block)."""
     try:
+        if not path.is_file():
+            return False
         with open(path, "rb") as f:
             f.seek(128)
             return f.read(4) == b"DICM"
@@ -86,22 +90,27 @@ def _case_id(relative: str) -> str:
     return case_id or "case"
 
 
-def check_case_id(case_id: str, where: str) -> str:
-    """A case id usable as a file name on every system, not one of the run's own names."""
-    if not _SAFE_ID.match(case_id) or case_id in RESERVED_IDS:
-        raise InvalidInputError(
-            f"case id {case_id!r} ({where}) cannot name output files: use letters, digits, '.', '_', '+' or '-' "
-            f"(at most 200, starting with a letter or digit), and none of {', '.join(sorted(RESERVED_IDS))}")
-    return case_id
+def safe_case_id(name: str) -> str:
+    """``name`` if it can name output files on every system, else a safe spelling of it: accents
+    folded to ASCII, anything but letters, digits, ``.``, ``_``, ``+`` and ``-`` written ``_``, at
+    most 200 characters, never one of the run's own names, and a short hash of the original so two
+    names that fold alike stay apart (``"Müller 2"`` -> ``Muller_2-1a2b3c``)."""
+    if _SAFE_ID.match(name) and name not in RESERVED_IDS:
+        return name
+    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", folded).strip("._+-")[:185] or "case"
+    return f"{cleaned}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:6]}"
 
 
-def cases_in_folder(folder: Path, pattern: str | None = None, skip: Path | None = None) -> list[Case]:
+def cases_in_folder(folder: Path, pattern: str | None = None, skip: Path | None = None,
+                    exclude: frozenset[Path] = frozenset()) -> list[Case]:
     """Every volume file and DICOM series folder under ``folder`` (sorted by id); ``skip``: a
-    folder to leave out (the run's output folder when it lies inside the input)."""
+    folder to leave out (the run's output folder when it lies inside the input); ``exclude``:
+    resolved paths of files to leave out (outputs of earlier runs)."""
     found: dict[str, Path] = {}
 
     def add(case_id: str, path: Path) -> None:
-        case_id = check_case_id(_case_id(case_id), str(path))
+        case_id = safe_case_id(_case_id(case_id))
         if case_id in found:
             raise InvalidInputError(
                 f"two inputs would both be case {case_id!r}: {found[case_id]} and {path}. Rename one, or list the "
@@ -120,6 +129,8 @@ def cases_in_folder(folder: Path, pattern: str | None = None, skip: Path | None 
         for name in visible:
             suffix = _volume_suffix(name)
             if suffix is None or (pattern is not None and not fnmatch.fnmatch(name, pattern)):
+                continue
+            if exclude and (here / name).resolve() in exclude:
                 continue
             stem = name[: -len(suffix)]
             add(f"{relative}/{stem}" if relative != "." else stem, here / name)
@@ -164,7 +175,7 @@ def cases_in_csv(path: Path, image_column: str = "image", reference_column: str 
             name = image.name
             suffix = _volume_suffix(name) or ""
             case_id = name[: -len(suffix)] if suffix else name
-        case_id = check_case_id(case_id, f"{path}, line {line}")
+        case_id = safe_case_id(case_id)
         if case_id in seen:
             raise InvalidInputError(f"{path}, lines {seen[case_id]} and {line} are both case {case_id!r}; give each "
                                     f"row its own id in a {case_column!r} column")
@@ -175,7 +186,7 @@ def cases_in_csv(path: Path, image_column: str = "image", reference_column: str 
 
 def discover_cases(source: str | os.PathLike, *, pattern: str | None = None, image_column: str = "image",
                    reference_column: str | None = None, case_column: str = "case",
-                   skip: Path | None = None) -> list[Case]:
+                   skip: Path | None = None, exclude: frozenset[Path] = frozenset()) -> list[Case]:
     """The cases of a folder or a ``.csv`` list (see the module docstring).
 
     Raises:
@@ -191,4 +202,4 @@ def discover_cases(source: str | os.PathLike, *, pattern: str | None = None, ima
         return cases_in_csv(p, image_column, reference_column, case_column)
     if reference_column is not None:
         raise InvalidInputError("--reference-column needs a CSV list as input (a folder has no reference column)")
-    return cases_in_folder(p, pattern, skip)
+    return cases_in_folder(p, pattern, skip, exclude)

@@ -1,6 +1,7 @@
 """Running cases on this machine: in this process (one worker), or in a pool of worker processes
-(``concurrent.futures``, spawned, so CUDA and the CPU runtimes start clean in each), each with its
-own model loaded once.
+(spawned, so CUDA and the CPU runtimes start clean in each), each with its own model loaded once.
+The pool is ours rather than ``concurrent.futures``' because a run must know which case each
+process holds: one process dying then fails only that case, not every case still queued.
 
 Sharing the machine (:func:`plan_slots`): with CUDA GPUs, one worker per GPU (``--workers`` more
 share them round-robin); on the CPU, the cores divided evenly between the workers, each worker's
@@ -13,8 +14,6 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from ..errors import InvalidInputError
@@ -70,7 +69,7 @@ def plan_slots(device: str, workers: int | None, cores: int | None = None, gpus:
     return [Slot("cpu", max(1, cores // n)) for _ in range(n)]
 
 
-def run_inline(config: BatchConfig, cases: Sequence[Case], run_key: str, slot: Slot,
+def run_inline(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths: dict[str, int], slot: Slot,
                cancel: threading.Event | None = None) -> Iterator[dict]:
     """One worker in this process: yields each case's record as it is written. The thread setting
     it makes for its engine is this process's only while the run lasts."""
@@ -82,7 +81,7 @@ def run_inline(config: BatchConfig, cases: Sequence[Case], run_key: str, slot: S
         for case in cases:
             if cancel is not None and cancel.is_set():
                 return
-            yield worker.process(case, run_key)
+            yield worker.process(case, run_key, deaths.get(case.id, 0))
     finally:
         worker.close()
         if before is None:
@@ -91,61 +90,168 @@ def run_inline(config: BatchConfig, cases: Sequence[Case], run_key: str, slot: S
             os.environ[THREADS_ENV] = before
 
 
-# A pool process's worker, made once by _start_worker (the pool's initializer).
-_WORKER: CaseWorker | None = None
+def lost_case(config: BatchConfig, case: Case, run_key: str, why: str) -> dict:
+    """Record (and return) the end of a case whose worker died under it (killed, out of memory, a
+    crash in native code): failed, and done again by the next run unless workers died on it
+    :data:`~.records.MAX_DEATHS` times. A case the worker had finished keeps its record."""
+    from .case_worker import write_record
+    from .records import MAX_DEATHS, RECORD_KIND, RECORD_VERSION, deaths_of, read_record
+
+    layout = config.layout
+    claim = read_record(layout, case.id)
+    if claim is not None and claim["status"] != "running" and claim["run_key"] == run_key:
+        return claim  # it finished just before its worker went
+    # The worker's claim already counts this death; without a claim (it died before writing one) add it.
+    died = deaths_of(claim) if claim is not None and claim["status"] == "running" else deaths_of(claim) + 1
+    layout.remove_claimed(case.id)
+    record = {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
+              "input_fingerprint": case.fingerprint(), "image": str(case.image),
+              "reference": str(case.reference) if case.reference else None, "status": "failed", "warnings": [],
+              "seconds": None, "deaths": died,
+              "error": {"type": "WorkerLost", "retryable": died < MAX_DEATHS,
+                        "message": f"{why}" + ("" if died < MAX_DEATHS else
+                                               f" ({died} times on this case; --retry-failed tries it again)")}}
+    write_record(layout, case.id, record)
+    return record
 
 
-def _start_worker(config: BatchConfig, slots, log_level: int) -> None:
-    global _WORKER
+def mark_interrupted(config: BatchConfig, case: Case) -> None:
+    """A case whose worker this run stopped (Ctrl-C, SIGTERM): its claim stays, marked so the next
+    run does it again without counting a death."""
+    from .case_worker import write_record
+    from .records import read_record
+
+    claim = read_record(config.layout, case.id)
+    if claim is not None and claim["status"] == "running":
+        write_record(config.layout, case.id, claim | {"interrupted": True}, quiet=True)
+
+
+def _watch_parent(parent: int) -> None:
+    """In a worker process: exit at once when the run's process is gone (even killed by SIGKILL),
+    so no worker outlives its run, writing files or holding a model."""
+    import time
+
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def _pool_worker(index: int, config: BatchConfig, slot: Slot, parent: int, tasks, results, log_level: int) -> None:
+    """A pool process: loads the model once, then processes the cases it is sent, one at a time,
+    until it is sent None. Messages to the run: ``(index, "ready"|"record"|"error", payload)``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the run stops its workers
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
-    slot = slots.get()  # each process takes one slot (device, threads) of the plan
-    _WORKER = CaseWorker(config, slot.device, slot.threads)
+    try:
+        worker = CaseWorker(config, slot.device, slot.threads)
+    except Exception as exc:  # the run reports it
+        results.put((index, "error", (type(exc).__name__, str(exc))))
+        return
+    results.put((index, "ready", os.getpid()))
+    try:
+        while (task := tasks.get()) is not None:
+            case, run_key, deaths = task
+            try:
+                results.put((index, "record", worker.process(case, run_key, deaths)))
+            except Exception as exc:  # e.g. the output folder became unwritable
+                results.put((index, "error", (type(exc).__name__, str(exc))))
+                return
+    finally:
+        worker.close()
 
 
-def _process(case: Case, run_key: str) -> dict:
-    if _WORKER is None:  # the initializer failed: the pool reports that, this never runs
-        raise RuntimeError("batch worker not started")
-    return _WORKER.process(case, run_key)
+class _PoolProcess:
+    """One worker process of :func:`run_pool` with its own task queue, so the run always knows
+    which case each process holds."""
+
+    def __init__(self, context, index: int, config: BatchConfig, slot: Slot, results):
+        self.tasks = context.Queue()
+        self.process = context.Process(
+            target=_pool_worker, name=f"automedsam-batch-{index}", daemon=True,
+            args=(index, config, slot, os.getpid(), self.tasks, results, logging.getLogger().getEffectiveLevel()))
+        self.process.start()
+        self.case: Case | None = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the process to end; terminate it if it is busy or does not end in time."""
+        if self.process.is_alive() and self.case is None:
+            self.tasks.put(None)
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout)
 
 
-def lost_case(case: Case, run_key: str, why: str) -> dict:
-    """The record of a case whose worker died under it (killed, out of memory, a crash in native
-    code): failed, and done again by the next run."""
-    from .records import RECORD_VERSION
-
-    return {"version": RECORD_VERSION, "case": case.id, "run_key": run_key, "input_fingerprint": case.fingerprint(),
-            "image": str(case.image), "reference": str(case.reference) if case.reference else None,
-            "status": "failed", "warnings": [], "seconds": None,
-            "error": {"type": "WorkerLost", "message": why, "retryable": True}}
-
-
-def run_pool(config: BatchConfig, cases: Sequence[Case], run_key: str, slots: Sequence[Slot],
-             cancel: threading.Event | None = None) -> Iterator[dict]:
-    """Cases spread over one process per slot; yields records as cases finish (any order). A
-    worker that dies fails only the cases it had, which the next run does again."""
+def run_pool(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths: dict[str, int],
+             slots: Sequence[Slot], cancel: threading.Event | None = None) -> Iterator[dict]:
+    """Cases spread over one process per slot, each sent one case at a time; yields records as
+    cases finish (any order). A worker that dies fails only the case it held (which the next run
+    does again) and is replaced; the others go on. When the run stops (the consumer stops, Ctrl-C,
+    SIGTERM, ``cancel``) every worker is stopped before this returns, and the cases they held keep
+    claims that the next run redoes."""
     import multiprocessing
+    import queue
 
-    from .records import write_json_atomic
+    from ..errors import AutoMedSAMError
 
     context = multiprocessing.get_context("spawn")
-    plan = context.Queue()
-    for slot in slots:
-        plan.put(slot)
-    executor = ProcessPoolExecutor(len(slots), mp_context=context, initializer=_start_worker,
-                                   initargs=(config, plan, logging.getLogger().getEffectiveLevel()))
+    results = context.Queue()
+    pool = [_PoolProcess(context, i, config, slot, results) for i, slot in enumerate(slots)]
+    waiting = list(cases)
+    ready: set[int] = set()
+    remaining = len(cases)
+    failed_starts = 0
     try:
-        pending = {executor.submit(_process, case, run_key): case for case in cases}
-        while pending:
+        while remaining:
             if cancel is not None and cancel.is_set():
-                break
-            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in finished:
-                case = pending.pop(future)
-                try:
-                    yield future.result()
-                except BrokenProcessPool as exc:
-                    record = lost_case(case, run_key, f"the worker process died ({exc or 'killed or out of memory'})")
-                    write_json_atomic(config.layout.record(case.id), record)
-                    yield record
+                return
+            for i, member in enumerate(pool):
+                if i in ready and member.case is None and waiting:
+                    member.case = waiting.pop(0)
+                    member.tasks.put((member.case, run_key, deaths.get(member.case.id, 0)))
+            try:
+                message = results.get(timeout=0.5)
+            except queue.Empty:
+                message = None
+            if message is None:  # quiet: see whether a worker died
+                for i, member in enumerate(pool):
+                    if member.process.exitcode is None:
+                        continue
+                    lost, member.case = member.case, None
+                    if i not in ready:
+                        failed_starts += 1
+                        if failed_starts > len(pool):
+                            raise AutoMedSAMError(f"batch worker processes die while loading the model (exit code "
+                                                  f"{member.process.exitcode}); run with --workers 1 to see why")
+                    ready.discard(i)
+                    if lost is not None:
+                        remaining -= 1
+                        yield lost_case(config, lost, run_key,
+                                        f"the worker process died (exit code {member.process.exitcode}: killed, "
+                                        "out of memory or a crash)")
+                    if remaining:
+                        log.warning("batch worker %d died; starting another", i)
+                        pool[i] = _PoolProcess(context, i, config, slots[i], results)
+                continue
+            index, kind, payload = message
+            if kind == "ready":
+                ready.add(index)
+            elif kind == "record":
+                pool[index].case = None
+                remaining -= 1
+                yield payload
+            else:
+                name, message = payload
+                raise (InvalidInputError if name in ("InvalidInputError", "OutputFolderError")
+                       else AutoMedSAMError)(f"a batch worker stopped: {message}")
     finally:
-        executor.shutdown(wait=True, cancel_futures=True)
+        for member in pool:
+            member.stop()
+            if member.case is not None:
+                mark_interrupted(config, member.case)

@@ -21,16 +21,42 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import InvalidInputError
+from ..errors import ClusterUnreachableError, InvalidInputError
 from .case_worker import BatchConfig, CaseWorker
 from .cases import Case
 from .local import lost_case
-from .records import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 #: Threads of one CPU actor when --workers does not say (the cluster's cores / workers otherwise).
 DEFAULT_ACTOR_THREADS = 4
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at a cluster address (Ray itself retries for a
+    minute or more before it gives up).
+
+    Raises:
+        InvalidInputError: the address is not ``[ray://]host:port``.
+        ClusterUnreachableError: no answer at it.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    split = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = split.hostname, split.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise InvalidInputError(f"--ray {address!r} is not a cluster address: give host:port (e.g. 10.0.0.5:6379), "
+                                "ray://host:10001, auto or local")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterUnreachableError(
+            f"no Ray cluster answers at {address!r} ({exc.strerror or exc}); start one there with `ray start --head`, "
+            "check the address and firewall, or use --ray local") from None
 
 
 def _connect(address: str) -> bool:
@@ -50,14 +76,16 @@ def _connect(address: str) -> bool:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": env})
     else:
+        if address != "auto":
+            _reachable(address)
         # Nodes keep their own cache folder; the CPU runtime choice travels.
         env = {k: v for k, v in passed.items() if k != "AUTOMEDSAM_HOME"}
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False,
                      runtime_env={"env_vars": env} if env else None)
         except ConnectionError as exc:
-            raise InvalidInputError(f"no Ray cluster at {address!r}: {exc}. Start one with `ray start --head`, or "
-                                    "use --ray local") from None
+            raise ClusterUnreachableError(f"no Ray cluster at {address!r}: {exc}. Start one with `ray start --head`, "
+                                          "or use --ray local") from None
     return True
 
 
@@ -75,8 +103,8 @@ def actor_plan(resources: dict, device: str, workers: int | None) -> tuple[int, 
     return n, {"num_cpus": threads}, "cpu", threads
 
 
-def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, address: str, workers: int | None,
-               cancel: threading.Event | None = None) -> Iterator[dict]:
+def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths: dict[str, int], address: str,
+               workers: int | None, cancel: threading.Event | None = None) -> Iterator[dict]:
     """Yields each case's record as an actor finishes it."""
     import ray
     from ray.util import ActorPool
@@ -88,7 +116,7 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, address
         actor_class = ray.remote(CaseWorker).options(max_restarts=2, max_task_retries=0, **resources)
         pool = ActorPool([actor_class.remote(config, device, threads) for _ in range(n)])
         for case in cases:
-            pool.submit(lambda actor, c: actor.process.remote(c, run_key), case)
+            pool.submit(lambda actor, c: actor.process.remote(c, run_key, deaths.get(c.id, 0)), case)
         returned: set[str] = set()
         while pool.has_next():
             if cancel is not None and cancel.is_set():
@@ -103,9 +131,7 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, address
         if cancel is None or not cancel.is_set():
             for case in cases:  # cases whose actor died: failed now, done again by the next run
                 if case.id not in returned:
-                    record = lost_case(case, run_key, "the Ray actor processing it died")
-                    write_json_atomic(config.layout.record(case.id), record)
-                    yield record
+                    yield lost_case(config, case, run_key, "the Ray actor processing it died")
     finally:
         if connected:
             ray.shutdown()

@@ -12,13 +12,20 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
-from .records import write_json_atomic
+from ..io import temporary_name
+from .records import OutputLayout, write_json_atomic
 
+#: The run's own files in the output folder.
+REPORT_FILES = ("batch_report.json", "batch_report.csv", "index.html")
+#: Marks the HTML index as this tool's (so a user's index.html is never replaced unasked).
+GENERATOR = '<meta name="generator" content="automedsam batch">'
 CSV_COLUMNS = ("case", "class", "status", "voxels", "volume_ml", "slices_with_mask", "dsc", "nsd", "seconds",
                "image", "reference", "output", "error")
 
@@ -64,7 +71,33 @@ def _csv_rows(records: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def _html(records: Sequence[dict], classes: Sequence[str], summary: dict) -> str:
+def foreign_report_files(folder: Path) -> list[Path]:
+    """Report file names in ``folder`` taken by files this tool did not write."""
+    found = []
+    for name in REPORT_FILES:
+        path = folder / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")[:1_000_000] if path.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        if name == "index.html":
+            ours = GENERATOR in text
+        elif name == "batch_report.csv":
+            ours = text.split("\n", 1)[0] == ",".join(CSV_COLUMNS)
+        else:
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = None
+            ours = isinstance(data, dict) and isinstance(data.get("run"), dict) and "run_key" in data["run"]
+        if not ours:
+            found.append(path)
+    return found
+
+
+def _html(layout: OutputLayout, records: Sequence[dict], classes: Sequence[str], summary: dict) -> str:
     e = html.escape
     head = "".join(f"<th>{e(c)}</th>" for c in classes)
     rows = []
@@ -82,14 +115,16 @@ def _html(records: Sequence[dict], classes: Sequence[str], summary: dict) -> str
             status = "done" + "".join(f'<div class="warn">{e(w)}</div>' for w in r.get("warnings") or [])
         else:
             status = f'<span class="failed">failed</span>: {e((r.get("error") or {}).get("message", ""))}'
-        picture = (f'<a href="{e(r["preview"])}"><img src="{e(r["preview"])}" loading="lazy"></a>'
-                   if r.get("preview") else "")
-        output = f'<a href="{e(r["output"])}">{e(r["case"])}</a>' if r.get("output") else e(r["case"])
+        # Links are made from the layout, never taken from a record (which a hand may have edited).
+        link = e(quote(layout.preview_link(r["case"])))
+        picture = f'<a href="{link}"><img src="{link}" loading="lazy"></a>' if r.get("preview") else ""
+        target = e(quote(layout.segmentation(r["case"]).name))
+        output = f'<a href="{target}">{e(r["case"])}</a>' if r.get("status") == "done" else e(r["case"])
         rows.append(f"<tr><td>{rank}</td><td>{output}</td><td>{status}</td>{''.join(cells)}"
                     f"<td>{r.get('seconds') or ''}</td><td>{picture}</td></tr>")
     figures = ", ".join(f"{k}: {e(str(v))}" for k, v in summary.items())
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>AutoMedSAM batch report</title>
+<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>AutoMedSAM batch report</title>
 <style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}img{{height:120px}}
 .failed{{color:#b00;font-weight:bold}}.empty{{background:#fde}}.warn{{color:#a60;font-size:11px}}</style></head>
@@ -101,8 +136,10 @@ td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}img{
 """
 
 
-def write_report(folder: Path, records: Sequence[dict], classes: Sequence[str], run: dict, summary: dict) -> dict:
-    """Write the three report files (atomically) and return the JSON report."""
+def write_report(layout: OutputLayout, records: Sequence[dict], classes: Sequence[str], run: dict,
+                 summary: dict) -> dict:
+    """Write the three report files (atomically) into ``layout.folder`` and return the JSON report."""
+    folder = layout.folder
     records = sorted(records, key=lambda r: r["case"])
     report = {"run": run, "summary": summary, "classes": class_means(records), "cases": list(records)}
     write_json_atomic(folder / "batch_report.json", report)
@@ -110,8 +147,12 @@ def write_report(folder: Path, records: Sequence[dict], classes: Sequence[str], 
     writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(_csv_rows(records))
-    for name, text in (("batch_report.csv", buffer.getvalue()), ("index.html", _html(records, classes, summary))):
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+    for name, text in (("batch_report.csv", buffer.getvalue()),
+                       ("index.html", _html(layout, records, classes, summary))):
+        tmp = temporary_name(folder / name)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_command, add_device_option, emit_json
+from .common import add_command, add_device_option, emit_json, sigterm_as_interrupt
 
 #: ``automedsam batch``: what ``--help`` says.
 HELP = "segment every volume of a folder or CSV list (resumable; local workers or Ray)"
@@ -66,15 +66,40 @@ def parse_classes(text: str) -> tuple[tuple[str, ...], dict[str, int] | None]:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tqdm import tqdm
-
-    from ..batch import BatchConfig, run_batch
+    from ..batch import BatchConfig
 
     names, values = parse_classes(args.classes)
     config = BatchConfig(model=Path(args.model), classes=names, output=Path(args.output), reference_values=values,
                          format=args.format, device=args.device, cleanup=not args.no_cleanup,
                          preview=not args.no_preview, tolerance_mm=args.tolerance_mm,
                          retry_failed=args.retry_failed, overwrite=args.overwrite)
+    try:
+        with sigterm_as_interrupt():
+            report = _run_with_progress(args, config)
+    except KeyboardInterrupt:
+        page = Path(config.output) / "index.html"
+        print("interrupted: the finished cases are kept; run the same command again to do the rest"
+              + (f" (report: {page})" if page.is_file() else ""), file=sys.stderr)
+        return 130
+    summary = report["summary"]
+    if args.json:
+        emit_json(summary | {"output": str(config.output), "classes": report["classes"]})
+    else:
+        for name, c in report["classes"].items():
+            print(f"{name:<20} mean DSC {c['dsc']:.4f}  NSD {c['nsd']:.4f}  over {c['cases']} case(s)")
+        rate = f", {summary['cases_per_min']:.2f} cases/min" if summary["cases_per_min"] else ""
+        print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} finished earlier "
+              f"({summary['processed']} this run in {summary['seconds']:.1f} s{rate}); report: "
+              f"{Path(config.output) / 'index.html'}")
+    return 4 if summary["failed"] else 0
+
+
+def _run_with_progress(args: argparse.Namespace, config) -> dict:
+    """Run the batch with a tqdm bar on stderr; returns the JSON report."""
+    from tqdm import tqdm
+
+    from ..batch import run_batch
+
     bar = None
     report = None
     try:
@@ -94,14 +119,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    summary = report["summary"]
-    if args.json:
-        emit_json(summary | {"output": str(config.output), "classes": report["classes"]})
-    else:
-        for name, c in report["classes"].items():
-            print(f"{name:<20} mean DSC {c['dsc']:.4f}  NSD {c['nsd']:.4f}  over {c['cases']} case(s)")
-        rate = f", {summary['cases_per_min']:.2f} cases/min" if summary["cases_per_min"] else ""
-        print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} finished earlier "
-              f"({summary['processed']} this run in {summary['seconds']:.1f} s{rate}); report: "
-              f"{Path(config.output) / 'index.html'}")
-    return 4 if summary["failed"] else 0
+    return report

@@ -4,6 +4,7 @@ around the library's long runs. Subcommands import from here, never from each ot
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -47,6 +48,28 @@ def apply_cpu_runtime(args) -> None:
         resolve_runtime(choice)
         os.environ[RUNTIME_ENV] = choice
     set_default_registry(ModelRegistry(Runtime.from_environment()))
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While the block runs, SIGTERM (what SLURM, systemd, docker and ``kill`` send) raises
+    KeyboardInterrupt as Ctrl-C does, so clean-up in ``finally`` blocks runs (workers stopped, the
+    report written) instead of the process vanishing. Only the main thread can install it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def add_json_option(parser) -> None:

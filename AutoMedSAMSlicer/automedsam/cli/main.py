@@ -8,7 +8,7 @@ import os
 import sys
 
 from .. import __version__
-from ..errors import AutoMedSAMError, InvalidInputError, WeightsUnavailableError
+from ..errors import AutoMedSAMError, InvalidInputError, UnavailableError
 from .common import apply_cpu_runtime
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_WEIGHTS = 0, 1, 2, 3
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automedsam",
         description="Learned-prompt SAM / MedSAM / SAM 2.1 segmentation of medical volumes.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 weights or network missing, "
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad input or usage, 3 weights, network or cluster missing, "
                "4 (batch) some cases failed.",
     )
     parser.add_argument("--version", action="version", version=f"automedsam {__version__}")
@@ -64,7 +64,7 @@ def run(argv: list[str] | None = None) -> int:
     except InvalidInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except WeightsUnavailableError as exc:
+    except UnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_WEIGHTS
     except AutoMedSAMError as exc:
