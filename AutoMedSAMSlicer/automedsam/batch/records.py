@@ -168,9 +168,10 @@ def vouched_files(layout: OutputLayout, case_id: str) -> set[Path]:
         return files | set(layout.outputs(case_id)[1:])
     if data.get("status") != "done":
         return files
-    for path, name, digest in ((layout.segmentation(case_id), data.get("output"), data.get("output_sha256")),
-                               (layout.preview(case_id), data.get("preview"), data.get("preview_sha256"))):
-        if name is not None and layout.folder / str(name) == path and path.is_file() and sha256_file(path) == digest:
+    # By content, not by the names the record gives (a hand may have edited those).
+    for path, digest in ((layout.segmentation(case_id), data.get("output_sha256")),
+                         (layout.preview(case_id), data.get("preview_sha256"))):
+        if isinstance(digest, str) and path.is_file() and sha256_file(path) == digest:
             files.add(path)
     return files
 
