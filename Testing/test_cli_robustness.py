@@ -4,6 +4,7 @@ destroyed, long work survives a failure at its end, and bad input is exit 2 with
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def _bad_cases(tmp, case, make_bundle, ct_dir):
         (train_args(case, "--classes", "liver=5,livr=250", "-o", out), "livr=250: no voxel"),
         (train_args(case, "--classes", "liver=5", "--val-cases", "x", "-o", out), "--val-cases"),
         (train_args(case, "--classes", "liver=5", "--epochs", "0", "-o", out), "epochs"),
+        (train_args(case, "--classes", "liver=5", "--resume", "-o", out), "give the --checkpoint-dir"),
+        (train_args(case, "--classes", "liver=5", "--checkpoint-dir", str(tmp / "nofolder.txt"), "-o", out),
+         "is a file"),
+        (train_args(case, "--classes", "liver=5", "--checkpoint-dir", str(tmp / "ckpt"), "--resume", "-o", out),
+         "holds no checkpoint"),
         ([*segment[:-2], "--classes", ",", "-o", str(tmp / "a.seg.nrrd")], "names no class"),
         ([*segment, "-o", str(tmp / "missing" / "a.seg.nrrd")], "does not exist"),
         ([*segment, "-o", str(tmp / "a.txt")], "must end in"),
@@ -110,6 +116,30 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, case, make_bundle, ct_
     assert (tmp_path / "input.txt").read_text() == "keep me"
     assert (tmp_path / "mine.nii.gz").read_bytes() == (ct_dir / "ct_lowres.nii.gz").read_bytes()
     assert not list(tmp_path.glob("*.seg.nrrd")) and not (tmp_path / "new.zip").exists()
+
+
+def test_serve_refuses_a_token_file_others_can_read(tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("a-token-of-more-than-16-characters")
+    token.chmod(0o644)
+    assert run(["serve", "--token-file", str(token)]) == 2
+    assert "can be read or changed by other users (mode -rw-r--r--)" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer forever
+    assert run(["serve", "--token-file", str(tmp_path / "pipe")]) == 2
+    assert "named pipe" in capsys.readouterr().err
+
+
+def test_models_download_repairs_a_folder_where_the_weights_belong(capsys):
+    from automedsam.models import BackboneCatalog
+
+    catalog = BackboneCatalog.load()
+    dest = catalog.expected_path(catalog.get("litemedsam"))
+    (dest / "stray").mkdir(parents=True)  # a folder with something in it: moved aside, never deleted
+    assert run(["models", "download", "litemedsam"]) == 0
+    assert dest.is_file() and [p for p in dest.parent.iterdir() if p.name.startswith(dest.name + ".folder-")]
+    dest.unlink()
+    dest.mkdir()  # an empty folder: removed
+    assert run(["models", "download", "litemedsam"]) == 0 and dest.is_file()
 
 
 def test_usage_errors_of_serve_exit_2():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -398,3 +399,80 @@ time.sleep(600)
     finally:
         process.kill()
         process.stdout.close()
+
+
+def tampered(bundle: Path, change) -> bytes:
+    """The bundle's zip with its manifest changed by ``change(manifest)`` (weights untouched, so the
+    weights' sha256 still matches: only the network check can catch it)."""
+    with zipfile.ZipFile(bundle) as z:
+        manifest, weights = json.loads(z.read("manifest.json")), z.read("weights.safetensors")
+    change(manifest)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("weights.safetensors", weights)
+    return out.getvalue()
+
+
+TAMPERING = {
+    # A size that, built, would ask for tens of GB: refused from shapes on torch's meta device.
+    "hidden": (lambda m: m["generator"]["config"].update(mlp_dim=4194304), "mlp.lin1.bias is [1024] in the weights"),
+    "classes": (lambda m: m["generator"]["config"].update(num_classes=3), "has 3 class outputs"),
+    "dropped class": (lambda m: m.update(classes=m["classes"][:1]), "lists 1 classes"),
+    "unknown key": (lambda m: m["generator"]["config"].update(foo=1), "unexpected keyword argument 'foo'"),
+    "kind": (lambda m: m["generator"].update(type="classmap"), "classmap prompt network's config is invalid"),
+    "backbone": (lambda m: m["backbone"].update(id="no-such-backbone"), "not in the model catalog"),
+    "input size": (lambda m: m["backbone"].update(input_size=1024), "takes 256-pixel inputs"),
+    "window": (lambda m: m["preprocessing"]["intensity"].update(width=-5), "width must be > 0"),
+    "nan": (lambda m: m["preprocessing"]["intensity"].update(level=float("nan")), "NaN is not a number"),
+    "duplicate": (lambda m: m["classes"][1].update(name=m["classes"][0]["name"]), "used twice"),
+    "decoder": (lambda m: m.update(decoder_finetuned=True), "hold no mask decoder"),
+}
+
+
+@pytest.mark.parametrize("what", TAMPERING)
+def test_a_manifest_that_does_not_fit_its_weights_is_refused_before_anything_is_built(what, make_bundle, tmp_path,
+                                                                                      strict, capsys):
+    from automedsam.bundle import load_bundle
+    from automedsam.cli.main import run
+    from automedsam.errors import InvalidInputError
+
+    change, words = TAMPERING[what]
+    data = tampered(make_bundle("tiny-sam2", "ppn", seed=2), change)
+    path = tmp_path / "bundle.zip"
+    path.write_bytes(data)
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
+        load_bundle(path)
+    assert run(["segment", str(tmp_path / "none.nii.gz"), "--model", str(path), "--classes", "liver", "-o",
+                str(tmp_path / "x.seg.nrrd"), "--device", "cpu"]) == 2
+    assert_error(call(strict, "POST", "/v1/bundles", data=data), 422, "invalid_input", words)
+
+
+def test_the_token_is_checked_before_the_body_is_read(strict):
+    for headers, body in (({"Content-Type": "application/json"}, b"{not json"),
+                          ({"Content-Length": str(50 * 2**20)}, b"x")):
+        r = requests.post(strict.url + "/v1/sessions", data=body, headers=headers, timeout=10)
+        assert_error(r, 401, "unauthorized", "token")
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    r = requests.post(strict.url + "/v1/no-such-route", timeout=10)  # routes are not revealed either
+    assert_error(r, 401, "unauthorized", "token")
+
+
+def test_an_unwritable_bundle_folder_is_a_clear_error_without_server_paths(strict, home, make_bundle):
+    from automedsam.errors import WeightsLoadError
+    from automedsam.service.protocol import error_status
+
+    uploaded = home / "allowed" / "uploaded"
+    aside = home / "uploaded-aside"
+    if uploaded.exists():
+        os.replace(uploaded, aside)
+    uploaded.write_text("a file where the worker keeps uploads")  # what a read-only or full disk also gives
+    try:
+        r = call(strict, "POST", "/v1/bundles", data=make_bundle("tiny-sam2", "diffusion").read_bytes())
+        assert_error(r, 507, "storage_unavailable", "bundle folder is not writable")
+        assert str(home) not in r.text
+    finally:
+        uploaded.unlink()
+        if aside.exists():
+            os.replace(aside, uploaded)
+    assert error_status(WeightsLoadError("x")) == (422, "weights_invalid")

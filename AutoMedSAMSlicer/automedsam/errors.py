@@ -83,5 +83,10 @@ class NotFoundError(AutoMedSAMError):
     """No such session, job or route on the worker."""
 
 
+class StorageError(AutoMedSAMError):
+    """The worker cannot write where it was configured to (its bundle folder is read-only or full).
+    The message names no server path."""
+
+
 class BodyTooLargeError(AutoMedSAMError):
     """A request body is larger than the worker's limit for it."""

@@ -25,6 +25,7 @@ model resolution).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -78,6 +79,10 @@ class IntensityConfig:
     upper: float = 99.5
 
     def __post_init__(self) -> None:
+        if not all(isinstance(v, (int, float)) and math.isfinite(v)
+                   for v in (self.level, self.width, self.lower, self.upper)):
+            raise InvalidInputError(f"intensity settings must be finite numbers, got level {self.level}, width "
+                                    f"{self.width}, lower {self.lower}, upper {self.upper}")
         if self.mode not in ("window", "percentile", "minmax", "rgb"):
             raise InvalidInputError(f"intensity mode must be window, percentile, minmax or rgb, got {self.mode!r}")
         if self.mode == "window" and not self.width > 0:

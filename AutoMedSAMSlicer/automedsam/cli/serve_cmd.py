@@ -64,6 +64,34 @@ def _bounded(low, high, kind=int):
     return parse
 
 
+def read_token_file(name: str) -> str:
+    """The token in a file only its owner can read (as ssh insists for keys): a token other users
+    can read lets them drive the worker. Never opens a FIFO or device.
+
+    Raises:
+        InvalidInputError: missing, not a regular file, readable or writable by others, unreadable.
+    """
+    import stat
+
+    from ..errors import InvalidInputError
+    from ..io import check_regular
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise InvalidInputError(f"--token-file {path} does not exist")
+    check_regular(path, "--token-file")
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidInputError(f"--token-file {path} can be read or changed by other users (mode "
+                                f"{stat.filemode(mode)}); run `chmod 600 {path}` and start again")
+    if not path.is_file():
+        raise InvalidInputError(f"--token-file {path} is a folder; give the file that holds the token")
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read --token-file {path}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -77,11 +105,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).warning("could not lower the worker's priority; it runs at normal priority")
     generated = None
     if args.token_file:
-        try:
-            with open(args.token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise InvalidInputError(f"cannot read --token-file {args.token_file}: {exc}") from None
+        token = read_token_file(args.token_file)
     else:
         token = args.token or secrets.token_urlsafe(32)
         generated = None if args.token else token

@@ -81,9 +81,11 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..bundle import check_bundle_destination
     from ..rescue import save_or_rescue
+    from ..training.loop import check_checkpoint_dir
 
     out = check_bundle_destination(args.output, args.overwrite)  # before hours of training, not after
     config = config_from_args(args)
+    check_checkpoint_dir(config.checkpoint_dir, config.resume)
     cases = load_cases(args)
     final = run_training(config, cases)
     if final is None or final.bundle is None:

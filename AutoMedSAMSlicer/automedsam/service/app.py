@@ -10,13 +10,12 @@ session delete. The worker keeps no masks between calls: the caller owns them. E
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import threading
 from pathlib import Path
 
 import numpy as np
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -26,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import AutoMedSAMError, InvalidInputError, NotFoundError
 from . import protocol as p
+from .auth import TokenMiddleware
 from .codec import array_from_bytes, mask_from_json, mask_to_json, pack_mask
 from .limits import BodyLimitMiddleware
 from .state import ServiceSettings, WorkerState
@@ -51,6 +51,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.worker = worker
     app.add_middleware(BodyLimitMiddleware, upload_bytes=settings.max_upload_mb * 2**20,
                        bundle_bytes=settings.max_bundle_mb * 2**20)
+    app.add_middleware(TokenMiddleware, token=settings.token)  # added last: runs first
 
     @app.exception_handler(AutoMedSAMError)
     async def _handled(request: Request, exc: AutoMedSAMError):
@@ -74,28 +75,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def _internal(request: Request, exc: Exception):
         return _error(500, "internal", f"{type(exc).__name__}: {exc}")
 
-    async def auth(authorization: str | None = Header(None)) -> None:  # async: never waits for a thread
-        given = authorization[7:] if authorization and authorization.startswith("Bearer ") else ""
-        if not hmac.compare_digest(given.encode(), settings.token.encode()):
-            raise _Unauthorized()
-
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(request: Request, exc: _Unauthorized):
-        response = _error(401, "unauthorized", "missing or wrong bearer token")
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-
     @app.get(p.HEALTH)
     async def health() -> dict:
         return {"status": "ok", "protocol": p.PROTOCOL, "version": __version__}
 
-    guarded = [Depends(auth)]
-
-    @app.get(p.OPENAPI, dependencies=guarded, include_in_schema=False)
+    @app.get(p.OPENAPI, include_in_schema=False)
     def openapi() -> dict:
         return app.openapi()
 
-    @app.get(p.INFO, dependencies=guarded)
+    @app.get(p.INFO)
     def info() -> dict:
         from ..backbones import gpu_info
 
@@ -103,18 +91,18 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 "sessions": len(worker.sessions), "jobs": sum(j.state in ("queued", "running")
                                                              for j in worker.jobs.values())}
 
-    @app.get(p.MODELS, dependencies=guarded)
+    @app.get(p.MODELS)
     def models() -> dict:
         from ..models import BackboneCatalog
 
         catalog = BackboneCatalog.load()
         return {"backbones": [s.to_dict() | {"cached": catalog.cached_path(s) is not None} for s in catalog.all()]}
 
-    @app.get(p.BUNDLES, dependencies=guarded)
+    @app.get(p.BUNDLES)
     def bundles() -> dict:
         return {"bundles": worker.bundles.list()}
 
-    @app.post(p.BUNDLES, dependencies=guarded, status_code=201, openapi_extra=_BINARY_BODY)
+    @app.post(p.BUNDLES, status_code=201, openapi_extra=_BINARY_BODY)
     async def upload_bundle(request: Request) -> dict:
         """A bundle zip (the bytes of a ``.zip`` bundle); answers the name to open sessions with."""
         data = await request.body()
@@ -122,14 +110,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return {"bundle": name, "name": bundle.name, "backbone": bundle.backbone_id,
                 "classes": [c.to_dict() for c in bundle.classes]}
 
-    @app.post(p.SESSIONS, dependencies=guarded, status_code=201)
+    @app.post(p.SESSIONS, status_code=201)
     def create_session(req: p.SessionRequest) -> dict:
         session = worker.create_session(req.bundle, req.backbone, req.device)
         engine = session.engine
         return {"session_id": session.id, "classes": [c.to_dict() for c in engine.class_catalog.classes],
                 "backbone": engine.backbone.id, "device": str(engine.backbone.device)}
 
-    @app.put(p.VOLUME, dependencies=guarded, openapi_extra=_BINARY_BODY)
+    @app.put(p.VOLUME, openapi_extra=_BINARY_BODY)
     async def upload_volume(sid: str, request: Request, x_volume_meta: str = Header(..., max_length=8192)) -> dict:
         session = worker.session(sid)
         try:
@@ -158,19 +146,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         await worker.run_async(session.engine.set_volume, volume)
         return {"session_id": sid, "shape": meta.shape}
 
-    @app.delete(p.SESSION, dependencies=guarded)
+    @app.delete(p.SESSION)
     def delete_session(sid: str) -> dict:
         worker.delete_session(sid)
         return {"deleted": sid}
 
-    @app.post(p.SEGMENT, dependencies=guarded, status_code=202)
+    @app.post(p.SEGMENT, status_code=202)
     def segment(sid: str, req: p.SegmentRequest) -> dict:
         session = worker.session(sid)
         cancel = threading.Event()  # bad input is refused here, before the job is queued
         events = session.engine.segment(**req.model_dump(), cancel=cancel)  # the request's fields are its arguments
         return worker.submit(session, "segment", events, cancel).to_dict()
 
-    @app.post(p.PROPAGATE, dependencies=guarded, status_code=202)
+    @app.post(p.PROPAGATE, status_code=202)
     def propagate(sid: str, req: p.PropagateRequest) -> dict:
         session = worker.session(sid)
         cancel = threading.Event()
@@ -179,7 +167,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         events = session.engine.propagate(**fields, cancel=cancel)
         return worker.submit(session, "propagate", events, cancel).to_dict()
 
-    @app.get(p.JOB_MASKS, dependencies=guarded, responses={200: {"content": {"application/octet-stream": {}}}})
+    @app.get(p.JOB_MASKS, responses={200: {"content": {"application/octet-stream": {}}}})
     def job_masks(jid: str, class_name: str) -> Response:
         """A finished job's ``(K, J, I)`` masks of one class, packed bits (shape in ``X-Shape``)."""
         job = worker.job(jid)
@@ -187,7 +175,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return Response(pack_mask(masks), media_type="application/octet-stream",
                         headers={p.SHAPE_HEADER: json.dumps(list(masks.shape))})
 
-    @app.put(p.LABELS, dependencies=guarded, openapi_extra=_BINARY_BODY)
+    @app.put(p.LABELS, openapi_extra=_BINARY_BODY)
     async def put_labels(sid: str, request: Request) -> dict:
         """Label map for teaching, uint16 C-order bytes on the session volume's (K, J, I) grid."""
         session = worker.session(sid)
@@ -201,7 +189,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
         return {"label_values": await run_in_threadpool(store)}
 
-    @app.post(p.TEACH, dependencies=guarded, status_code=202)
+    @app.post(p.TEACH, status_code=202)
     def teach(sid: str, req: p.TeachRequest) -> dict:
         session = worker.session(sid)
         if session.labels is None:
@@ -224,7 +212,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
         return worker.submit_task("teach", task, session, cancel, job_id).to_dict()
 
-    @app.post(p.MODEL_DOWNLOAD, dependencies=guarded, status_code=202)
+    @app.post(p.MODEL_DOWNLOAD, status_code=202)
     def download(backbone_id: str, req: p.DownloadRequest) -> dict:
         from ..download import download_backbone, pinned_sha256, url_under
         from ..models import BackboneCatalog
@@ -246,7 +234,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
         return worker.submit_task("download", task).to_dict()
 
-    @app.get(p.JOB_BUNDLE, dependencies=guarded,
+    @app.get(p.JOB_BUNDLE,
              responses={200: {"content": {"application/zip": {}}}})
     def job_bundle(jid: str) -> Response:
         job = worker.job(jid)
@@ -256,11 +244,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return Response(worker.bundles.resolve(name).read_bytes(), media_type="application/zip")
 
     # Polling and cancel are async: they must answer even when every worker thread is waiting.
-    @app.get(p.JOB, dependencies=guarded)
+    @app.get(p.JOB)
     async def job_status(jid: str) -> dict:
         return worker.job(jid).to_dict()
 
-    @app.delete(p.JOB, dependencies=guarded)
+    @app.delete(p.JOB)
     async def cancel_job(jid: str) -> dict:
         job = worker.job(jid)
         job.cancel.set()
@@ -268,7 +256,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             job.state = "cancelled"
         return job.to_dict()
 
-    @app.post(p.REFINE, dependencies=guarded)
+    @app.post(p.REFINE)
     async def refine(sid: str, req: p.RefineRequest) -> dict:
         session = worker.session(sid)
         fields = req.model_dump()
@@ -286,10 +274,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
 _BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {
     "type": "string", "format": "binary"}}}}}
-
-
-class _Unauthorized(Exception):  # noqa: N818 (internal signal, never leaves the app)
-    pass
 
 
 __all__ = ["create_app"]

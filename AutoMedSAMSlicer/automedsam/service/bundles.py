@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..bundle import MANIFEST, WEIGHTS, ModelBundle, load_bundle
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StorageError
 from .protocol import MAX_BUNDLE_NAME_CHARS
 
 
@@ -93,22 +93,38 @@ class BundleStore:
         name = target.relative_to(self.folders[0]).as_posix()
         if target.is_file() and target.stat().st_size == len(data):
             return name, self.load(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".upload", dir=target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".upload", dir=target.parent)
+        except OSError as exc:
+            raise _unwritable(exc) from None
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as f:  # a name of its own: parallel uploads of one bundle do not collide
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:  # a name of its own: parallel uploads of one bundle do not collide
+                    f.write(data)
+            except OSError as exc:
+                raise _unwritable(exc) from None
             try:
                 bundle = load_bundle(tmp, self.max_weights_bytes)
             except InvalidInputError as exc:
                 reason = str(exc).replace(str(tmp), "the upload")  # server paths stay private
                 raise InvalidInputError(f"the uploaded file is not a valid model bundle zip: {reason}") from None
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise _unwritable(exc) from None
         finally:
             if tmp.exists():
                 tmp.unlink()
         return name, bundle
+
+
+def _unwritable(exc: OSError) -> StorageError:
+    """The message for an upload the worker cannot keep: the reason, never the server's paths."""
+    return StorageError(f"the worker cannot store the uploaded bundle: its bundle folder is not writable "
+                        f"({exc.strerror or type(exc).__name__}); whoever runs the worker must fix its first "
+                        "--bundles folder")
 
 
 def _is_bundle_path(path: Path) -> bool:

@@ -41,9 +41,9 @@ class BodyLimitMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                return await _reject(send, 400, "invalid_request", "Content-Length must be a byte count")
+                return await reject(send, 400, "invalid_request", "Content-Length must be a byte count")
             if int(declared) > limit:
-                return await _reject(send, 413, "too_large",
+                return await reject(send, 413, "too_large",
                                      f"the request body has {int(declared)} bytes; this route accepts at most {limit}")
         if declared is None and kind == "json":
             # JSON bodies are small: read them here, so a streamed one over the limit gets its 413
@@ -56,7 +56,7 @@ class BodyLimitMiddleware:
                     break
                 received += len(message.get("body", b""))
                 if received > limit:
-                    return await _reject(send, 413, "too_large", f"the request body passed {limit} bytes, the limit "
+                    return await reject(send, 413, "too_large", f"the request body passed {limit} bytes, the limit "
                                                                  "of this route")
                 if not message.get("more_body", False):
                     break
@@ -79,8 +79,10 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _reject(send, status: int, code: str, message: str) -> None:
+async def reject(send, status: int, code: str, message: str, headers: list | None = None) -> None:
+    """Answer an error (the app's JSON error shape) without calling the app."""
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})

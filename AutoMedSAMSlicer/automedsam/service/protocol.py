@@ -34,6 +34,8 @@ from ..errors import (
     NotFoundError,
     ServiceError,
     ServiceLimitError,
+    StorageError,
+    WeightsLoadError,
     WeightsUnavailableError,
 )
 from ..prompt_networks import PROMPT_NETWORK_KINDS
@@ -185,6 +187,8 @@ ERRORS: tuple[tuple[type[AutoMedSAMError], int, str], ...] = (
     (ServiceLimitError, 429, "busy"),
     (BodyTooLargeError, 413, "too_large"),
     (InvalidInputError, 422, "invalid_input"),
+    (WeightsLoadError, 422, "weights_invalid"),
+    (StorageError, 507, "storage_unavailable"),
     (WeightsUnavailableError, 424, "weights_unavailable"),
     (CancelledError, 409, "cancelled"),
 )

@@ -10,6 +10,7 @@ with the written bundle (the best epoch's weights).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -101,11 +102,40 @@ class TrainConfig:
                                     "cannot fine-tune it; keep the decoder frozen or use ppn / diffusion")
         if self.epochs < 1 or self.batch_size < 1:
             raise InvalidInputError("epochs and batch size must be >= 1")
+        if self.resume and not self.checkpoint_dir:
+            raise InvalidInputError("--resume continues from a checkpoint: give the --checkpoint-dir an earlier run "
+                                    "wrote its checkpoints to")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["intensity"] = self.intensity.to_dict()
         return d
+
+
+def check_checkpoint_dir(folder: str | os.PathLike | None, resume: bool = False) -> Path | None:
+    """Check the checkpoint folder before any work (it is created if missing): a folder that can
+    be written, and with ``resume`` one that holds ``last.pt`` (else the run would start over
+    without saying so).
+
+    Raises:
+        InvalidInputError: says what to change.
+    """
+    if folder is None:
+        return None
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"--checkpoint-dir {path} is a file; give a folder for the checkpoints")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write checkpoints into {path}: {exc.strerror or exc}") from None
+    if resume and not (path / "last.pt").is_file():
+        raise InvalidInputError(f"--resume: {path} holds no checkpoint (last.pt); run without --resume to start, or "
+                                "give the folder an earlier run wrote to")
+    return path
 
 
 def train_cache_dir(config: TrainConfig) -> Path:
@@ -152,6 +182,7 @@ def train(config: TrainConfig, cases: list[Case], cancel=None, *, backbone: Back
     from ..prompt_networks import build_prompt_network, default_config
     from .losses import DIFFUSION_TERMS, UncertaintyWeights
 
+    check_checkpoint_dir(config.checkpoint_dir, config.resume)  # before hours of encoding, not after
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     cases = [case.canonical() for case in cases]  # the slices the bundle's manifest says it learnt from
