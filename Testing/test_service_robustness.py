@@ -476,3 +476,27 @@ def test_an_unwritable_bundle_folder_is_a_clear_error_without_server_paths(stric
         if aside.exists():
             os.replace(aside, uploaded)
     assert error_status(WeightsLoadError("x")) == (422, "weights_invalid")
+
+
+def test_memory_returns_after_sessions_are_deleted(strict, ct):
+    """Create / upload / segment / delete, twelve times: after the first cycles (model loading,
+    allocator warm-up) the worker's resident memory stays flat. Before the worker gave freed
+    memory back (glibc keeps it in per-thread arenas) and dropped the jobs of deleted sessions,
+    cycles 4 to 12 added ~170 MB here (scripts/worker_memory.py measures it at length)."""
+    from automedsam.contract import result_of
+
+    def rss_mb() -> float:
+        line = next(x for x in Path(f"/proc/{strict.server_pid}/status").read_text().splitlines()
+                    if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    trace = []
+    for _ in range(12):
+        engine = strict.client(bundle="good.zip")
+        engine.set_volume(ct)
+        masks = result_of(engine.segment(["liver", "spleen"])).masks
+        assert set(masks) == {"liver", "spleen"} and masks["liver"].shape == ct.array.shape
+        engine.close()
+        time.sleep(0.5)  # the model thread frees the session's memory after it is deleted
+        trace.append(rss_mb())
+    assert trace[-1] - trace[3] < 60, [round(t) for t in trace]

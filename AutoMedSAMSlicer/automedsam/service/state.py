@@ -8,6 +8,7 @@ work and read job state, so the server answers status requests while a job runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -131,6 +132,8 @@ class WorkerState:
                 self.sessions.pop(sid, None)
             if expired:
                 self._forget_unused_models()
+        if expired:
+            self._after_sessions_ended()
 
     def create_session(self, bundle: str | None, backbone: str | None, device: str | None) -> Session:
         """Build a session's engine on the model thread. The slot is reserved under the lock
@@ -191,9 +194,27 @@ class WorkerState:
             if self.sessions.pop(sid, None) is None:
                 raise NotFoundError(f"no session {sid!r}")
             self._forget_unused_models()
-        for job in self.jobs.values():
+            jobs = list(self.jobs.values())
+        for job in jobs:
             if job.session_id == sid:
                 job.cancel.set()
+        self._after_sessions_ended()
+
+    def _after_sessions_ended(self) -> None:
+        """Forget the finished jobs of sessions that are gone and give the memory the session's
+        engine held back to the system, on the model thread (after any job still running there)."""
+        with self.lock:
+            self._prune_jobs()
+        self.executor.submit(release_memory)
+
+    def _prune_jobs(self) -> None:
+        """Drop finished jobs whose session is gone, and the oldest finished ones beyond
+        :data:`MAX_FINISHED_JOBS` (called with ``self.lock`` held): a long-running worker must not
+        grow with every job it ever ran."""
+        finished = [j for j in self.jobs.values() if j.state not in ("queued", "running")]
+        orphans = [j for j in finished if j.session_id and j.session_id not in self.sessions]
+        for job in orphans + finished[:max(0, len(finished) - len(orphans) - MAX_FINISHED_JOBS)]:
+            self.jobs.pop(job.id, None)
 
     # --------------------------------------------------------------------------------- jobs
     @staticmethod
@@ -277,6 +298,26 @@ class WorkerState:
 
 
 LOW_GPU_MEMORY_MB = 1024
+#: Finished jobs (of live sessions, or without one: downloads) kept for their clients to read.
+MAX_FINISHED_JOBS = 256
+
+
+def release_memory() -> None:
+    """Return freed memory to the system: collect cycles, then ask glibc to trim its heaps (freed
+    blocks in its per-thread arenas otherwise stay in the process: measured, 30 sessions grew the
+    worker by ~15 MB each and it never went down) and PyTorch to free its cached CUDA blocks."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import sys
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # musl and others have no malloc_trim
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _check_gpu_memory(engine, job: Job) -> None:
