@@ -30,7 +30,7 @@ import slicer
 # The module folder (two levels up) holds AutoMedSAMSlicerLib and the automedsam package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WEIGHTS, EXIT_CASES_FAILED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_WEIGHTS, EXIT_CASES_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
@@ -101,12 +101,28 @@ def isDataset(args) -> bool:
 
 def runDataset(args) -> int:
     """The dataset through automedsam.batch, in this process (Slicer's Python), with progress in the log."""
-    from automedsam.batch import BatchConfig, run_batch
+    from automedsam.batch import BatchConfig
     from automedsam.cli.batch_cmd import parse_classes
+    from automedsam.cli.common import sigterm_as_interrupt
 
     names, values = parse_classes(args.classes)
     config = BatchConfig(model=Path(args.model), classes=names, output=Path(args.output), reference_values=values,
                          device=args.device, overwrite=args.overwrite)
+    try:
+        with sigterm_as_interrupt():  # a cluster's scheduler stops jobs with SIGTERM: workers stop, report written
+            summary = followBatch(config, args)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: the finished cases are kept; run the same command again to do the rest\n")
+        return EXIT_INTERRUPTED
+    print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} finished earlier; report: "
+          f"{Path(args.output) / 'index.html'}")
+    return EXIT_CASES_FAILED if summary["failed"] else EXIT_OK
+
+
+def followBatch(config, args) -> dict:
+    """Run the batch, one log line per finished case; returns the report's summary."""
+    from automedsam.batch import run_batch
+
     summary = None
     for event in run_batch(config, args.input, workers=args.workers):
         if event.stage == "start":
@@ -117,9 +133,7 @@ def runDataset(args) -> int:
             print(f"{event.done}/{event.total} {record['case']} {record['status']}{reason}")
         elif event.stage == "done":
             summary = event.report["summary"]
-    print(f"{summary['done']} done, {summary['failed']} failed, {summary['skipped']} finished earlier; report: "
-          f"{Path(args.output) / 'index.html'}")
-    return EXIT_CASES_FAILED if summary["failed"] else EXIT_OK
+    return summary
 
 
 def checkPaths(args) -> str | None:
@@ -141,10 +155,10 @@ def checkPaths(args) -> str | None:
 
 def exitCodeFor(exc: Exception) -> int:
     """Report an error on stderr; the exit code that names its kind."""
-    from automedsam.errors import InvalidInputError, WeightsUnavailableError
+    from automedsam.errors import InvalidInputError, UnavailableError
 
     sys.stderr.write(f"error: {exc}\n")
-    if isinstance(exc, WeightsUnavailableError):
+    if isinstance(exc, UnavailableError):  # weights, network or cluster
         return EXIT_WEIGHTS
     if isinstance(exc, (InvalidInputError, ValueError)):  # bad input
         return EXIT_BAD_INPUT
