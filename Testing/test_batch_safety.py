@@ -307,3 +307,26 @@ def test_a_deleted_preview_is_drawn_again(make_bundle, crop, tmp_path, capsys):
     capsys.readouterr()
     assert batch(bundle, source, out, "--json") == 0
     assert json.loads(capsys.readouterr().out)["processed"] == 1 and (out / "previews" / "a.png").is_file()
+
+
+def test_no_ray_process_outlives_a_killed_ray_local_run(make_bundle, crop, tmp_path):
+    """Killed by SIGKILL, a ``--ray local`` run leaves nothing: Ray's dashboard and runtime-env
+    agents, which otherwise live on for up to a minute and a half, go within seconds."""
+    pytest.importorskip("ray")
+    from automedsam.batch.reaper import descendants
+
+    bundle = make_bundle("tiny-sam2", "ppn", seed=2)
+    source = cases(tmp_path / "in", crop, ("a", "b", "c", "d"))
+    out = tmp_path / "out"
+    process = subprocess.Popen(command(bundle, source, out, "--ray", "local", "--workers", "1"), env=subprocess_env(),
+                               stderr=subprocess.PIPE)
+    wait_for(lambda: any(status(out, n).get("status") in ("running", "done") for n in "abcd"), process)
+    ours = {pid for pid, _ in descendants(process.pid)}
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in ours if alive(pid)}
+    assert {"raylet", "gcs_server"} <= names and any(n.startswith("ray::Dashboard") for n in names), names
+    process.kill()
+    process.wait(30)
+    deadline = time.monotonic() + 30
+    while [pid for pid in ours if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in ours if alive(pid)]

@@ -65,6 +65,30 @@ def check_regular(path: Path, what: str = "input") -> None:
     raise InvalidInputError(f"{what} {path} is {kind}, not a file; give a volume file or a DICOM folder")
 
 
+def writable_folder(folder: str | os.PathLike, option: str, purpose: str) -> Path:
+    """Create ``folder`` if missing and prove it can be written (a probe file, written and removed),
+    before any work that would put results there.
+
+    Args:
+        option: the option that named it (``--output``), for the message.
+        purpose: what goes there (``the batch's outputs``), for the message.
+
+    Raises:
+        InvalidInputError: it is a file, or it cannot be created or written.
+    """
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{option} {path} is a file; give a folder for {purpose}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = temporary_name(path / ".write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write {purpose} into {path}: {exc.strerror or exc}") from None
+    return path
+
+
 def temporary_name(path: Path, suffix: str = "") -> Path:
     """A hidden name beside ``path`` to write to before renaming onto it: unique per process and
     call (``.<name>.<pid>-<random>.tmp<suffix>``), so two writers never share one."""

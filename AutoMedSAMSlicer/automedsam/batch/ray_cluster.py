@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import ClusterUnreachableError, InvalidInputError
+from . import reaper
 from .case_worker import BatchConfig, CaseWorker
 from .cases import Case
 from .local import lost_case
@@ -59,22 +60,25 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
             "check the address and firewall, or use --ray local") from None
 
 
-def _connect(address: str) -> bool:
-    """Connect to (or start) the cluster; True if this call did, so the run disconnects after."""
+def _connect(address: str) -> tuple[bool, object]:
+    """Connect to (or start) the cluster. Returns whether this call did (so the run disconnects
+    after) and, for a cluster it started here, the :mod:`.reaper` that ends it with this process."""
     try:
         import ray
     except ImportError:
         raise InvalidInputError("--ray needs Ray: pip install 'automedsam[cluster]' (or pip install ray)") from None
     if ray.is_initialized():
-        return False
+        return False, None
     package_root = str(Path(__file__).resolve().parents[2])
     passed = {k: v for k, v in os.environ.items() if k.startswith("AUTOMEDSAM_")}
     if address == "local":
         # The actors run this checkout's automedsam with this process's settings (cache folder too).
         paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = passed | {"PYTHONPATH": os.pathsep.join(paths)}
+        before = reaper.descendants(os.getpid())
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": env})
+        return True, reaper.start(package_root, before)
     else:
         if address != "auto":
             _reachable(address)
@@ -86,7 +90,7 @@ def _connect(address: str) -> bool:
         except ConnectionError as exc:
             raise ClusterUnreachableError(f"no Ray cluster at {address!r}: {exc}. Start one with `ray start --head`, "
                                           "or use --ray local") from None
-    return True
+    return True, None
 
 
 def actor_plan(resources: dict, device: str, workers: int | None) -> tuple[int, dict, str, int]:
@@ -109,7 +113,7 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths:
     import ray
     from ray.util import ActorPool
 
-    connected = _connect(address)
+    connected, local_reaper = _connect(address)
     try:
         n, resources, device, threads = actor_plan(ray.cluster_resources(), config.device, workers)
         log.info("Ray: %d actor(s) on %s, %d thread(s) each", n, device, threads)
@@ -135,3 +139,4 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths:
     finally:
         if connected:
             ray.shutdown()
+        reaper.stop(local_reaper)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import InvalidInputError
+from ..io import writable_folder
 from .case_worker import BatchConfig, OutputFolderError
 from .cases import Case, discover_cases
 from .lock import OutputLock
@@ -106,18 +107,6 @@ def prepare(config: BatchConfig) -> tuple[BatchConfig, str]:
     key = "|".join([str(RECORD_VERSION), _model_digest(model), ",".join(names), config.format,
                     str(config.cleanup), str(sorted((values or {}).items())), str(config.tolerance_mm)])
     return config, hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-def _output_folder(folder: Path) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise InvalidInputError(f"--output {folder} is a file; give a folder for the batch's outputs")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{time.time_ns()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write into the output folder {folder}: {exc}") from None
 
 
 def _check_outputs(config: BatchConfig, cases: list[Case], todo: list[Case]) -> None:
@@ -228,7 +217,7 @@ def run_batch(config: BatchConfig, source: str | Path, *, pattern: str | None = 
             output folder that can no longer be written (:class:`~.case_worker.OutputFolderError`).
     """
     config, run_key = prepare(config)
-    _output_folder(config.output)
+    writable_folder(config.output, "--output", "the batch's outputs")
     with OutputLock(config.output):
         cases = discover_cases(source, pattern=pattern, image_column=image_column,
                                reference_column=reference_column, case_column=case_column, skip=config.output,

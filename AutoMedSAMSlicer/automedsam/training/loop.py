@@ -10,7 +10,6 @@ with the written bundle (the best epoch's weights).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,7 +111,7 @@ class TrainConfig:
         return d
 
 
-def check_checkpoint_dir(folder: str | os.PathLike | None, resume: bool = False) -> Path | None:
+def check_checkpoint_dir(folder: str | Path | None, resume: bool = False) -> Path | None:
     """Check the checkpoint folder before any work (it is created if missing): a folder that can
     be written, and with ``resume`` one that holds ``last.pt`` (else the run would start over
     without saying so).
@@ -122,16 +121,9 @@ def check_checkpoint_dir(folder: str | os.PathLike | None, resume: bool = False)
     """
     if folder is None:
         return None
-    path = Path(folder).expanduser()
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"--checkpoint-dir {path} is a file; give a folder for the checkpoints")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write checkpoints into {path}: {exc.strerror or exc}") from None
+    from ..io import writable_folder
+
+    path = writable_folder(folder, "--checkpoint-dir", "the checkpoints")
     if resume and not (path / "last.pt").is_file():
         raise InvalidInputError(f"--resume: {path} holds no checkpoint (last.pt); run without --resume to start, or "
                                 "give the folder an earlier run wrote to")
