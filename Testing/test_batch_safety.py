@@ -330,3 +330,22 @@ def test_no_ray_process_outlives_a_killed_ray_local_run(make_bundle, crop, tmp_p
     while [pid for pid in ours if alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in ours if alive(pid)]
+
+
+def test_names_and_temporary_files(tmp_path):
+    from automedsam.batch.cases import safe_case_id
+    from automedsam.batch.records import OutputLayout
+    from automedsam.io import temporary_name
+
+    assert safe_case_id("ct_001") == "ct_001"
+    for name in ("NUL", "com1.scan", "Batch_Report", "Müller scan 2", "肝臓", " lead"):
+        safe = safe_case_id(name)
+        assert safe != name and safe.isascii() and " " not in safe, (name, safe)
+    assert safe_case_id("Müller 2") != safe_case_id("Muller 2")  # folded alike, kept apart
+    layout = OutputLayout(tmp_path)
+    ours = temporary_name(layout.record("a"))
+    mine = [tmp_path / ".a.json.old.tmp", tmp_path / ".a.png.json.123-abcdef01.tmp"]  # the user's; case a.png's record
+    for p in (ours, *mine):
+        p.write_text("x")
+    layout.remove_temporary("a")
+    assert not ours.exists() and all(p.exists() for p in mine)

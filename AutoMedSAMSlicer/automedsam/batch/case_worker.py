@@ -41,8 +41,9 @@ class BatchConfig:
         preview: write ``previews/<id>.png`` per case.
         tolerance_mm: NSD tolerance in millimetres.
         retry_failed: do failed cases again even if their input is unchanged.
-        overwrite: redo cases finished under another configuration (another model or classes)
-            instead of refusing to touch them.
+        overwrite: redo cases finished under another configuration (another model or classes), and
+            replace files with the run's output names that it did not write (see :mod:`.records`),
+            instead of refusing to touch them. Inputs are never replaced.
     """
 
     model: Path
@@ -131,19 +132,24 @@ class CaseWorker:
             OutputFolderError: the output folder cannot be written (nothing of the case is kept).
         """
         layout = self.config.layout
-        layout.remove_temporary(case.id)
+        try:
+            layout.remove_temporary(case.id)
+        except OSError as exc:
+            raise OutputFolderError(layout.folder, exc) from None
         started = time.perf_counter()
         record = {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
                   "input_fingerprint": case.fingerprint(), "image": str(case.image),
                   "reference": str(case.reference) if case.reference else None, "worker": self.where,
                   "warnings": []}
-        claim = record | {"status": "running", "deaths": deaths, "interrupted": False}
+        claim = record | {"status": "running", "deaths": deaths, "interrupted": False,
+                          "outputs": layout.claimed_names(case.id)}
         write_record(layout, case.id, claim)  # from here the case's output names are ours to replace
         try:
             record |= self._segment(case, layout, record["warnings"])
             record["status"] = "done"
         except Exception as exc:  # one bad case never stops the others: its reason goes into its record
-            if _in_folder(exc, layout.folder):
+            if _in_folder(exc, layout.folder):  # the run stops here: not a death of this case
+                write_record(layout, case.id, claim | {"interrupted": True}, quiet=True)
                 raise OutputFolderError(layout.folder, exc) from None
             known = isinstance(exc, (AutoMedSAMError, ValueError, OSError, MemoryError))
             if not known:

@@ -54,7 +54,11 @@ class Case:
             if path is None:
                 digest.update(b"-")
                 continue
-            files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            try:
+                files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+            except OSError as exc:  # an unreadable folder: the case fails when it is read, with the reason
+                digest.update(f"{path}|unreadable|{exc.errno}".encode())
+                continue
             for f in files:
                 try:
                     st = f.stat()
@@ -90,12 +94,22 @@ def _case_id(relative: str) -> str:
     return case_id or "case"
 
 
+#: Names Windows keeps for devices, whatever the extension (``NUL.json`` is the null device).
+_DEVICE_NAMES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
+                           *(f"lpt{n}" for n in range(1, 10))})
+
+
+def _is_device_name(name: str) -> bool:
+    return name.split(".")[0].casefold() in _DEVICE_NAMES
+
+
 def safe_case_id(name: str) -> str:
     """``name`` if it can name output files on every system, else a safe spelling of it: accents
     folded to ASCII, anything but letters, digits, ``.``, ``_``, ``+`` and ``-`` written ``_``, at
-    most 200 characters, never one of the run's own names, and a short hash of the original so two
+    most 200 characters, never one of the run's own names (in any letter case) or a Windows device
+    name (``NUL``), and a short hash of the original so two
     names that fold alike stay apart (``"Müller 2"`` -> ``Muller_2-1a2b3c``)."""
-    if _SAFE_ID.match(name) and name not in RESERVED_IDS:
+    if _SAFE_ID.match(name) and name.casefold() not in RESERVED_IDS and not _is_device_name(name):
         return name
     folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
     cleaned = re.sub(r"[^A-Za-z0-9._+-]+", "_", folded).strip("._+-")[:185] or "case"
@@ -109,11 +123,14 @@ def cases_in_folder(folder: Path, pattern: str | None = None, skip: Path | None 
     resolved paths of files to leave out (outputs of earlier runs)."""
     found: dict[str, Path] = {}
 
+    folded: dict[str, str] = {}
+
     def add(case_id: str, path: Path) -> None:
         case_id = safe_case_id(_case_id(case_id))
-        if case_id in found:
+        first = folded.setdefault(case_id.casefold(), case_id)  # Case1 and case1: one file on Windows and macOS
+        if first in found:
             raise InvalidInputError(
-                f"two inputs would both be case {case_id!r}: {found[case_id]} and {path}. Rename one, or list the "
+                f"two inputs would both be case {case_id!r}: {found[first]} and {path}. Rename one, or list the "
                 "cases in a CSV with a 'case' column")
         found[case_id] = path
 
@@ -176,10 +193,10 @@ def cases_in_csv(path: Path, image_column: str = "image", reference_column: str 
             suffix = _volume_suffix(name) or ""
             case_id = name[: -len(suffix)] if suffix else name
         case_id = safe_case_id(case_id)
-        if case_id in seen:
-            raise InvalidInputError(f"{path}, lines {seen[case_id]} and {line} are both case {case_id!r}; give each "
-                                    f"row its own id in a {case_column!r} column")
-        seen[case_id] = line
+        if case_id.casefold() in seen:
+            raise InvalidInputError(f"{path}, lines {seen[case_id.casefold()]} and {line} are both case {case_id!r} "
+                                    f"(letter case aside); give each row its own id in a {case_column!r} column")
+        seen[case_id.casefold()] = line
         cases.append(Case(case_id, image, reference))
     return cases
 

@@ -10,6 +10,7 @@ PyTorch and OpenVINO/ONNX Runtime threads set to its share, so two workers never
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -126,59 +127,78 @@ def mark_interrupted(config: BatchConfig, case: Case) -> None:
         write_record(config.layout, case.id, claim | {"interrupted": True}, quiet=True)
 
 
-def _watch_parent(parent: int) -> None:
-    """In a worker process: exit at once when the run's process is gone (even killed by SIGKILL),
-    so no worker outlives its run, writing files or holding a model."""
-    import time
+def _watch_parent() -> None:
+    """In a worker process: exit at once when the run's process is gone (even killed by SIGKILL;
+    on every system: it waits on the parent's process handle, not on a pid), so no worker
+    outlives its run, writing files or holding a model."""
+    import multiprocessing
+    from multiprocessing.connection import wait
 
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        wait([parent.sentinel])
+    os._exit(3)
 
 
-def _pool_worker(index: int, config: BatchConfig, slot: Slot, parent: int, tasks, results, log_level: int) -> None:
+def _pool_worker(config: BatchConfig, slot: Slot, tasks, results, log_level: int) -> None:
     """A pool process: loads the model once, then processes the cases it is sent, one at a time,
-    until it is sent None. Messages to the run: ``(index, "ready"|"record"|"error", payload)``."""
+    until it is sent None. Messages to the run, on its own pipe: ``("ready"|"record"|"error",
+    payload)``."""
     import signal
 
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt  # the case marks its claim as interrupted, not as a death
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the run stops its workers
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGTERM, interrupted)  # so does a scheduler's SIGTERM
+    threading.Thread(target=_watch_parent, daemon=True).start()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s[%(process)d]: %(message)s")
     try:
         worker = CaseWorker(config, slot.device, slot.threads)
     except Exception as exc:  # the run reports it
-        results.put((index, "error", (type(exc).__name__, str(exc))))
+        results.send(("error", (type(exc).__name__, str(exc))))
         return
-    results.put((index, "ready", os.getpid()))
+    results.send(("ready", os.getpid()))
     try:
-        while (task := tasks.get()) is not None:
+        while (task := tasks.recv()) is not None:
             case, run_key, deaths = task
             try:
-                results.put((index, "record", worker.process(case, run_key, deaths)))
+                results.send(("record", worker.process(case, run_key, deaths)))
             except Exception as exc:  # e.g. the output folder became unwritable
-                results.put((index, "error", (type(exc).__name__, str(exc))))
+                results.send(("error", (type(exc).__name__, str(exc))))
                 return
+    except (KeyboardInterrupt, EOFError):
+        return
     finally:
         worker.close()
 
 
 class _PoolProcess:
-    """One worker process of :func:`run_pool` with its own task queue, so the run always knows
-    which case each process holds."""
+    """One worker process of :func:`run_pool` with a pipe each way of its own: the run always
+    knows which case each process holds, and a process killed while writing cannot block the
+    others (as it could holding a shared queue's lock)."""
 
-    def __init__(self, context, index: int, config: BatchConfig, slot: Slot, results):
-        self.tasks = context.Queue()
-        self.process = context.Process(
-            target=_pool_worker, name=f"automedsam-batch-{index}", daemon=True,
-            args=(index, config, slot, os.getpid(), self.tasks, results, logging.getLogger().getEffectiveLevel()))
+    def __init__(self, context, config: BatchConfig, slot: Slot):
+        tasks_end, self.tasks = context.Pipe(duplex=False)  # (reader there, writer here)
+        self.results, results_end = context.Pipe(duplex=False)  # (reader here, writer there)
+        self.process = context.Process(target=_pool_worker, name="automedsam-batch", daemon=True,
+                                       args=(config, slot, tasks_end, results_end,
+                                             logging.getLogger().getEffectiveLevel()))
         self.process.start()
+        tasks_end.close()
+        results_end.close()
         self.case: Case | None = None
+        self.ready = False
+
+    def send(self, case: Case, run_key: str, deaths: int) -> None:
+        self.case = case
+        self.tasks.send((case, run_key, deaths))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the process to end; terminate it if it is busy or does not end in time."""
         if self.process.is_alive() and self.case is None:
-            self.tasks.put(None)
+            with contextlib.suppress(OSError):
+                self.tasks.send(None)
             self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()
@@ -186,70 +206,79 @@ class _PoolProcess:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout)
+        self.tasks.close()
+        self.results.close()
 
 
 def run_pool(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths: dict[str, int],
              slots: Sequence[Slot], cancel: threading.Event | None = None) -> Iterator[dict]:
     """Cases spread over one process per slot, each sent one case at a time; yields records as
-    cases finish (any order). A worker that dies fails only the case it held (which the next run
-    does again) and is replaced; the others go on. When the run stops (the consumer stops, Ctrl-C,
-    SIGTERM, ``cancel``) every worker is stopped before this returns, and the cases they held keep
-    claims that the next run redoes."""
+    cases finish (any order). A worker that dies fails only the case it held (done again by the
+    next run, unless workers died on it :data:`~.records.MAX_DEATHS` times) and is replaced; the
+    others go on. When the run stops (the consumer stops, Ctrl-C, SIGTERM, ``cancel``) every
+    worker is stopped before this returns, and the cases they held keep claims, marked
+    interrupted, that the next run redoes."""
     import multiprocessing
-    import queue
+    from multiprocessing.connection import wait
 
     from ..errors import AutoMedSAMError
+    from .records import read_record
 
     context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    pool = [_PoolProcess(context, i, config, slot, results) for i, slot in enumerate(slots)]
+    pool: list[_PoolProcess] = []
     waiting = list(cases)
-    ready: set[int] = set()
     remaining = len(cases)
     failed_starts = 0
     try:
+        pool.extend(_PoolProcess(context, config, slot) for slot in slots)
         while remaining:
             if cancel is not None and cancel.is_set():
                 return
+            for member in pool:
+                if member.ready and member.case is None and waiting:
+                    case = waiting.pop(0)
+                    member.send(case, run_key, deaths.get(case.id, 0))
+            ready = wait([m.results for m in pool] + [m.process.sentinel for m in pool], timeout=0.5)
             for i, member in enumerate(pool):
-                if i in ready and member.case is None and waiting:
-                    member.case = waiting.pop(0)
-                    member.tasks.put((member.case, run_key, deaths.get(member.case.id, 0)))
-            try:
-                message = results.get(timeout=0.5)
-            except queue.Empty:
                 message = None
-            if message is None:  # quiet: see whether a worker died
-                for i, member in enumerate(pool):
-                    if member.process.exitcode is None:
-                        continue
-                    lost, member.case = member.case, None
-                    if i not in ready:
-                        failed_starts += 1
-                        if failed_starts > len(pool):
-                            raise AutoMedSAMError(f"batch worker processes die while loading the model (exit code "
-                                                  f"{member.process.exitcode}); run with --workers 1 to see why")
-                    ready.discard(i)
-                    if lost is not None:
-                        remaining -= 1
+                if member.results in ready:
+                    try:
+                        message = member.results.recv()
+                    except (EOFError, OSError):  # its end closed: it exited or was killed
+                        member.process.join(5)
+                if message is not None:
+                    kind, payload = message
+                    if kind == "ready":
+                        member.ready = True
+                    elif kind == "record":
+                        if member.case is not None and payload.get("case") == member.case.id:
+                            member.case = None
+                            remaining -= 1
+                            yield payload
+                    else:
+                        name, text = payload
+                        raise (InvalidInputError if name in ("InvalidInputError", "OutputFolderError")
+                               else AutoMedSAMError)(f"a batch worker stopped: {text}")
+                    continue
+                if member.process.exitcode is None:
+                    continue  # alive (a message it sent before dying is read first, above)
+                lost, member.case = member.case, None
+                if not member.ready:
+                    failed_starts += 1
+                    if failed_starts > len(pool):
+                        raise AutoMedSAMError(f"batch worker processes die while loading the model (exit code "
+                                              f"{member.process.exitcode}); run with --workers 1 to see why")
+                if lost is not None:
+                    remaining -= 1
+                    claim = read_record(config.layout, lost.id)
+                    if claim is None or claim["status"] != "running" or not claim.get("interrupted"):
                         yield lost_case(config, lost, run_key,
                                         f"the worker process died (exit code {member.process.exitcode}: killed, "
                                         "out of memory or a crash)")
-                    if remaining:
-                        log.warning("batch worker %d died; starting another", i)
-                        pool[i] = _PoolProcess(context, i, config, slots[i], results)
-                continue
-            index, kind, payload = message
-            if kind == "ready":
-                ready.add(index)
-            elif kind == "record":
-                pool[index].case = None
-                remaining -= 1
-                yield payload
-            else:
-                name, message = payload
-                raise (InvalidInputError if name in ("InvalidInputError", "OutputFolderError")
-                       else AutoMedSAMError)(f"a batch worker stopped: {message}")
+                member.stop()
+                if remaining:
+                    log.warning("a batch worker died; starting another")
+                    pool[i] = _PoolProcess(context, config, slots[i])
     finally:
         for member in pool:
             member.stop()

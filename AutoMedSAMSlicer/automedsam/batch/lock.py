@@ -45,8 +45,11 @@ class OutputLock:
             raise InvalidInputError(
                 f"another batch run ({self.holder()}) is writing to {self.folder}; wait for it to finish, stop it, "
                 "or give this run another --output folder") from None
-        except OSError as exc:
-            raise InvalidInputError(f"cannot lock the output folder {self.folder}: {exc.strerror or exc}") from None
+        except (OSError, NotImplementedError) as exc:  # NotImplementedError: a file system without locks
+            raise InvalidInputError(
+                f"cannot lock the output folder {self.folder} ({getattr(exc, 'strerror', None) or exc}); its file "
+                "system may not support locks (some network and FUSE mounts): choose an output folder on a local or "
+                "lock-capable file system") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         # Without the note the lock still holds; only a second run's message is poorer.
         with contextlib.suppress(OSError):

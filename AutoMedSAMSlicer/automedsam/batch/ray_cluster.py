@@ -25,7 +25,8 @@ from ..errors import ClusterUnreachableError, InvalidInputError
 from . import reaper
 from .case_worker import BatchConfig, CaseWorker
 from .cases import Case
-from .local import lost_case
+from .local import lost_case, mark_interrupted
+from .records import read_record
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths:
     from ray.util import ActorPool
 
     connected, local_reaper = _connect(address)
+    returned: set[str] = set()
     try:
         n, resources, device, threads = actor_plan(ray.cluster_resources(), config.device, workers)
         log.info("Ray: %d actor(s) on %s, %d thread(s) each", n, device, threads)
@@ -121,22 +123,30 @@ def run_on_ray(config: BatchConfig, cases: Sequence[Case], run_key: str, deaths:
         pool = ActorPool([actor_class.remote(config, device, threads) for _ in range(n)])
         for case in cases:
             pool.submit(lambda actor, c: actor.process.remote(c, run_key, deaths.get(c.id, 0)), case)
-        returned: set[str] = set()
         while pool.has_next():
             if cancel is not None and cancel.is_set():
                 break
             try:
                 record = pool.get_next_unordered()
             except ray.exceptions.RayError as exc:  # an actor died under a case (which one, Ray does not say)
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, InvalidInputError):  # e.g. the output folder became unwritable: stop
+                    raise InvalidInputError(str(cause)) from None
                 log.warning("a Ray actor failed: %s", exc)
                 continue
             returned.add(record["case"])
             yield record
         if cancel is None or not cancel.is_set():
-            for case in cases:  # cases whose actor died: failed now, done again by the next run
-                if case.id not in returned:
+            # Cases whose actor died under them (their claim says running): failed now, done again by the
+            # next run. Cases never started keep what they had and are simply done by the next run.
+            for case in cases:
+                claim = read_record(config.layout, case.id)
+                if case.id not in returned and claim is not None and claim["status"] == "running":
                     yield lost_case(config, case, run_key, "the Ray actor processing it died")
     finally:
         if connected:
             ray.shutdown()
         reaper.stop(local_reaper)
+        for case in cases:  # stopped early: what the actors held was interrupted, not killed by its case
+            if case.id not in returned:
+                mark_interrupted(config, case)

@@ -9,15 +9,17 @@ when its record says so and its files have the recorded sha256s; anything else i
 
 Ownership: a file with an output's name belongs to this tool only when a record vouches for it: a
 finished record whose sha256 matches (a file the user edited afterwards is the user's), or a claim
-(a case this tool was writing when it stopped). Anything else (a user's ``a.seg.nrrd``, a BIDS
-sidecar ``a.json``) is the user's: :func:`foreign_outputs` finds them so the run can refuse before
-any work, and nothing here ever deletes or replaces them.
+(a case this tool was writing when it stopped, for the file names the claim notes). Anything else
+(a user's ``a.seg.nrrd``, a BIDS sidecar ``a.json``) is the user's: :func:`foreign_outputs` finds
+them so the run can refuse before any work; only ``--overwrite`` lets the run replace them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +63,20 @@ class OutputLayout:
         """Every file a case may leave: record, segmentation, preview."""
         return self.record(case_id), self.segmentation(case_id), self.preview(case_id)
 
+    def claimed_names(self, case_id: str) -> list[str]:
+        """The segmentation and preview names a claim notes (relative to the folder)."""
+        return [p.relative_to(self.folder).as_posix() for p in self.outputs(case_id)[1:]]
+
     def remove_temporary(self, case_id: str) -> None:
-        """Delete the temporary files an interrupted attempt at this case left (named as
-        :func:`automedsam.io.temporary_name` makes them). Only one run writes to a folder at a
-        time (:mod:`.lock`), so none of them is in use."""
+        """Delete the temporary files an interrupted attempt at this case left: exactly the names
+        :func:`automedsam.io.temporary_name` makes for its outputs, nothing else. Only one run
+        writes to a folder at a time (:mod:`.lock`), and one worker a case, so none is in use."""
         for output in self.outputs(case_id):
             if output.parent.is_dir():
+                pattern = re.compile(rf"\.{re.escape(output.name)}\.\d+-[0-9a-f]{{8}}\.tmp")
                 for p in output.parent.glob(f".{output.name}.*.tmp*"):
-                    p.unlink(missing_ok=True)
+                    if pattern.match(p.name):
+                        p.unlink(missing_ok=True)
 
     def remove_claimed(self, case_id: str) -> None:
         """Delete the case's segmentation and preview, which its claim vouches for (a failed attempt
@@ -109,7 +117,21 @@ def is_ours(data, case_id: str) -> bool:
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (Python's json reads NaN, which the report could not write back)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _classes_ok(classes) -> bool:
+    if not isinstance(classes, dict) or not all(isinstance(c, dict) for c in classes.values()):
+        return False
+    for c in classes.values():
+        if not all(_number(c.get(k)) for k in ("voxels", "volume_ml")):
+            return False
+        if any(c.get(k) is not None and not _number(c[k]) for k in ("dsc", "nsd", "slices_with_mask")):
+            return False
+        if (c.get("dsc") is None) != (c.get("nsd") is None):
+            return False
+    return True
 
 
 def valid_record(record, layout: OutputLayout, case_id: str) -> bool:
@@ -126,26 +148,26 @@ def valid_record(record, layout: OutputLayout, case_id: str) -> bool:
         return False
     if record.get("seconds") is not None and not _number(record["seconds"]):
         return False
+    if "classes" in record and not _classes_ok(record["classes"]):
+        return False
+    if record["status"] != "failed" and record.get("error") is not None:
+        return False
     if record["status"] == "failed":
         error = record.get("error")
         return (isinstance(error, dict) and isinstance(error.get("message"), str)
                 and isinstance(error.get("type"), str) and isinstance(error.get("retryable"), bool))
     if record["status"] == "running":
-        return isinstance(record.get("deaths", 0), int)
+        outputs = record.get("outputs")
+        return isinstance(record.get("deaths", 0), int) and isinstance(outputs, list) and all(
+            isinstance(o, str) for o in outputs)
     if record.get("output") != layout.segmentation(case_id).name or not isinstance(record.get("output_sha256"), str):
         return False
     if record.get("preview") not in (None, layout.preview_link(case_id)):
         return False
     if record.get("preview") is not None and not isinstance(record.get("preview_sha256"), str):
         return False
-    classes = record.get("classes")
-    if not isinstance(classes, dict) or not all(isinstance(c, dict) for c in classes.values()):
+    if "classes" not in record:
         return False
-    for c in classes.values():
-        if not all(_number(c.get(k)) for k in ("voxels", "volume_ml")):
-            return False
-        if any(c.get(k) is not None and not _number(c[k]) for k in ("dsc", "nsd", "slices_with_mask")):
-            return False
     mean = record.get("mean")
     return mean is None or (isinstance(mean, dict) and all(_number(v) for v in mean.values()))
 
@@ -164,8 +186,9 @@ def vouched_files(layout: OutputLayout, case_id: str) -> set[Path]:
     if not is_ours(data, case_id):
         return set()
     files = {layout.record(case_id)}
-    if data.get("status") == "running":
-        return files | set(layout.outputs(case_id)[1:])
+    if data.get("status") == "running":  # the files it was about to write, by the names it noted
+        noted = data.get("outputs") if isinstance(data.get("outputs"), list) else []
+        return files | {p for p in layout.outputs(case_id)[1:] if p.relative_to(layout.folder).as_posix() in noted}
     if data.get("status") != "done":
         return files
     # By content, not by the names the record gives (a hand may have edited those).

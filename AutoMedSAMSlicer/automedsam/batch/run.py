@@ -124,9 +124,9 @@ def _check_outputs(config: BatchConfig, cases: list[Case], todo: list[Case]) -> 
             if path is None:
                 continue
             resolved = path.resolve()
-            if resolved.is_dir() and (out == resolved or out.is_relative_to(resolved)):
-                raise InvalidInputError(f"--output {config.output} is inside the DICOM folder of case {case.id} "
-                                        f"({path}); choose an output folder outside the inputs")
+            if resolved.is_dir() and out == resolved:  # its files would become part of the series folder
+                raise InvalidInputError(f"--output {config.output} is the DICOM folder of case {case.id}; choose "
+                                        "another output folder (a subfolder is fine)")
             inputs[resolved] = case.id
     for case in cases:
         for path in (*layout.outputs(case.id), *(config.output / n for n in REPORT_FILES)):
@@ -250,6 +250,7 @@ def _run(config: BatchConfig, source, cases: list[Case], todo: list[Case], recor
         return write_report(config.layout, [final[c.id] for c in cases if c.id in final], config.classes, run,
                             summary)
 
+    stream = None
     try:
         if todo:
             stream, backend = _backend(config, todo, run_key, deaths, workers, ray, cancel)
@@ -259,6 +260,8 @@ def _run(config: BatchConfig, source, cases: list[Case], todo: list[Case], recor
                 yield BatchEvent("case", done, len(todo), skipped, failed, record=record)
         completed = cancel is None or not cancel.is_set()
     except BaseException:
+        if stream is not None:
+            stream.close()  # the workers stop (and their cases' claims are marked) before the report
         try:  # the report describes the folder as the interruption left it
             report()
         except OSError as exc:
