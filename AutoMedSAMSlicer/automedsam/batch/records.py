@@ -209,16 +209,18 @@ def foreign_outputs(layout: OutputLayout, case_id: str) -> list[Path]:
 
 
 def recorded_outputs(layout: OutputLayout) -> set[Path]:
-    """Resolved paths of the segmentations and previews that the records in the output folder
-    vouch for (so a batch whose output folder is, or lies above, its input never takes its own
-    earlier outputs for scans)."""
+    """Resolved paths of the segmentations and previews that records of this tool in the output
+    folder name (either format), so a batch whose output folder is, or lies above, its input never
+    takes its own earlier outputs for scans. By name only: this only keeps files out of the case
+    list, it never touches them, so hashing every output here would be work for nothing."""
     found: set[Path] = set()
     if not layout.folder.is_dir():
         return found
     for path in layout.folder.glob("*.json"):
         case_id = path.name[: -len(".json")]
-        for fmt in FORMATS:  # an earlier run may have written the other format
-            found |= {p.resolve() for p in vouched_files(OutputLayout(layout.folder, fmt), case_id) if p != path}
+        if is_ours(_load_json(path), case_id):
+            for fmt in FORMATS:  # an earlier run may have written the other format
+                found |= {p.resolve() for p in OutputLayout(layout.folder, fmt).outputs(case_id)[1:] if p.exists()}
     return found
 
 
