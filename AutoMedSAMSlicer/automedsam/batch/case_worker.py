@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import AutoMedSAMError, InvalidInputError
 from .cases import Case
-from .records import FORMATS, RECORD_KIND, RECORD_VERSION, OutputLayout, write_json_atomic
+from .records import FORMATS, OutputLayout, new_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ class CaseWorker:
         except OSError as exc:
             raise OutputFolderError(layout.folder, exc) from None
         started = time.perf_counter()
-        record = {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
-                  "input_fingerprint": case.fingerprint(), "image": str(case.image),
-                  "reference": str(case.reference) if case.reference else None, "worker": self.where,
-                  "warnings": []}
+        record = new_record(case, run_key) | {"worker": self.where, "warnings": []}
         claim = record | {"status": "running", "deaths": deaths, "interrupted": False,
                           "outputs": layout.claimed_names(case.id)}
         write_record(layout, case.id, claim)  # from here the case's output names are ours to replace

@@ -96,7 +96,7 @@ def lost_case(config: BatchConfig, case: Case, run_key: str, why: str) -> dict:
     crash in native code): failed, and done again by the next run unless workers died on it
     :data:`~.records.MAX_DEATHS` times. A case the worker had finished keeps its record."""
     from .case_worker import write_record
-    from .records import MAX_DEATHS, RECORD_KIND, RECORD_VERSION, deaths_of, read_record
+    from .records import MAX_DEATHS, deaths_of, lost_record, read_record
 
     layout = config.layout
     claim = read_record(layout, case.id)
@@ -105,13 +105,8 @@ def lost_case(config: BatchConfig, case: Case, run_key: str, why: str) -> dict:
     # The worker's claim already counts this death; without a claim (it died before writing one) add it.
     died = deaths_of(claim) if claim is not None and claim["status"] == "running" else deaths_of(claim) + 1
     layout.remove_claimed(case.id)
-    record = {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
-              "input_fingerprint": case.fingerprint(), "image": str(case.image),
-              "reference": str(case.reference) if case.reference else None, "status": "failed", "warnings": [],
-              "seconds": None, "deaths": died,
-              "error": {"type": "WorkerLost", "retryable": died < MAX_DEATHS,
-                        "message": f"{why}" + ("" if died < MAX_DEATHS else
-                                               f" ({died} times on this case; --retry-failed tries it again)")}}
+    record = lost_record(case, run_key, died, why + ("" if died < MAX_DEATHS else
+                                                     f" ({died} times on this case; --retry-failed tries it again)"))
     write_record(layout, case.id, record)
     return record
 

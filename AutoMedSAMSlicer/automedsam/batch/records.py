@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..download import sha256_file
 from ..io import temporary_name
+from .cases import Case
 
 #: Bump when records change meaning; records of another version are done again.
 RECORD_VERSION = 2
@@ -83,6 +84,21 @@ class OutputLayout:
         must not leave files no record names). Never called for files a claim does not cover."""
         for p in self.outputs(case_id)[1:]:
             p.unlink(missing_ok=True)
+
+
+def new_record(case: Case, run_key: str) -> dict:
+    """The fields every record of ``case`` starts with (what it is, for which run and inputs)."""
+    return {"version": RECORD_VERSION, "kind": RECORD_KIND, "case": case.id, "run_key": run_key,
+            "input_fingerprint": case.fingerprint(), "image": str(case.image),
+            "reference": str(case.reference) if case.reference else None}
+
+
+def lost_record(case: Case, run_key: str, died: int, message: str) -> dict:
+    """The record of a case a worker or the run died on ``died`` times: failed, retryable while
+    ``died`` is below :data:`MAX_DEATHS`."""
+    return new_record(case, run_key) | {
+        "status": "failed", "warnings": [], "seconds": None, "deaths": died,
+        "error": {"type": "WorkerLost", "retryable": died < MAX_DEATHS, "message": message}}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -27,7 +27,16 @@ from ..io import writable_folder
 from .case_worker import BatchConfig, OutputFolderError
 from .cases import Case, discover_cases
 from .lock import OutputLock
-from .records import MAX_DEATHS, RECORD_VERSION, deaths_of, finished, foreign_outputs, read_record, recorded_outputs
+from .records import (
+    MAX_DEATHS,
+    RECORD_VERSION,
+    deaths_of,
+    finished,
+    foreign_outputs,
+    lost_record,
+    read_record,
+    recorded_outputs,
+)
 from .report import REPORT_FILES, foreign_report_files, write_report
 
 log = logging.getLogger(__name__)
@@ -161,8 +170,7 @@ def _plan(config: BatchConfig, cases: list[Case], run_key: str) -> tuple[list[Ca
             foreign.append(case.id)  # results of another configuration: never replaced unasked
         died = deaths_of(record)
         if died >= MAX_DEATHS and not config.retry_failed and record["input_fingerprint"] == case.fingerprint():
-            records[case.id] = record if record["status"] == "failed" else _died_twice(config, case, run_key,
-                                                                                         record, died)
+            records[case.id] = record if record["status"] == "failed" else _died_twice(config, case, run_key, died)
             continue
         if died:
             deaths[case.id] = died
@@ -177,16 +185,13 @@ def _plan(config: BatchConfig, cases: list[Case], run_key: str) -> tuple[list[Ca
     return todo + last, records, deaths
 
 
-def _died_twice(config: BatchConfig, case: Case, run_key: str, claim: dict, died: int) -> dict:
+def _died_twice(config: BatchConfig, case: Case, run_key: str, died: int) -> dict:
     from .case_worker import write_record
 
     config.layout.remove_claimed(case.id)
-    record = {k: claim[k] for k in ("version", "kind", "case", "image", "reference") if k in claim}
-    record |= {"run_key": run_key, "input_fingerprint": case.fingerprint(), "status": "failed", "warnings": [],
-               "seconds": None, "deaths": died,
-               "error": {"type": "WorkerLost", "retryable": False,
-                         "message": f"the batch process died {died} times while segmenting this case (killed, out "
-                                    "of memory or a crash in native code); --retry-failed tries it again"}}
+    record = lost_record(case, run_key, died, f"the batch process died {died} times while segmenting this case "
+                                              "(killed, out of memory or a crash in native code); --retry-failed "
+                                              "tries it again")
     write_record(config.layout, case.id, record)
     return record
 
